@@ -1,0 +1,20 @@
+//! sandgate: a policy sandbox runtime. Guest policy modules (WebAssembly,
+//! WASI preview 1) run in a capability-restricted sandbox and answer
+//! authorization questions; see `DESIGN.md` for the contracts.
+//!
+//! Data flows one way: caller → `policy` (pick, evaluate) → `engine`/`abi`
+//! (instantiate, run) → `decision`; `wasi` and `audit` are called from inside
+//! that path.
+
+pub mod abi;
+pub mod audit;
+pub mod config;
+pub mod decision;
+pub mod engine;
+pub mod policy;
+pub mod wasi;
+
+pub use config::{Config, PolicySpec};
+pub use decision::{Decision, ErrorCode, FailMode};
+pub use engine::Engine;
+pub use policy::{EvalOptions, Evaluation, Policy, Registry};

@@ -1,0 +1,367 @@
+//! The `sandgate` binary: argument parsing over the library (DESIGN §4).
+//! Exit codes: 0 done, 1 a check or inspection found a problem, 2 usage or
+//! configuration error, 3 the evaluation failed (its fail-closed decision is
+//! still printed).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use sandgate::audit::AuditLog;
+use sandgate::config::{self, AuditTarget, Config, EngineSettings, PolicySpec};
+use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
+
+#[derive(Parser)]
+#[command(name = "sandgate", version, about = "Policy sandbox runtime: WebAssembly policies behind ext_authz, auth_request and a JSON API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate one input and print the decision JSON.
+    Eval {
+        /// The policy module (.wasm or .wat). Without --config nothing is granted.
+        #[arg(long, required_unless_present = "policy")]
+        module: Option<PathBuf>,
+        /// Input JSON file, or `-` for stdin.
+        #[arg(long)]
+        input: PathBuf,
+        /// Evaluate with this config's capabilities for --policy.
+        #[arg(long, requires = "policy")]
+        config: Option<PathBuf>,
+        /// The policy of --config to evaluate.
+        #[arg(long, requires = "config")]
+        policy: Option<String>,
+        /// Append this evaluation's audit lines to FILE.
+        #[arg(long)]
+        audit: Option<PathBuf>,
+    },
+    /// Validate the config and every module; print what each policy is granted.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the resolved settings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a module's imports, exports, ABI version and the WASI it needs.
+    Inspect {
+        #[arg(long)]
+        module: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An error that exits with code 2 (usage or configuration).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandgate: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sandgate: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<config::ConfigError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SANDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sandgate::guest=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Eval {
+            module,
+            input,
+            config,
+            policy,
+            audit,
+        } => eval(module, &input, config, policy, audit).await,
+        Command::Check { config, json } => check(&config, json).await,
+        Command::Inspect { module, json } => inspect(&module, json).await,
+    }
+}
+
+async fn eval(
+    module: Option<PathBuf>,
+    input: &Path,
+    config_path: Option<PathBuf>,
+    policy_name: Option<String>,
+    audit_path: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let (mut spec, engine_settings) = match (&config_path, &policy_name) {
+        (Some(path), Some(name)) => {
+            let config = config::load(path)?;
+            let spec = config
+                .policies
+                .iter()
+                .find(|p| &p.name == name)
+                .cloned()
+                .ok_or_else(|| {
+                    let known: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
+                    UsageError(format!(
+                        "policy `{name}` is not in {} (it has: {})",
+                        path.display(),
+                        known.join(", ")
+                    ))
+                })?;
+            (spec, config.engine)
+        }
+        _ => {
+            let Some(module) = &module else {
+                return Err(UsageError("give --module, or --config with --policy".into()).into());
+            };
+            (PolicySpec::for_module(module), EngineSettings::default())
+        }
+    };
+    if let Some(module) = module {
+        spec.module = config::ModuleSource::File(module);
+        spec.sha256 = None;
+    }
+    let input = read_input(input)?;
+    let audit = match &audit_path {
+        Some(path) => AuditLog::open(&AuditTarget::File(path.clone()))
+            .map_err(|e| UsageError(format!("cannot open audit log: {e}")))?,
+        None => AuditLog::disabled(),
+    };
+    let engine = Engine::new(&engine_settings)?;
+    let evaluation = match Policy::load(&engine, spec.clone()).await {
+        Ok(policy) => policy.evaluate(&input, &EvalOptions::default(), &audit).await,
+        Err(e) => {
+            // The module could not be loaded: still answer with the
+            // fail-closed decision the daemon would give.
+            let decision = sandgate::Decision::failed(e.code(), e.to_string(), spec.fail_mode);
+            println!("{}", serde_json::to_string(&decision)?);
+            eprintln!("sandgate: {e}");
+            audit.flush();
+            return Ok(ExitCode::from(3));
+        }
+    };
+    audit.flush();
+    println!("{}", serde_json::to_string(&evaluation.decision)?);
+    Ok(if evaluation.decision.error.is_some() {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf).context("reading input from stdin")?;
+        return Ok(buf);
+    }
+    std::fs::read(path).map_err(|e| UsageError(format!("cannot read input {}: {e}", path.display())).into())
+}
+
+async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let config = config::load(path)?;
+    let engine = Engine::new(&config.engine)?;
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for spec in &config.policies {
+        match Policy::load(&engine, spec.clone()).await {
+            Ok(policy) => report.push(policy_report(&policy)),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "config": config.source,
+                "server": {"listen": config.server.listen.to_string(), "grpc_listen": config.server.grpc_listen.map(|a| a.to_string())},
+                "policies": report,
+                "errors": failures,
+            }))?
+        );
+    } else {
+        print_check(&config, &report, engine.cache_dir());
+    }
+    if !failures.is_empty() {
+        for f in &failures {
+            eprintln!("sandgate: {f}");
+        }
+        bail!(UsageError(format!(
+            "{} of {} policies failed to load",
+            failures.len(),
+            config.policies.len()
+        )));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_report(policy: &Policy) -> serde_json::Value {
+    let spec = policy.spec();
+    let facts = policy.facts();
+    let grants = &spec.grants;
+    let refused: Vec<String> = facts
+        .wasi_imports
+        .iter()
+        .filter(|f| !grants.allows(f))
+        .map(|f| match wasi::group_of(f) {
+            Some(g) => format!("{f} ({g})"),
+            None => f.clone(),
+        })
+        .collect();
+    serde_json::json!({
+        "name": spec.name,
+        "version": spec.version,
+        "module": spec.module.to_string(),
+        "digest": facts.digest,
+        "digest_pinned": spec.sha256.is_some(),
+        "compiled_from": facts.compiled_from,
+        "timeout_ms": spec.timeout.as_millis() as u64,
+        "memory_limit_mb": spec.memory_limit_bytes >> 20,
+        "max_input_bytes": spec.max_input_bytes,
+        "max_output_bytes": spec.max_output_bytes,
+        "fail_mode": spec.fail_mode,
+        "wasi": {
+            "allow": grants.requested,
+            "functions": grants.functions,
+            "on_denied": match grants.on_denied { config::OnDenied::Errno => "errno", config::OnDenied::Trap => "trap" },
+            "env": grants.env.keys().collect::<Vec<_>>(),
+            "env_not_set": grants.env_missing,
+            "preopens": grants.preopens.iter().map(|p| serde_json::json!({
+                "host": p.host, "guest": p.guest, "mode": p.access.to_string()
+            })).collect::<Vec<_>>(),
+            "imports_refused": refused,
+        },
+        "egress": {
+            "allow": spec.egress.allow,
+            "timeout_ms": spec.egress.timeout.as_millis() as u64,
+            "max_response_bytes": spec.egress.max_response_bytes,
+            "max_calls": spec.egress.max_calls,
+        },
+    })
+}
+
+fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Path>) {
+    println!("config {}: ok", config.source.display());
+    println!("  listen {}", config.server.listen);
+    if let Some(grpc) = config.server.grpc_listen {
+        println!("  grpc_listen {grpc}");
+    }
+    match cache {
+        Some(dir) => println!("  module cache {}", dir.display()),
+        None => println!("  module cache off"),
+    }
+    for p in report {
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+        let list = |v: &serde_json::Value| {
+            let items: Vec<String> = v
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect())
+                .unwrap_or_default();
+            if items.is_empty() { "(none)".to_owned() } else { items.join(", ") }
+        };
+        println!();
+        println!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
+        println!("  module        {} ({}; {})", s(&p["module"]), s(&p["digest"]), s(&p["compiled_from"]));
+        println!(
+            "  limits        timeout {} ms, memory {} MiB, output {} bytes, fail_mode {}",
+            p["timeout_ms"], p["memory_limit_mb"], p["max_output_bytes"], s(&p["fail_mode"])
+        );
+        let w = &p["wasi"];
+        println!("  wasi allow    {} (on_denied {})", list(&w["allow"]), s(&w["on_denied"]));
+        println!("  wasi granted  {}", list(&w["functions"]));
+        println!("  env           {}", list(&w["env"]));
+        if !list(&w["env_not_set"]).starts_with('(') {
+            println!("  env not set   {} (listed but absent from the daemon's environment)", list(&w["env_not_set"]));
+        }
+        let preopens: Vec<String> = w["preopens"]
+            .as_array()
+            .map(|a| a.iter().map(|p| format!("{} -> {} ({})", s(&p["host"]), s(&p["guest"]), s(&p["mode"]))).collect())
+            .unwrap_or_default();
+        println!("  preopens      {}", if preopens.is_empty() { "(none)".to_owned() } else { preopens.join(", ") });
+        println!("  refused       {}", list(&w["imports_refused"]));
+        println!("  egress allow  {}", list(&p["egress"]["allow"]));
+    }
+}
+
+async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let bytes = std::fs::read(path).map_err(|e| UsageError(format!("cannot read module {}: {e}", path.display())))?;
+    let engine = Engine::new(&EngineSettings::default())?;
+    let digest = config::Digest::of(&bytes);
+    let (module, _) = engine.compile(&bytes, &digest).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let imports: Vec<(String, String, String)> = module
+        .imports()
+        .map(|i| (i.module().to_owned(), i.name().to_owned(), format!("{:?}", i.ty())))
+        .collect();
+    let exports: Vec<String> = module.exports().map(|e| e.name().to_owned()).collect();
+    let wasi_imports: Vec<String> = imports
+        .iter()
+        .filter(|(m, _, _)| m == wasi::MODULE)
+        .map(|(_, n, _)| n.clone())
+        .collect();
+    let groups = policy::needed_groups(&wasi_imports);
+    let abi_result = match abi::validate(&module) {
+        Err(e) => Err(e),
+        Ok(()) => match Policy::load(&engine, PolicySpec::for_module(path)).await {
+            Ok(_) => Ok(abi::ABI_VERSION),
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "module": path,
+                "digest": digest.to_string(),
+                "imports": imports.iter().map(|(m, n, _)| format!("{m}::{n}")).collect::<Vec<_>>(),
+                "exports": exports,
+                "abi_version": abi_result.as_ref().ok(),
+                "abi_error": abi_result.as_ref().err(),
+                "wasi_functions": wasi_imports,
+                "wasi_groups": groups,
+            }))?
+        );
+    } else {
+        println!("module {} ({digest})", path.display());
+        match &abi_result {
+            Ok(v) => println!("  abi version   {v}"),
+            Err(e) => println!("  abi           invalid: {e}"),
+        }
+        println!("  exports       {}", exports.join(", "));
+        println!("  imports");
+        for (m, n, _) in &imports {
+            let group = if m == wasi::MODULE { wasi::group_of(n).map(|g| format!("  [{g}]")).unwrap_or_default() } else { String::new() };
+            println!("    {m}::{n}{group}");
+        }
+        println!(
+            "  wasi needs    {}",
+            if groups.is_empty() { "nothing".to_owned() } else { format!("allow = [{}]", groups.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", ")) }
+        );
+    }
+    Ok(if abi_result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}

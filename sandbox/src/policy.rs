@@ -1,0 +1,515 @@
+//! Loaded policies and their evaluation. `Policy::load` turns a `PolicySpec`
+//! into a validated, linked `InstancePre`; `Policy::evaluate` runs one
+//! decision in a fresh instance under the policy's deadline and memory cap and
+//! maps every failure to a contract error code (fail-closed). `Registry` holds
+//! the loaded policies by name for the server.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use wasmtime::{InstancePre, Linker, Module, Store, Trap};
+
+use crate::abi::{self, AbiViolation, Invocation};
+use crate::audit::{AuditLog, AuditRecord, Subject};
+use crate::config::{Digest, ModuleSource, PolicySpec};
+use crate::decision::{Decision, ErrorCode};
+use crate::engine::{Engine, MemoryLimiter, deadline_ticks};
+use crate::wasi::{self, Denial, WasiDenied};
+
+/// Extra time the async deadline allows past `timeout_ms`, so the epoch
+/// deadline (which names the cause precisely) normally fires first.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(20);
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("policy `{policy}`: cannot read module {path}: {source}")]
+    Read {
+        policy: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("policy `{policy}`: module {source_name} has digest {actual}, but the config pins {expected}")]
+    DigestMismatch {
+        policy: String,
+        source_name: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("policy `{policy}`: module {source_name} is invalid: {message}")]
+    Invalid {
+        policy: String,
+        source_name: String,
+        message: String,
+    },
+    #[error("policy `{policy}`: module {url} is remote; fetching modules by URL is not supported by this build")]
+    Remote { policy: String, url: String },
+    #[error("policy `{policy}`: {message}")]
+    Internal { policy: String, message: String },
+}
+
+impl LoadError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LoadError::Read { .. }
+            | LoadError::DigestMismatch { .. }
+            | LoadError::Invalid { .. }
+            | LoadError::Remote { .. } => ErrorCode::ModuleInvalid,
+            LoadError::Internal { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What the host knows about a loaded module, for `check`, `inspect` and `/v1/policies`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleFacts {
+    pub digest: String,
+    pub compiled_from: String,
+    pub wasi_imports: Vec<String>,
+    pub sandgate_imports: Vec<String>,
+    pub has_initialize: bool,
+}
+
+/// Options of one evaluation beyond the input.
+#[derive(Clone, Debug, Default)]
+pub struct EvalOptions {
+    /// W3C trace id of the caller's trace, when tracing.
+    pub trace_id: Option<String>,
+}
+
+/// The result of one evaluation.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub decision: Decision,
+    pub policy: String,
+    pub version: String,
+    pub digest: Digest,
+    pub decision_id: String,
+    pub duration: Duration,
+    /// Time spent instantiating the module.
+    pub instantiate: Duration,
+    pub denials: Vec<Denial>,
+}
+
+/// A loaded policy version, ready to evaluate. Cheap to clone.
+#[derive(Clone)]
+pub struct Policy {
+    inner: Arc<Loaded>,
+}
+
+struct Loaded {
+    spec: PolicySpec,
+    engine: Engine,
+    pre: InstancePre<Invocation>,
+    grants: Arc<crate::config::Grants>,
+    digest: Digest,
+    facts: ModuleFacts,
+}
+
+impl Policy {
+    /// Reads, verifies, compiles, validates and links the module of `spec`,
+    /// then instantiates it once to check its ABI version.
+    pub async fn load(engine: &Engine, spec: PolicySpec) -> Result<Policy, LoadError> {
+        let name = spec.name.clone();
+        let path = match &spec.module {
+            ModuleSource::File(path) => path.clone(),
+            ModuleSource::Url(url) => {
+                return Err(LoadError::Remote {
+                    policy: name,
+                    url: url.clone(),
+                });
+            }
+        };
+        let source_name = path.display().to_string();
+        let bytes = tokio::fs::read(&path).await.map_err(|source| LoadError::Read {
+            policy: name.clone(),
+            path: source_name.clone(),
+            source,
+        })?;
+        let digest = Digest::of(&bytes);
+        if let Some(expected) = spec.sha256
+            && expected != digest
+        {
+            return Err(LoadError::DigestMismatch {
+                policy: name,
+                source_name,
+                expected,
+                actual: digest,
+            });
+        }
+        let invalid = {
+            let (policy, source_name) = (spec.name.clone(), source_name.clone());
+            move |message: String| LoadError::Invalid {
+                policy: policy.clone(),
+                source_name: source_name.clone(),
+                message,
+            }
+        };
+        let compiled = {
+            let engine = engine.clone();
+            tokio::task::spawn_blocking(move || engine.compile(&bytes, &digest))
+                .await
+                .map_err(|e| LoadError::Internal {
+                    policy: spec.name.clone(),
+                    message: format!("compile task failed: {e}"),
+                })?
+        };
+        let (module, from) = compiled.map_err(|e| invalid(e.to_string()))?;
+        abi::validate(&module).map_err(&invalid)?;
+        let pre = link(engine, &module, &spec).map_err(&invalid)?;
+        let facts = ModuleFacts {
+            digest: digest.to_string(),
+            compiled_from: from.to_string(),
+            wasi_imports: imports_of(&module, wasi::MODULE),
+            sandgate_imports: imports_of(&module, abi::MODULE),
+            has_initialize: module.get_export("_initialize").is_some(),
+        };
+        let policy = Policy {
+            inner: Arc::new(Loaded {
+                grants: Arc::new(spec.grants.clone()),
+                spec,
+                engine: engine.clone(),
+                pre,
+                digest,
+                facts,
+            }),
+        };
+        policy.check_abi_version().await.map_err(invalid)?;
+        Ok(policy)
+    }
+
+    pub fn spec(&self) -> &PolicySpec {
+        &self.inner.spec
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.spec.name
+    }
+
+    pub fn digest(&self) -> Digest {
+        self.inner.digest
+    }
+
+    pub fn facts(&self) -> &ModuleFacts {
+        &self.inner.facts
+    }
+
+    pub fn compiled_from(&self) -> &str {
+        &self.inner.facts.compiled_from
+    }
+
+    fn store(&self, subject: Subject, audit: AuditLog) -> anyhow::Result<Store<Invocation>> {
+        let loaded = &self.inner;
+        let output = wasi::GuestOutput::new();
+        let invocation = Invocation {
+            wasi: wasi::context(&loaded.grants, &output)?,
+            limiter: MemoryLimiter::new(loaded.spec.memory_limit_bytes),
+            grants: Arc::clone(&loaded.grants),
+            fd_access: wasi::initial_fd_access(&loaded.grants),
+            output,
+            audit,
+            subject,
+            denials: Vec::new(),
+            log_calls: 0,
+        };
+        let mut store = Store::new(loaded.engine.wasmtime(), invocation);
+        store.limiter(|inv| &mut inv.limiter);
+        store.set_epoch_deadline(deadline_ticks(loaded.spec.timeout));
+        store.epoch_deadline_trap();
+        Ok(store)
+    }
+
+    async fn check_abi_version(&self) -> Result<(), String> {
+        let subject = Subject::new(self.name(), &self.inner.spec.version, &self.inner.digest, "load".into());
+        let mut store = self
+            .store(subject, AuditLog::disabled())
+            .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
+        let instance = self
+            .inner
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| format!("instantiation failed: {e:#}"))?;
+        let version = instance
+            .get_typed_func::<(), i32>(&mut store, "sandgate_abi_version")
+            .map_err(|e| format!("{e:#}"))?
+            .call_async(&mut store, ())
+            .await
+            .map_err(|e| format!("sandgate_abi_version trapped: {e:#}"))?;
+        if version != abi::ABI_VERSION {
+            return Err(format!(
+                "sandgate_abi_version returned {version}; this host speaks ABI version {}",
+                abi::ABI_VERSION
+            ));
+        }
+        Ok(())
+    }
+
+    /// Evaluates `input` (raw JSON bytes) in a fresh instance. Never fails:
+    /// a failed evaluation is a fail-closed decision carrying its error code.
+    /// Writes the decision's audit line (and any denial lines) to `audit`.
+    pub async fn evaluate(&self, input: &[u8], options: &EvalOptions, audit: &AuditLog) -> Evaluation {
+        let started = Instant::now();
+        let spec = &self.inner.spec;
+        let decision_id = uuid::Uuid::new_v4().to_string();
+        let mut subject = Subject::new(&spec.name, &spec.version, &self.inner.digest, decision_id.clone());
+        subject.trace_id = options.trace_id.clone();
+
+        let mut instantiate = Duration::ZERO;
+        let mut denials = Vec::new();
+        let outcome = match self.input_document(input, &subject) {
+            Err(message) => Err((ErrorCode::InvalidInput, message)),
+            Ok(document) => match self.store(subject.clone(), audit.clone()) {
+                Err(e) => Err((ErrorCode::Internal, format!("cannot prepare an instance: {e:#}"))),
+                Ok(mut store) => {
+                    let run = self.run(&mut store, &document, &mut instantiate);
+                    let result = match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
+                        Ok(result) => result.map_err(|e| classify(&e, store.data())),
+                        Err(_) => Err((
+                            ErrorCode::EvalTimeout,
+                            format!("evaluation exceeded timeout_ms = {}", spec.timeout.as_millis()),
+                        )),
+                    };
+                    let inv = store.into_data();
+                    log_guest_output(&inv);
+                    denials = inv.denials;
+                    result
+                }
+            },
+        };
+        let decision = match outcome {
+            Ok(decision) => decision,
+            Err((code, message)) => {
+                tracing::warn!(
+                    policy = %spec.name,
+                    version = %spec.version,
+                    decision_id = %decision_id,
+                    code = %code,
+                    "evaluation failed: {message}"
+                );
+                Decision::failed(code, message, spec.fail_mode)
+            }
+        };
+        let duration = started.elapsed();
+        audit.record(
+            &subject,
+            &AuditRecord::Decision {
+                allow: decision.allow,
+                duration_us: duration.as_micros() as u64,
+                error: decision.error.clone(),
+            },
+        );
+        Evaluation {
+            decision,
+            policy: spec.name.clone(),
+            version: spec.version.clone(),
+            digest: self.inner.digest,
+            decision_id,
+            duration,
+            instantiate,
+            denials,
+        }
+    }
+
+    /// The input document of DESIGN §2, built around the caller's JSON without
+    /// re-serialising it.
+    fn input_document(&self, input: &[u8], subject: &Subject) -> Result<Vec<u8>, String> {
+        let max = self.inner.spec.max_input_bytes;
+        if input.len() as u64 > max {
+            return Err(format!("input is {} bytes; the policy accepts at most {max}", input.len()));
+        }
+        serde_json::from_slice::<serde::de::IgnoredAny>(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let context = serde_json::json!({
+            "policy": subject.policy,
+            "version": subject.version,
+            "time": now,
+            "decision_id": subject.decision_id,
+            "trace_id": subject.trace_id,
+        });
+        let mut document = Vec::with_capacity(input.len() + 256);
+        document.extend_from_slice(b"{\"input\":");
+        document.extend_from_slice(input);
+        document.extend_from_slice(b",\"context\":");
+        serde_json::to_writer(&mut document, &context).map_err(|e| format!("cannot encode context: {e}"))?;
+        document.push(b'}');
+        Ok(document)
+    }
+
+    async fn run(
+        &self,
+        store: &mut Store<Invocation>,
+        document: &[u8],
+        instantiate: &mut Duration,
+    ) -> anyhow::Result<Decision> {
+        let started = Instant::now();
+        let instance = self.inner.pre.instantiate_async(&mut *store).await?;
+        *instantiate = started.elapsed();
+        if self.inner.facts.has_initialize {
+            instance
+                .get_typed_func::<(), ()>(&mut *store, "_initialize")?
+                .call_async(&mut *store, ())
+                .await?;
+        }
+        let alloc = instance.get_typed_func::<i32, i32>(&mut *store, "sandgate_alloc")?;
+        let evaluate = instance.get_typed_func::<(i32, i32), i64>(&mut *store, "sandgate_evaluate")?;
+        let memory = instance
+            .get_memory(&mut *store, "memory")
+            .ok_or_else(|| AbiViolation("module exports no memory".into()))?;
+
+        let len = i32::try_from(document.len())
+            .map_err(|_| AbiViolation(format!("input of {} bytes does not fit a guest", document.len())))?;
+        let ptr = alloc.call_async(&mut *store, len).await?;
+        if ptr == 0 {
+            return Err(AbiViolation(format!("sandgate_alloc returned 0 for {len} bytes")).into());
+        }
+        let data = memory.data_mut(&mut *store);
+        let range = abi::checked_range(data.len(), ptr as u32, len as u32)
+            .map_err(|e| AbiViolation(format!("sandgate_alloc returned an unusable pointer: {e}")))?;
+        data[range].copy_from_slice(document);
+
+        let (out_ptr, out_len) = abi::unpack(evaluate.call_async(&mut *store, (ptr, len)).await?);
+        let max = self.inner.spec.max_output_bytes;
+        if u64::from(out_len) > max {
+            return Err(AbiViolation(format!(
+                "decision is {out_len} bytes; the maximum output is {max} bytes"
+            ))
+            .into());
+        }
+        let data = memory.data(&*store);
+        let range = abi::checked_range(data.len(), out_ptr, out_len)
+            .map_err(|e| AbiViolation(format!("sandgate_evaluate returned a bad decision pointer: {e}")))?;
+        Decision::from_guest(&data[range]).map_err(|m| AbiViolation(m).into())
+    }
+}
+
+/// Maps a failed run to its contract code and a message for the operator.
+fn classify(error: &anyhow::Error, inv: &Invocation) -> (ErrorCode, String) {
+    if let Some(denied) = error.downcast_ref::<WasiDenied>() {
+        let group = wasi::group_of(denied.call).unwrap_or("an exact function name");
+        return (
+            ErrorCode::WasiDenied,
+            format!("{denied}; grant `{group}` in wasi.allow if the policy needs it"),
+        );
+    }
+    if let Some(violation) = error.downcast_ref::<AbiViolation>() {
+        return (ErrorCode::AbiViolation, violation.0.clone());
+    }
+    let trap = error.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::Interrupt) {
+        return (ErrorCode::EvalTimeout, "evaluation exceeded its deadline (timeout_ms)".into());
+    }
+    if inv.limiter.refused() {
+        return (
+            ErrorCode::MemoryLimit,
+            format!("guest tried to grow its memory past memory_limit_mb: {}", root_message(error)),
+        );
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return (ErrorCode::GuestTrap, format!("guest called proc_exit({})", exit.0));
+    }
+    if let Some(trap) = trap {
+        return (ErrorCode::GuestTrap, format!("guest trapped: {trap}{}", backtrace_hint(error)));
+    }
+    (ErrorCode::Internal, root_message(error))
+}
+
+fn root_message(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+}
+
+fn backtrace_hint(error: &anyhow::Error) -> String {
+    match error.downcast_ref::<wasmtime::WasmBacktrace>() {
+        Some(bt) => {
+            let mut out = String::new();
+            if let Some(frame) = bt.frames().first() {
+                let _ = write!(out, " in {}", frame.func_name().unwrap_or("<unnamed>"));
+            }
+            out
+        }
+        None => String::new(),
+    }
+}
+
+fn log_guest_output(inv: &Invocation) {
+    for (stream, pipe) in [("stdout", &inv.output.stdout), ("stderr", &inv.output.stderr)] {
+        let bytes = pipe.contents();
+        if bytes.is_empty() {
+            continue;
+        }
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            tracing::info!(
+                target: "sandgate::guest",
+                policy = %inv.subject.policy,
+                version = %inv.subject.version,
+                decision_id = %inv.subject.decision_id,
+                stream,
+                "{line}"
+            );
+        }
+    }
+}
+
+fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
+    module
+        .imports()
+        .filter(|i| i.module() == import_module)
+        .map(|i| i.name().to_owned())
+        .collect()
+}
+
+fn link(engine: &Engine, module: &Module, spec: &PolicySpec) -> Result<InstancePre<Invocation>, String> {
+    let mut linker = Linker::new(engine.wasmtime());
+    abi::add_to_linker(&mut linker).map_err(|e| format!("cannot link the sandgate imports: {e:#}"))?;
+    wasi::add_to_linker(&mut linker, module, &spec.grants)?;
+    linker
+        .instantiate_pre(module)
+        .map_err(|e| format!("cannot link the module: {e:#}"))
+}
+
+/// The loaded policies, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    policies: BTreeMap<String, Policy>,
+}
+
+impl Registry {
+    /// Loads every policy of the config; the first failure is returned.
+    pub async fn load(engine: &Engine, specs: &[PolicySpec]) -> Result<Registry, LoadError> {
+        let mut policies = BTreeMap::new();
+        for spec in specs {
+            let policy = Policy::load(engine, spec.clone()).await?;
+            policies.insert(spec.name.clone(), policy);
+        }
+        Ok(Registry { policies })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Policy> {
+        self.policies.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+}
+
+/// Which group grants a WASI function, for `inspect`.
+pub fn needed_groups(wasi_imports: &[String]) -> Vec<&'static str> {
+    let mut groups: Vec<&'static str> = wasi_imports.iter().filter_map(|f| wasi::group_of(f)).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    groups
+}
