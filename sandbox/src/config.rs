@@ -29,6 +29,7 @@ pub mod defaults {
     pub const EGRESS_MAX_RESPONSE_BYTES: u64 = 64 * 1024;
     pub const EGRESS_MAX_CALLS: u32 = 8;
     pub const VERSION: &str = "default";
+    pub const MAX_IN_FLIGHT: u32 = 256;
 }
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -198,6 +199,8 @@ pub struct PolicySpec {
     pub memory_limit_bytes: u64,
     pub max_input_bytes: u64,
     pub max_output_bytes: u64,
+    /// Evaluations of this policy that may run at once; excess is refused.
+    pub max_in_flight: u32,
     pub fail_mode: FailMode,
     pub grants: Grants,
     pub egress: EgressSettings,
@@ -219,6 +222,7 @@ impl PolicySpec {
             memory_limit_bytes: defaults::MEMORY_LIMIT_MB << 20,
             max_input_bytes: defaults::MAX_INPUT_BYTES,
             max_output_bytes: defaults::MAX_OUTPUT_BYTES,
+            max_in_flight: defaults::MAX_IN_FLIGHT,
             fail_mode: FailMode::Closed,
             grants: Grants::default(),
             egress: EgressSettings::default(),
@@ -367,6 +371,7 @@ struct RawPolicy {
     memory_limit_mb: Option<Spanned<u64>>,
     max_input_bytes: Option<Spanned<u64>>,
     max_output_bytes: Option<Spanned<u64>>,
+    max_in_flight: Option<Spanned<u32>>,
     fail_mode: Option<FailMode>,
     wasi: Option<RawWasi>,
     egress: Option<RawEgress>,
@@ -627,7 +632,7 @@ impl Resolver<'_> {
                 ),
             );
         }
-        let key = |k: &str| format!("policy `{name}` ({}): {k}", index);
+        let key = |k: &str| format!("policy[{index}].{k} (policy `{name}`)");
         let version = match &raw.version {
             Some(v) if v.get_ref().is_empty() => {
                 return self.error(Some(v.span()), format!("{}: must not be empty", key("version")));
@@ -677,6 +682,10 @@ impl Resolver<'_> {
             Some(v) => self.ranged(&key("max_output_bytes"), v, 16, 1 << 30)?,
             None => defaults::MAX_OUTPUT_BYTES,
         };
+        let max_in_flight = match &raw.max_in_flight {
+            Some(v) => self.ranged(&key("max_in_flight"), &v.map_u64(), 1, 100_000)? as u32,
+            None => defaults::MAX_IN_FLIGHT,
+        };
         let grants = self.grants(&key, raw.wasi)?;
         let egress = self.egress(&key, raw.egress)?;
         Ok(PolicySpec {
@@ -688,6 +697,7 @@ impl Resolver<'_> {
             memory_limit_bytes: memory_limit_mb << 20,
             max_input_bytes,
             max_output_bytes,
+            max_in_flight,
             fail_mode: raw.fail_mode.unwrap_or_default(),
             grants,
             egress,

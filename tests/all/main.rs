@@ -1,0 +1,13 @@
+//! End-to-end tests of sandgate: one integration binary, one module per
+//! behaviour. They run the real `sandgate` binary or the library against
+//! real guests (the `examples/`, built for wasm32-wasip1 by the test run)
+//! and tiny inline WAT modules for hostile and edge cases.
+
+mod support;
+
+mod abi;
+mod cli;
+mod config;
+mod engine;
+mod examples;
+mod wasi;
