@@ -9,7 +9,8 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 use wasmtime::{Caller, ExternType, FuncType, Linker, Module, Val};
-use wasmtime_wasi::p1::{WasiP1Ctx, wasi_snapshot_preview1};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::p1::wasi_snapshot_preview1::{self, WasiSnapshotPreview1};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
@@ -402,7 +403,11 @@ fn define_guarded_path_open(linker: &mut Linker<Invocation>, on_denied: OnDenied
                 let Some(memory) = abi::memory(&mut caller) else {
                     return Ok(21);
                 };
+                // What wasmtime-wasi's own glue does before each call: the
+                // budget bounding how much guest data one hostcall may copy.
+                let fuel = wasmtime::AsContextMut::as_context_mut(&mut caller).hostcall_fuel();
                 let (data, inv) = memory.data_and_store_mut(&mut caller);
+                WasiSnapshotPreview1::set_hostcall_fuel(&mut inv.wasi, fuel);
                 let errno = wasi_snapshot_preview1::path_open(
                     &mut inv.wasi,
                     &mut wiggle::GuestMemory::Unshared(data),

@@ -109,13 +109,15 @@ pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
 
 /// A WAT guest speaking ABI v1 whose `sandgate_evaluate` body is `evaluate`
 /// (params `$ptr $len`, result i64) and that may add `extra` module fields.
-/// A bump allocator from 64 KiB; the decision `{"allow":true}` is at 1024.
+/// A bump allocator from 64 KiB; `{"allow":true}` is at 1024 (`ALLOW_RESULT`),
+/// `{"allow":false}` at 1100 (`DENY_RESULT`).
 pub fn abi_guest(extra: &str, evaluate: &str) -> String {
     format!(
         r#"(module
   {extra}
   (memory (export "memory") 2)
   (data (i32.const 1024) "{{\"allow\":true}}")
+  (data (i32.const 1100) "{{\"allow\":false}}")
   (global $next (mut i32) (i32.const 65536))
   (func (export "sandgate_abi_version") (result i32) i32.const 1)
   (func (export "sandgate_alloc") (param $n i32) (result i32)
@@ -131,3 +133,50 @@ pub fn abi_guest(extra: &str, evaluate: &str) -> String {
 
 /// The packed result pointing at the `{"allow":true}` document.
 pub const ALLOW_RESULT: &str = "i64.const 4398046511118"; // (1024 << 32) | 14
+
+/// The packed result pointing at the `{"allow":false}` document.
+pub const DENY_RESULT: &str = "i64.const 4724464025615"; // (1100 << 32) | 15
+
+/// `evaluate` body answering allow when the i32 `cond` expression is non-zero.
+pub fn allow_if(cond: &str) -> String {
+    format!("(if (result i64) {cond} (then {ALLOW_RESULT}) (else {DENY_RESULT}))")
+}
+
+/// Writes a config file into `dir` and parses it with the library.
+pub fn config(dir: &Path, toml: &str) -> (PathBuf, sandgate::Config) {
+    let path = write(dir, "sandgate.toml", toml);
+    let config = sandgate::config::load(&path).unwrap_or_else(|e| panic!("config must load: {e}"));
+    (path, config)
+}
+
+/// An engine with its module cache in `cache`.
+pub fn engine(cache: &Path) -> sandgate::Engine {
+    let settings = sandgate::config::EngineSettings {
+        cache_dir: Some(cache.to_path_buf()),
+        ..Default::default()
+    };
+    sandgate::Engine::new(&settings).expect("engine")
+}
+
+/// Loads the first policy of `toml` (written into `dir`) and evaluates `input`,
+/// recording audit lines into `dir/audit.jsonl`.
+pub async fn evaluate_once(dir: &Path, toml: &str, input: &str) -> (sandgate::Evaluation, Vec<serde_json::Value>) {
+    let (_, config) = config(dir, toml);
+    let engine = engine(&dir.join("cache"));
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
+        .await
+        .unwrap_or_else(|e| panic!("policy must load: {e}"));
+    let audit_path = dir.join("audit.jsonl");
+    let audit = sandgate::audit::AuditLog::open(&sandgate::config::AuditTarget::File(audit_path.clone())).expect("audit log");
+    let evaluation = policy.evaluate(input.as_bytes(), &sandgate::EvalOptions::default(), &audit).await;
+    audit.flush();
+    (evaluation, audit_lines(&audit_path))
+}
+
+/// The single-policy config of a module file with `extra` policy keys/tables.
+pub fn policy_toml(module: &Path, extra: &str) -> String {
+    format!(
+        "[[policy]]\nname = \"p\"\nmodule = \"{}\"\n{extra}\n",
+        module.display()
+    )
+}

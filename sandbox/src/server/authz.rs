@@ -1,0 +1,222 @@
+//! Forward-auth, shared by the HTTP endpoint (`/v1/authz/{name}`: nginx
+//! `auth_request`, Traefik ForwardAuth, Envoy HTTP ext_authz) and the gRPC
+//! ext_authz service: the request document of DESIGN §2 a guest sees, and how
+//! an answer becomes a status and headers for the proxy.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+
+use super::{Answer, Outcome};
+use crate::decision::{DEFAULT_DENY_STATUS, Decision};
+
+/// Header carrying the DESIGN §3 error code of a failed or refused decision.
+pub(crate) const ERROR_HEADER: &str = "x-sandgate-error";
+/// Header carrying the decision id (the audit log's `decision_id`).
+pub(crate) const DECISION_ID_HEADER: &str = "x-sandgate-decision-id";
+
+/// The original request a proxy asks about: `{"request": {…}}` of DESIGN §2.
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct ForwardRequest {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub host: String,
+    /// Lower-case names; repeated headers joined with ", " (cookies with "; ").
+    pub headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Source {
+    pub address: String,
+}
+
+#[derive(Serialize)]
+struct Document<'a> {
+    request: &'a ForwardRequest,
+}
+
+impl ForwardRequest {
+    /// The request an HTTP forward-auth call is about. The original method and
+    /// URI come from `X-Original-Method`/`X-Original-URI` (nginx) or
+    /// `X-Forwarded-Method`/`X-Forwarded-Uri` (Traefik), else from the call
+    /// itself (`own_method`, and `own_path`/`own_query`: the path under the
+    /// `/v1/authz/{name}` prefix). The host is `X-Forwarded-Host`, else `Host`;
+    /// the source `X-Real-IP`, else the last `X-Forwarded-For` hop, else the peer.
+    pub(crate) fn from_http(
+        own_method: &str,
+        own_path: &str,
+        own_query: &str,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> ForwardRequest {
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let method = text("x-original-method")
+            .or_else(|| text("x-forwarded-method"))
+            .unwrap_or_else(|| own_method.to_owned());
+        let (path, query) = match text("x-original-uri").or_else(|| text("x-forwarded-uri")) {
+            Some(uri) => split_target(&uri),
+            None => (own_path.to_owned(), own_query.to_owned()),
+        };
+        let host = text("x-forwarded-host")
+            .or_else(|| text("host"))
+            .unwrap_or_default();
+        let address = text("x-real-ip")
+            .or_else(|| {
+                text("x-forwarded-for")
+                    .and_then(|hops| hops.rsplit(',').map(str::trim).find(|h| !h.is_empty()).map(str::to_owned))
+            })
+            .or_else(|| peer.map(|p| p.ip().to_string()));
+        ForwardRequest {
+            method: method.to_ascii_uppercase(),
+            path,
+            query,
+            host,
+            headers: collect_headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))),
+            source: address.map(|address| Source { address }),
+        }
+    }
+
+    /// The caller's input for the guest (the host wraps it in `{"input": …}`).
+    pub(crate) fn to_input(&self) -> Vec<u8> {
+        // Serialising plain strings and maps cannot fail.
+        serde_json::to_vec(&Document { request: self }).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
+
+/// Splits a request target (`/a/b?x=1`, or an absolute URI) into path and query.
+pub(crate) fn split_target(target: &str) -> (String, String) {
+    let target = target.split('#').next().unwrap_or_default();
+    let without_authority = ["http://", "https://"]
+        .iter()
+        .find_map(|scheme| {
+            let rest = target.get(..scheme.len())?.eq_ignore_ascii_case(scheme).then(|| &target[scheme.len()..])?;
+            Some(rest.find(['/', '?']).map_or("/", |i| &rest[i..]))
+        })
+        .unwrap_or(target);
+    let (path, query) = without_authority.split_once('?').unwrap_or((without_authority, ""));
+    let path = if path.is_empty() { "/" } else { path };
+    (path.to_owned(), query.to_owned())
+}
+
+/// Lower-cases names, decodes values lossily (invalid UTF-8 never fails a
+/// request) and joins repeated headers.
+pub(crate) fn collect_headers<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> BTreeMap<String, String> {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in pairs {
+        if name.starts_with(':') {
+            continue; // HTTP/2 pseudo-headers are given as method, path and host
+        }
+        let name = name.to_ascii_lowercase();
+        let value = String::from_utf8_lossy(value);
+        match headers.get_mut(&name) {
+            Some(existing) => {
+                existing.push_str(if name == "cookie" { "; " } else { ", " });
+                existing.push_str(&value);
+            }
+            None => {
+                headers.insert(name, value.into_owned());
+            }
+        }
+    }
+    headers
+}
+
+/// The status a proxy gets for an answer: 200 on allow; on deny the decision's
+/// status (403 default) for an evaluated request, 404 for an unknown policy,
+/// 413/400 for a bad request, 503 when the policy cannot evaluate now.
+/// A deny never maps to a 1xx/2xx status, which proxies would read as allow.
+pub(crate) fn proxy_status(answer: &Answer) -> u16 {
+    if answer.decision.allow {
+        return 200;
+    }
+    match answer.outcome {
+        Outcome::Evaluated => deny_status(&answer.decision),
+        Outcome::NotFound => 404,
+        Outcome::TooLarge => 413,
+        Outcome::BadRequest => 400,
+        Outcome::Loading | Outcome::NotLoaded | Outcome::Overloaded => 503,
+    }
+}
+
+/// The decision's deny status, kept within 300..=599.
+pub(crate) fn deny_status(decision: &Decision) -> u16 {
+    match decision.deny_status() {
+        status @ 300..=599 => status,
+        _ => DEFAULT_DENY_STATUS,
+    }
+}
+
+/// Headers a guest may not set: they frame the HTTP message or are ours.
+fn reserved(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te" | "trailer" | "host"
+    ) || name.as_str().starts_with("proxy-")
+        || name.as_str().starts_with("x-sandgate-")
+}
+
+/// The decision's headers that are valid HTTP headers and not reserved;
+/// the others are skipped with a warning (a guest cannot break the answer).
+pub(crate) fn decision_headers(answer: &Answer) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::with_capacity(answer.decision.headers.len());
+    for (name, value) in &answer.decision.headers {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+            (Ok(name), Ok(value)) if !reserved(&name) => out.push((name, value)),
+            _ => tracing::warn!(
+                policy = %answer.policy,
+                decision_id = %answer.decision_id,
+                header = %super::truncated(name, 64),
+                "decision header skipped: not a valid or permitted HTTP header"
+            ),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn original_uri_headers_win_over_the_call_itself() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-original-uri", HeaderValue::from_static("/api/orders/7?a=1"));
+        headers.insert("x-original-method", HeaderValue::from_static("delete"));
+        headers.insert("x-forwarded-host", HeaderValue::from_static("shop.example"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1, 10.0.0.2"));
+        headers.append("cookie", HeaderValue::from_static("a=1"));
+        headers.append("cookie", HeaderValue::from_static("b=2"));
+        headers.insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a value"));
+        let request = ForwardRequest::from_http("GET", "/", "", &headers, None);
+        assert_eq!(request.method, "DELETE");
+        assert_eq!((request.path.as_str(), request.query.as_str()), ("/api/orders/7", "a=1"));
+        assert_eq!(request.host, "shop.example");
+        assert_eq!(request.source.map(|s| s.address).as_deref(), Some("10.0.0.2"));
+        assert_eq!(request.headers["cookie"], "a=1; b=2");
+        assert_eq!(request.headers["x-bin"], "caf\u{fffd}");
+    }
+
+    #[test]
+    fn targets_split_into_path_and_query() {
+        for (target, path, query) in [
+            ("/a/b?x=1&y", "/a/b", "x=1&y"),
+            ("/a", "/a", ""),
+            ("", "/", ""),
+            ("http://h:1/p?q", "/p", "q"),
+            ("HTTPS://h?q", "/", "q"),
+            ("/p#frag", "/p", ""),
+        ] {
+            assert_eq!(split_target(target), (path.to_owned(), query.to_owned()), "{target}");
+        }
+    }
+}

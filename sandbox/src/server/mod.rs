@@ -1,0 +1,637 @@
+//! The daemon behind `sandgate serve` (DESIGN §6). It binds the HTTP API
+//! (`http`) and the Envoy ext_authz gRPC service (`grpc`), loads every policy
+//! on its own (one that fails to load answers `module_invalid` while the others
+//! serve), and runs every evaluation through one gate, [`State::evaluate`]:
+//! per-policy `max_in_flight` limit, metrics, audit. It reopens the audit log on
+//! SIGHUP and drains in-flight requests on SIGTERM/SIGINT.
+
+mod authz;
+mod grpc;
+mod http;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::audit::{AuditLog, AuditRecord, Subject};
+use crate::config::{AuditTarget, Config, PolicySpec};
+use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
+use crate::engine::{Engine, EngineError};
+use crate::policy::{EvalOptions, Policy};
+use crate::telemetry::{Metrics, PolicyMetrics};
+
+/// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the daemon could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot open the audit log {target}: {source}")]
+    Audit {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot install the {signal} handler: {source}")]
+    Signal {
+        signal: &'static str,
+        source: std::io::Error,
+    },
+    #[error("the {what} server failed: {message}")]
+    Serve { what: &'static str, message: String },
+}
+
+/// A daemon whose listeners are bound; [`Server::run`] serves until shutdown.
+pub struct Server {
+    state: Arc<State>,
+    engine: Engine,
+    http: TcpListener,
+    grpc: Option<TcpListener>,
+}
+
+impl Server {
+    /// Opens the audit log, starts the engine and binds the listeners of
+    /// `config`. Policies are loaded by [`Server::run`], so the addresses are
+    /// known (and `/readyz` answers) before the modules are compiled.
+    pub async fn bind(config: Config) -> Result<Server, ServeError> {
+        let audit = AuditLog::open(&config.audit.target).map_err(|source| ServeError::Audit {
+            target: match &config.audit.target {
+                AuditTarget::Stdout => "(stdout)".to_owned(),
+                AuditTarget::File(path) => path.display().to_string(),
+            },
+            source,
+        })?;
+        let engine = Engine::new(&config.engine)?;
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { what, addr, source })
+        };
+        let http = bind("http", config.server.listen).await?;
+        let grpc = match config.server.grpc_listen {
+            Some(addr) => Some(bind("grpc", addr).await?),
+            None => None,
+        };
+        let state = Arc::new(State::new(&config, audit));
+        Ok(Server {
+            state,
+            engine,
+            http,
+            grpc,
+        })
+    }
+
+    /// The address the HTTP API listens on (the real port when the config said `:0`).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+
+    /// The address the ext_authz gRPC service listens on, when configured.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until SIGTERM or SIGINT, then drains; SIGHUP reopens the audit log.
+    pub async fn run_until_signalled(self) -> Result<(), ServeError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| ServeError::Signal {
+                signal: name,
+                source,
+            })
+        };
+        let mut term = install(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = install(SignalKind::interrupt(), "SIGINT")?;
+        let mut hup = install(SignalKind::hangup(), "SIGHUP")?;
+        let audit = self.state.audit.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reopening the audit log");
+                audit.reopen();
+            }
+        });
+        let shutdown = async move {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = name, "shutting down: finishing in-flight requests");
+        };
+        self.run(shutdown).await
+    }
+
+    /// Loads the policies and serves until `shutdown` completes; then stops
+    /// accepting, lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
+    /// and flushes the audit log.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let Server {
+            state,
+            engine,
+            http,
+            grpc,
+        } = self;
+        for slot in state.slots.values() {
+            let (state, engine, name) = (Arc::clone(&state), engine.clone(), slot.spec.name.clone());
+            tokio::spawn(async move { state.load(&engine, &name).await });
+        }
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mut http_task = tokio::spawn(http::serve(http, Arc::clone(&state), stopped(stop_rx.clone())));
+        let mut grpc_task = grpc.map(|l| tokio::spawn(grpc::serve(l, Arc::clone(&state), stopped(stop_rx.clone()))));
+
+        let failed = tokio::select! {
+            () = shutdown => None,
+            r = &mut http_task => Some(("http", r)),
+            r = async { match grpc_task.as_mut() { Some(t) => t.await, None => std::future::pending().await } } => Some(("grpc", r)),
+        };
+        let _ = stop_tx.send(true);
+        if let Some((what, result)) = failed {
+            state.flush_audit().await;
+            let message = match result {
+                Ok(Ok(())) => "stopped unexpectedly".to_owned(),
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("task failed: {e}"),
+            };
+            return Err(ServeError::Serve { what, message });
+        }
+
+        let started = Instant::now();
+        let drain = async {
+            let http = http_task.await;
+            let grpc = match grpc_task {
+                Some(t) => Some(t.await),
+                None => None,
+            };
+            (http, grpc)
+        };
+        match tokio::time::timeout(DRAIN_TIMEOUT, drain).await {
+            Ok((http, grpc)) => {
+                for (what, result) in [("http", Some(http)), ("grpc", grpc)] {
+                    match result {
+                        Some(Ok(Err(e))) => tracing::error!(server = what, error = %e, "server stopped with an error"),
+                        Some(Err(e)) => tracing::error!(server = what, error = %e, "server task failed"),
+                        _ => {}
+                    }
+                }
+                tracing::info!(drained_ms = started.elapsed().as_millis() as u64, "in-flight requests finished");
+            }
+            Err(_) => tracing::warn!(
+                timeout_s = DRAIN_TIMEOUT.as_secs(),
+                "in-flight requests did not finish in time; exiting anyway"
+            ),
+        }
+        state.flush_audit().await;
+        Ok(())
+    }
+}
+
+/// What the daemon shares between its listeners.
+pub(crate) struct State {
+    slots: HashMap<String, Slot>,
+    /// The policy the gRPC service uses without `context_extensions["policy"]`.
+    only_policy: Option<String>,
+    audit: AuditLog,
+    metrics: Metrics,
+    max_body_bytes: usize,
+}
+
+/// One configured policy: its load status, its evaluation gate and metrics.
+struct Slot {
+    spec: PolicySpec,
+    permits: Semaphore,
+    metrics: PolicyMetrics,
+    status: RwLock<Status>,
+}
+
+#[derive(Clone)]
+enum Status {
+    Loading,
+    Ready(Policy),
+    Failed(DecisionError),
+}
+
+/// Why an answer is not (only) the result of an evaluation. Each surface
+/// maps it to its own status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The policy evaluated the input; the decision may still carry an error.
+    Evaluated,
+    /// No policy of that name is configured (`policy_not_found`).
+    NotFound,
+    /// The request body is larger than `server.max_body_bytes` (`invalid_input`).
+    TooLarge,
+    /// The request could not be read or understood (`invalid_input`).
+    BadRequest,
+    /// The policy is still being loaded (`internal`).
+    Loading,
+    /// The policy failed to load (its `module_invalid` error).
+    NotLoaded,
+    /// The policy already runs `max_in_flight` evaluations (`internal`).
+    Overloaded,
+}
+
+impl Outcome {
+    /// A short name for the refusal, given as `refused` in JSON answers.
+    pub(crate) fn refusal(self) -> Option<&'static str> {
+        match self {
+            Outcome::Evaluated | Outcome::BadRequest => None,
+            Outcome::NotFound => Some("policy_not_found"),
+            Outcome::TooLarge => Some("body_too_large"),
+            Outcome::Loading => Some("policy_loading"),
+            Outcome::NotLoaded => Some("policy_not_loaded"),
+            Outcome::Overloaded => Some("max_in_flight"),
+        }
+    }
+}
+
+/// What every surface renders: the decision and who made it.
+pub(crate) struct Answer {
+    pub decision: Decision,
+    pub policy: String,
+    pub version: Option<String>,
+    pub decision_id: String,
+    pub outcome: Outcome,
+}
+
+impl Answer {
+    pub(crate) fn error_code(&self) -> Option<ErrorCode> {
+        self.decision.error_code()
+    }
+}
+
+impl State {
+    fn new(config: &Config, audit: AuditLog) -> State {
+        let metrics = Metrics::new(&audit);
+        let slots: HashMap<String, Slot> = config
+            .policies
+            .iter()
+            .map(|spec| {
+                let policy_metrics = metrics.policy(&spec.name, &spec.version);
+                policy_metrics.set_ready(false);
+                let slot = Slot {
+                    permits: Semaphore::new(spec.max_in_flight as usize),
+                    metrics: policy_metrics,
+                    spec: spec.clone(),
+                    status: RwLock::new(Status::Loading),
+                };
+                (spec.name.clone(), slot)
+            })
+            .collect();
+        let only_policy = match config.policies.as_slice() {
+            [only] => Some(only.name.clone()),
+            _ => None,
+        };
+        State {
+            slots,
+            only_policy,
+            audit,
+            metrics,
+            max_body_bytes: usize::try_from(config.server.max_body_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    async fn load(&self, engine: &Engine, name: &str) {
+        let Some(slot) = self.slots.get(name) else {
+            return;
+        };
+        let started = Instant::now();
+        let status = match Policy::load(engine, slot.spec.clone()).await {
+            Ok(policy) => {
+                tracing::info!(
+                    policy = %name,
+                    version = %slot.spec.version,
+                    digest = %policy.digest(),
+                    compiled_from = policy.compiled_from(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "policy loaded"
+                );
+                slot.metrics.set_ready(true);
+                Status::Ready(policy)
+            }
+            Err(e) => {
+                tracing::error!(policy = %name, version = %slot.spec.version, code = %e.code(), "policy failed to load: {e}");
+                Status::Failed(DecisionError {
+                    code: e.code(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        if let Ok(mut current) = slot.status.write() {
+            *current = status;
+        }
+    }
+
+    fn status(slot: &Slot) -> Status {
+        match slot.status.read() {
+            Ok(status) => status.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The policy the gRPC service uses when the request names none.
+    pub(crate) fn only_policy(&self) -> Option<&str> {
+        self.only_policy.as_deref()
+    }
+
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(crate) fn is_configured(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// Evaluates `input` (raw JSON) with policy `name`: the one path every
+    /// endpoint takes. Never fails; every refusal is a fail-closed decision
+    /// with its contract code, counted and (for loaded policies) audited.
+    pub(crate) async fn evaluate(&self, name: &str, input: Bytes, trace_id: Option<String>) -> Answer {
+        let Some(slot) = self.slots.get(name) else {
+            return self.not_found(name);
+        };
+        let policy = match Self::status(slot) {
+            Status::Ready(policy) => policy,
+            Status::Loading => {
+                return self.refuse(
+                    slot,
+                    None,
+                    Outcome::Loading,
+                    ErrorCode::Internal,
+                    format!("policy `{name}` is still loading; retry when /readyz is ready"),
+                    slot.spec.fail_mode,
+                    trace_id,
+                );
+            }
+            Status::Failed(error) => {
+                return self.refuse(
+                    slot,
+                    None,
+                    Outcome::NotLoaded,
+                    error.code,
+                    error.message,
+                    slot.spec.fail_mode,
+                    trace_id,
+                );
+            }
+        };
+        // Excess load is refused at once, fail-closed whatever the fail_mode:
+        // queueing would let one slow policy hold every worker.
+        let Ok(_permit) = slot.permits.try_acquire() else {
+            slot.metrics.refused();
+            return self.refuse(
+                slot,
+                Some(&policy),
+                Outcome::Overloaded,
+                ErrorCode::Internal,
+                format!(
+                    "policy `{name}` is already running max_in_flight = {} evaluations; request refused",
+                    slot.spec.max_in_flight
+                ),
+                FailMode::Closed,
+                trace_id,
+            );
+        };
+        let _in_flight = slot.metrics.in_flight();
+        let options = EvalOptions { trace_id };
+        let evaluation = policy.evaluate(&input, &options, &self.audit).await;
+        slot.metrics.evaluated(&evaluation);
+        Answer {
+            decision: evaluation.decision,
+            policy: evaluation.policy,
+            version: Some(evaluation.version),
+            decision_id: evaluation.decision_id,
+            outcome: Outcome::Evaluated,
+        }
+    }
+
+    /// Refuses a request before evaluation (`TooLarge`, `BadRequest`) for policy `name`.
+    pub(crate) fn reject(&self, name: &str, outcome: Outcome, message: String, trace_id: Option<String>) -> Answer {
+        let Some(slot) = self.slots.get(name) else {
+            return self.not_found(name);
+        };
+        let policy = match Self::status(slot) {
+            Status::Ready(policy) => Some(policy),
+            _ => None,
+        };
+        self.refuse(
+            slot,
+            policy.as_ref(),
+            outcome,
+            ErrorCode::InvalidInput,
+            message,
+            FailMode::Closed,
+            trace_id,
+        )
+    }
+
+    /// The answer for a request that could not be tied to any policy.
+    pub(crate) fn unattributed(&self, policy: &str, code: ErrorCode, outcome: Outcome, message: String) -> Answer {
+        self.metrics.request_error(code);
+        Answer {
+            decision: Decision::failed(code, message, FailMode::Closed),
+            policy: policy.to_owned(),
+            version: None,
+            decision_id: uuid::Uuid::new_v4().to_string(),
+            outcome,
+        }
+    }
+
+    fn not_found(&self, name: &str) -> Answer {
+        let mut known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
+        known.sort_unstable();
+        let known = if known.is_empty() {
+            "none is configured".to_owned()
+        } else {
+            format!("configured: {}", known.join(", "))
+        };
+        tracing::debug!(policy = %name, "request for an unknown policy");
+        self.unattributed(
+            name,
+            ErrorCode::PolicyNotFound,
+            Outcome::NotFound,
+            format!("no policy named `{}` ({known})", truncated(name, 128)),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &self,
+        slot: &Slot,
+        policy: Option<&Policy>,
+        outcome: Outcome,
+        code: ErrorCode,
+        message: String,
+        fail_mode: FailMode,
+        trace_id: Option<String>,
+    ) -> Answer {
+        let spec = &slot.spec;
+        let decision_id = uuid::Uuid::new_v4().to_string();
+        let decision = Decision::failed(code, message, fail_mode);
+        slot.metrics.decision(decision.allow, Some(code));
+        // Only a loaded policy has the digest every audit line carries; load
+        // failures are reported at load time and by /readyz.
+        if let Some(policy) = policy {
+            let mut subject = Subject::new(&spec.name, &spec.version, &policy.digest(), decision_id.clone());
+            subject.trace_id = trace_id;
+            self.audit.record(
+                &subject,
+                &AuditRecord::Decision {
+                    allow: decision.allow,
+                    duration_us: 0,
+                    error: decision.error.clone(),
+                },
+            );
+        }
+        tracing::debug!(policy = %spec.name, version = %spec.version, decision_id = %decision_id, code = %code, ?outcome, "request refused");
+        Answer {
+            decision,
+            policy: spec.name.clone(),
+            version: Some(spec.version.clone()),
+            decision_id,
+            outcome,
+        }
+    }
+
+    /// Every policy with its version, digest and grants (`GET /v1/policies`).
+    pub(crate) fn policies(&self) -> serde_json::Value {
+        let mut names: Vec<&String> = self.slots.keys().collect();
+        names.sort_unstable();
+        let policies: Vec<serde_json::Value> = names
+            .into_iter()
+            .filter_map(|name| self.slots.get(name))
+            .map(|slot| {
+                let spec = &slot.spec;
+                match Self::status(slot) {
+                    Status::Ready(policy) => {
+                        let mut report = policy.report();
+                        if let Some(map) = report.as_object_mut() {
+                            map.insert("state".into(), "ready".into());
+                            map.insert(
+                                "versions".into(),
+                                serde_json::json!([{
+                                    "version": spec.version,
+                                    "digest": policy.digest().to_string(),
+                                    "active": true,
+                                }]),
+                            );
+                        }
+                        report
+                    }
+                    Status::Loading => serde_json::json!({
+                        "name": spec.name,
+                        "version": spec.version,
+                        "module": spec.module.to_string(),
+                        "state": "loading",
+                        "versions": [],
+                    }),
+                    Status::Failed(error) => serde_json::json!({
+                        "name": spec.name,
+                        "version": spec.version,
+                        "module": spec.module.to_string(),
+                        "state": "failed",
+                        "error": error,
+                        "versions": [],
+                    }),
+                }
+            })
+            .collect();
+        serde_json::json!({ "policies": policies })
+    }
+
+    /// Whether every policy is loaded, and the state of each (`GET /readyz`).
+    pub(crate) fn readiness(&self) -> (bool, Readiness) {
+        let mut policies = BTreeMap::new();
+        let mut not_ready = Vec::new();
+        for (name, slot) in &self.slots {
+            let state = match Self::status(slot) {
+                Status::Ready(policy) => PolicyReadiness {
+                    state: "ready",
+                    version: slot.spec.version.clone(),
+                    digest: Some(policy.digest().to_string()),
+                    error: None,
+                },
+                Status::Loading => {
+                    not_ready.push(format!("policy `{name}` is still loading"));
+                    PolicyReadiness {
+                        state: "loading",
+                        version: slot.spec.version.clone(),
+                        digest: None,
+                        error: None,
+                    }
+                }
+                Status::Failed(error) => {
+                    not_ready.push(format!("policy `{name}` failed to load ({}): {}", error.code, error.message));
+                    PolicyReadiness {
+                        state: "failed",
+                        version: slot.spec.version.clone(),
+                        digest: None,
+                        error: Some(error),
+                    }
+                }
+            };
+            policies.insert(name.clone(), state);
+        }
+        not_ready.sort();
+        let ready = not_ready.is_empty();
+        (
+            ready,
+            Readiness {
+                ready,
+                reason: (!ready).then(|| not_ready.join("; ")),
+                policies,
+            },
+        )
+    }
+
+    async fn flush_audit(&self) {
+        let audit = self.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+    }
+}
+
+/// The body of `GET /readyz`.
+#[derive(Serialize)]
+pub(crate) struct Readiness {
+    ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    policies: BTreeMap<String, PolicyReadiness>,
+}
+
+#[derive(Serialize)]
+struct PolicyReadiness {
+    state: &'static str,
+    version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<DecisionError>,
+}
+
+/// At most `max` characters of `text`, for echoing peer-chosen strings.
+pub(crate) fn truncated(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}

@@ -1,0 +1,447 @@
+//! Telemetry: the Prometheus metrics of the daemon (served at `/metrics`) and
+//! W3C trace-context parsing. Every metric name is defined here, once, as a
+//! constant; `server` records into the handles this module hands out, and the
+//! bridge will feed `egress_denied`. OpenTelemetry export is added here later.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::audit::AuditLog;
+use crate::decision::ErrorCode;
+use crate::policy::Evaluation;
+
+/// Metric names as registered. Counters are exposed with the `_total` suffix
+/// the exposition format adds (`sandgate_decisions_total`).
+pub mod names {
+    /// Counter: decisions by `policy`, `version`, `allow` and `error` (a DESIGN §3 code or `none`).
+    pub const DECISIONS: &str = "sandgate_decisions";
+    /// Histogram: wall time of one evaluation, instantiation included, by `policy`, `version`.
+    pub const EVALUATION_SECONDS: &str = "sandgate_evaluation_duration_seconds";
+    /// Histogram: time spent instantiating the module of one evaluation, by `policy`, `version`.
+    pub const INSTANTIATION_SECONDS: &str = "sandgate_instantiation_duration_seconds";
+    /// Counter: WASI calls refused, by `policy` and `call` (the preview1 function).
+    pub const WASI_DENIALS: &str = "sandgate_wasi_denials";
+    /// Counter: bridged HTTP requests refused by the egress allowlist, by `policy`.
+    pub const EGRESS_DENIALS: &str = "sandgate_egress_denials";
+    /// Gauge: evaluations running now, by `policy`.
+    pub const IN_FLIGHT: &str = "sandgate_evaluations_in_flight";
+    /// Counter: requests refused because the policy had `max_in_flight` evaluations running, by `policy`.
+    pub const IN_FLIGHT_REFUSALS: &str = "sandgate_max_in_flight_refusals";
+    /// Counter: requests answered with an error before any evaluation, by `error`
+    /// (`policy_not_found`, `invalid_input` for oversized or malformed requests, …).
+    pub const REQUEST_ERRORS: &str = "sandgate_request_errors";
+    /// Gauge: 1 when the policy is loaded and serving, 0 otherwise, by `policy`.
+    pub const POLICY_READY: &str = "sandgate_policy_ready";
+    /// Counter: audit lines dropped because the writer fell behind.
+    pub const AUDIT_DROPPED: &str = "sandgate_audit_lines_dropped";
+    /// Counter: audit lines written.
+    pub const AUDIT_WRITTEN: &str = "sandgate_audit_lines_written";
+}
+
+/// Label value of `error` for a decision without error.
+const NO_ERROR: &str = "none";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    policy: String,
+    version: String,
+    allow: bool,
+    error: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabels {
+    policy: String,
+    version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WasiLabels {
+    policy: String,
+    call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    error: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// The daemon's metrics registry. Cheap to clone; clones share the metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    evaluation: HistogramFamily<VersionLabels>,
+    instantiation: HistogramFamily<VersionLabels>,
+    wasi_denials: Family<WasiLabels, Counter>,
+    egress_denials: Family<PolicyLabels, Counter>,
+    in_flight: Family<PolicyLabels, Gauge>,
+    refusals: Family<PolicyLabels, Counter>,
+    request_errors: Family<ErrorLabels, Counter>,
+    ready: Family<PolicyLabels, Gauge>,
+}
+
+fn evaluation_histogram() -> Histogram {
+    // 50 µs … ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+fn instantiation_histogram() -> Histogram {
+    // 5 µs … ~40 ms
+    Histogram::new(exponential_buckets(0.000_005, 2.0, 14))
+}
+
+impl Metrics {
+    /// Registers every metric; `audit` feeds the audit line counters at scrape time.
+    pub fn new(audit: &AuditLog) -> Metrics {
+        let mut registry = Registry::default();
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let evaluation: HistogramFamily<VersionLabels> = Family::new_with_constructor(evaluation_histogram);
+        let instantiation: HistogramFamily<VersionLabels> =
+            Family::new_with_constructor(instantiation_histogram);
+        let wasi_denials = Family::<WasiLabels, Counter>::default();
+        let egress_denials = Family::<PolicyLabels, Counter>::default();
+        let in_flight = Family::<PolicyLabels, Gauge>::default();
+        let refusals = Family::<PolicyLabels, Counter>::default();
+        let request_errors = Family::<ErrorLabels, Counter>::default();
+        let ready = Family::<PolicyLabels, Gauge>::default();
+        registry.register(
+            names::DECISIONS,
+            "Decisions by policy, version, allow and error code",
+            decisions.clone(),
+        );
+        registry.register(
+            names::EVALUATION_SECONDS,
+            "Wall time of one evaluation, instantiation included",
+            evaluation.clone(),
+        );
+        registry.register(
+            names::INSTANTIATION_SECONDS,
+            "Time spent instantiating the module of one evaluation",
+            instantiation.clone(),
+        );
+        registry.register(
+            names::WASI_DENIALS,
+            "WASI calls refused to a guest, by function",
+            wasi_denials.clone(),
+        );
+        registry.register(
+            names::EGRESS_DENIALS,
+            "Bridged HTTP requests refused by the egress allowlist",
+            egress_denials.clone(),
+        );
+        registry.register(names::IN_FLIGHT, "Evaluations running now", in_flight.clone());
+        registry.register(
+            names::IN_FLIGHT_REFUSALS,
+            "Requests refused because the policy already ran max_in_flight evaluations",
+            refusals.clone(),
+        );
+        registry.register(
+            names::REQUEST_ERRORS,
+            "Requests answered with an error before any evaluation",
+            request_errors.clone(),
+        );
+        registry.register(
+            names::POLICY_READY,
+            "1 when the policy is loaded and serving",
+            ready.clone(),
+        );
+        registry.register_collector(Box::new(AuditCounters { audit: audit.clone() }));
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                decisions,
+                evaluation,
+                instantiation,
+                wasi_denials,
+                egress_denials,
+                in_flight,
+                refusals,
+                request_errors,
+                ready,
+            }),
+        }
+    }
+
+    /// The handles of one policy version, bound once so the request path does
+    /// not look labels up for the common cases.
+    pub fn policy(&self, policy: &str, version: &str) -> PolicyMetrics {
+        let inner = &self.inner;
+        let version_labels = VersionLabels {
+            policy: policy.to_owned(),
+            version: version.to_owned(),
+        };
+        let policy_labels = PolicyLabels {
+            policy: policy.to_owned(),
+        };
+        let decision = |allow: bool| {
+            inner
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    policy: policy.to_owned(),
+                    version: version.to_owned(),
+                    allow,
+                    error: NO_ERROR,
+                })
+                .clone()
+        };
+        PolicyMetrics {
+            metrics: self.clone(),
+            policy: policy.to_owned(),
+            version: version.to_owned(),
+            allowed: decision(true),
+            denied: decision(false),
+            evaluation: inner.evaluation.get_or_create(&version_labels).clone(),
+            instantiation: inner.instantiation.get_or_create(&version_labels).clone(),
+            in_flight: inner.in_flight.get_or_create(&policy_labels).clone(),
+            refusals: inner.refusals.get_or_create(&policy_labels).clone(),
+            ready: inner.ready.get_or_create(&policy_labels).clone(),
+        }
+    }
+
+    /// Marks a configured policy as not (yet) serving, so the gauge exists from the start.
+    pub fn policy_not_ready(&self, policy: &str) {
+        self.inner
+            .ready
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .set(0);
+    }
+
+    /// Counts a request answered with `code` before any evaluation.
+    pub fn request_error(&self, code: ErrorCode) {
+        self.inner
+            .request_errors
+            .get_or_create(&ErrorLabels { error: code.as_str() })
+            .inc();
+    }
+
+    /// Counts a bridged HTTP request refused by the egress allowlist.
+    pub fn egress_denied(&self, policy: &str) {
+        self.inner
+            .egress_denials
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry) {
+            tracing::error!(error = %e, "metrics could not be encoded");
+            out.clear();
+            let _ = writeln!(out, "# metrics could not be encoded: {e}");
+        }
+        out
+    }
+}
+
+/// Content type of [`Metrics::render`].
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metric handles of one policy version.
+#[derive(Clone)]
+pub struct PolicyMetrics {
+    metrics: Metrics,
+    policy: String,
+    version: String,
+    allowed: Counter,
+    denied: Counter,
+    evaluation: Histogram,
+    instantiation: Histogram,
+    in_flight: Gauge,
+    refusals: Counter,
+    ready: Gauge,
+}
+
+impl PolicyMetrics {
+    /// Records one finished evaluation: its decision, latencies and WASI denials.
+    pub fn evaluated(&self, evaluation: &Evaluation) {
+        let decision = &evaluation.decision;
+        self.decision(decision.allow, decision.error_code());
+        self.evaluation.observe(evaluation.duration.as_secs_f64());
+        if evaluation.instantiate > Duration::ZERO {
+            self.instantiation.observe(evaluation.instantiate.as_secs_f64());
+        }
+        for denial in &evaluation.denials {
+            self.metrics
+                .inner
+                .wasi_denials
+                .get_or_create(&WasiLabels {
+                    policy: self.policy.clone(),
+                    call: denial.call,
+                })
+                .inc();
+        }
+    }
+
+    /// Counts a decision the daemon answered for this policy.
+    pub fn decision(&self, allow: bool, error: Option<ErrorCode>) {
+        match error {
+            None if allow => {
+                self.allowed.inc();
+            }
+            None => {
+                self.denied.inc();
+            }
+            Some(code) => {
+                self.metrics
+                    .inner
+                    .decisions
+                    .get_or_create(&DecisionLabels {
+                        policy: self.policy.clone(),
+                        version: self.version.clone(),
+                        allow,
+                        error: code.as_str(),
+                    })
+                    .inc();
+            }
+        }
+    }
+
+    /// Counts a request refused because `max_in_flight` evaluations were running.
+    pub fn refused(&self) {
+        self.refusals.inc();
+    }
+
+    /// Marks the policy as loaded and serving (or not).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Counts one evaluation as running until the guard is dropped.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.inc();
+        InFlight {
+            gauge: self.in_flight.clone(),
+        }
+    }
+}
+
+/// Decrements the in-flight gauge when dropped (also when the request is cancelled).
+pub struct InFlight {
+    gauge: Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// Reads the audit log's counters at scrape time.
+struct AuditCounters {
+    audit: AuditLog,
+}
+
+impl std::fmt::Debug for AuditCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditCounters").finish_non_exhaustive()
+    }
+}
+
+impl Collector for AuditCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                names::AUDIT_DROPPED,
+                "Audit lines dropped because the writer fell behind",
+                self.audit.dropped(),
+            ),
+            (names::AUDIT_WRITTEN, "Audit lines written", self.audit.written()),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
+/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`),
+/// when it is well formed and not all zeros.
+pub fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let version = parts.next()?;
+    let trace = parts.next()?;
+    let span = parts.next()?;
+    let flags = parts.next()?;
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        return None;
+    }
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    Some(trace.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_yields_its_trace_id_only_when_well_formed() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn metrics_render_with_their_contract_labels() {
+        let metrics = Metrics::new(&AuditLog::disabled());
+        let policy = metrics.policy("orders", "v2");
+        policy.decision(true, None);
+        policy.decision(false, Some(ErrorCode::EvalTimeout));
+        policy.refused();
+        metrics.request_error(ErrorCode::PolicyNotFound);
+        let text = metrics.render();
+        for needle in [
+            r#"sandgate_decisions_total{policy="orders",version="v2",allow="true",error="none"} 1"#,
+            r#"sandgate_decisions_total{policy="orders",version="v2",allow="false",error="eval_timeout"} 1"#,
+            r#"sandgate_max_in_flight_refusals_total{policy="orders"} 1"#,
+            r#"sandgate_request_errors_total{error="policy_not_found"} 1"#,
+            "sandgate_audit_lines_dropped_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+}
