@@ -1,1 +1,56 @@
-fn main(){}
+//! One evaluation of the `rbac` example end to end (fresh instance from
+//! `InstancePre`, input written, guest reads its role table from the
+//! read-only preopen, decision read back and validated), and instantiation
+//! alone. Results and the command are in `docs/benchmarks.md`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn build_rbac() {
+    let status = Command::new(repo_root().join("scripts/build-guests"))
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run scripts/build-guests: {e}"));
+    assert!(status.success(), "building the example guests failed");
+}
+
+fn bench(c: &mut Criterion) {
+    build_rbac();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+    let config = sandgate::config::load(&repo_root().join("examples/rbac/policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let engine = sandgate::Engine::new(&config.engine).unwrap_or_else(|e| panic!("{e}"));
+    let policy = runtime
+        .block_on(sandgate::Policy::load(&engine, config.policies[0].clone()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let input = std::fs::read(repo_root().join("examples/rbac/input.json")).unwrap_or_else(|e| panic!("{e}"));
+    let audit = sandgate::audit::AuditLog::disabled();
+    let options = sandgate::EvalOptions::default();
+
+    let check = runtime.block_on(policy.evaluate(&input, &options, &audit));
+    assert!(check.decision.allow && check.decision.error.is_none(), "{:?}", check.decision);
+
+    let mut group = c.benchmark_group("rbac");
+    group.bench_function("evaluate", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let e = policy.evaluate(&input, &options, &audit).await;
+            std::hint::black_box(e.decision.allow)
+        })
+    });
+    group.bench_function("instantiate", |b| {
+        b.to_async(&runtime)
+            .iter(|| async { policy.instantiate_only().await.unwrap_or_else(|e| panic!("{e}")) })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -12,6 +12,8 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod policy;
+pub mod server;
+pub mod telemetry;
 pub mod wasi;
 
 pub use config::{Config, PolicySpec};

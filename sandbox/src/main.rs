@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the daemon: the HTTP API, forward-auth and Envoy ext_authz gRPC.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a module's imports, exports, ABI version and the WASI it needs.
     Inspect {
         #[arg(long)]
@@ -108,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => eval(module, &input, config, policy, audit).await,
         Command::Check { config, json } => check(&config, json).await,
         Command::Inspect { module, json } => inspect(&module, json).await,
+        Command::Serve { config } => serve(&config).await,
     }
 }
 
@@ -262,6 +268,22 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Pat
         println!("  refused       {}", list(&w["imports_refused"]));
         println!("  egress allow  {}", list(&p["egress"]["allow"]));
     }
+}
+
+/// Binds, prints the bound addresses on stderr (one parseable line each:
+/// `sandgate: http listening on ADDR`, `sandgate: grpc listening on ADDR`),
+/// then serves until SIGTERM/SIGINT.
+async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
+    let config = config::load(path)?;
+    let server = sandgate::server::Server::bind(config).await?;
+    if let Some(addr) = server.http_addr() {
+        eprintln!("sandgate: http listening on {addr}");
+    }
+    if let Some(addr) = server.grpc_addr() {
+        eprintln!("sandgate: grpc listening on {addr}");
+    }
+    server.run_until_signalled().await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {

@@ -222,6 +222,15 @@ impl Policy {
         Ok(store)
     }
 
+    /// Creates a store and instantiates the module, nothing else: the cost
+    /// every evaluation pays before the guest runs (used by the benchmarks).
+    pub async fn instantiate_only(&self) -> anyhow::Result<()> {
+        let subject = Subject::new(self.name(), &self.inner.spec.version, &self.inner.digest, String::new());
+        let mut store = self.store(subject, AuditLog::disabled())?;
+        self.inner.pre.instantiate_async(&mut store).await?;
+        Ok(())
+    }
+
     async fn check_abi_version(&self) -> Result<(), String> {
         let subject = Subject::new(self.name(), &self.inner.spec.version, &self.inner.digest, "load".into());
         let mut store = self

@@ -116,7 +116,8 @@ impl Metrics {
     pub fn new(audit: &AuditLog) -> Metrics {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
-        let evaluation: HistogramFamily<VersionLabels> = Family::new_with_constructor(evaluation_histogram);
+        let evaluation: HistogramFamily<VersionLabels> =
+            Family::new_with_constructor(evaluation_histogram);
         let instantiation: HistogramFamily<VersionLabels> =
             Family::new_with_constructor(instantiation_histogram);
         let wasi_denials = Family::<WasiLabels, Counter>::default();
@@ -150,7 +151,11 @@ impl Metrics {
             "Bridged HTTP requests refused by the egress allowlist",
             egress_denials.clone(),
         );
-        registry.register(names::IN_FLIGHT, "Evaluations running now", in_flight.clone());
+        registry.register(
+            names::IN_FLIGHT,
+            "Evaluations running now",
+            in_flight.clone(),
+        );
         registry.register(
             names::IN_FLIGHT_REFUSALS,
             "Requests refused because the policy already ran max_in_flight evaluations",
@@ -166,7 +171,9 @@ impl Metrics {
             "1 when the policy is loaded and serving",
             ready.clone(),
         );
-        registry.register_collector(Box::new(AuditCounters { audit: audit.clone() }));
+        registry.register_collector(Box::new(AuditCounters {
+            audit: audit.clone(),
+        }));
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -233,7 +240,9 @@ impl Metrics {
     pub fn request_error(&self, code: ErrorCode) {
         self.inner
             .request_errors
-            .get_or_create(&ErrorLabels { error: code.as_str() })
+            .get_or_create(&ErrorLabels {
+                error: code.as_str(),
+            })
             .inc();
     }
 
@@ -284,7 +293,8 @@ impl PolicyMetrics {
         self.decision(decision.allow, decision.error_code());
         self.evaluation.observe(evaluation.duration.as_secs_f64());
         if evaluation.instantiate > Duration::ZERO {
-            self.instantiation.observe(evaluation.instantiate.as_secs_f64());
+            self.instantiation
+                .observe(evaluation.instantiate.as_secs_f64());
         }
         for denial in &evaluation.denials {
             self.metrics
@@ -371,7 +381,11 @@ impl Collector for AuditCounters {
                 "Audit lines dropped because the writer fell behind",
                 self.audit.dropped(),
             ),
-            (names::AUDIT_WRITTEN, "Audit lines written", self.audit.written()),
+            (
+                names::AUDIT_WRITTEN,
+                "Audit lines written",
+                self.audit.written(),
+            ),
         ] {
             let counter = ConstCounter::new(value);
             let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
@@ -389,7 +403,9 @@ pub fn trace_id(traceparent: &str) -> Option<String> {
     let trace = parts.next()?;
     let span = parts.next()?;
     let flags = parts.next()?;
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
         return None;
     }

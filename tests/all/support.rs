@@ -70,9 +70,15 @@ pub fn sandgate(args: &[&str], cache: &Path) -> Output {
 }
 
 pub fn sandgate_with_stdin(args: &[&str], cache: &Path, stdin: Option<&[u8]>) -> Output {
+    sandgate_with_env(args, cache, stdin, &[])
+}
+
+/// Runs `sandgate` with extra environment variables.
+pub fn sandgate_with_env(args: &[&str], cache: &Path, stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
     use std::io::Write;
     let mut child = Command::new(sandgate_bin())
         .args(args)
+        .envs(env.iter().copied())
         .env("SANDGATE_CACHE_DIR", cache)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -72,8 +72,12 @@ impl ForwardRequest {
             .unwrap_or_default();
         let address = text("x-real-ip")
             .or_else(|| {
-                text("x-forwarded-for")
-                    .and_then(|hops| hops.rsplit(',').map(str::trim).find(|h| !h.is_empty()).map(str::to_owned))
+                text("x-forwarded-for").and_then(|hops| {
+                    hops.rsplit(',')
+                        .map(str::trim)
+                        .find(|h| !h.is_empty())
+                        .map(str::to_owned)
+                })
             })
             .or_else(|| peer.map(|p| p.ip().to_string()));
         ForwardRequest {
@@ -99,18 +103,25 @@ pub(crate) fn split_target(target: &str) -> (String, String) {
     let without_authority = ["http://", "https://"]
         .iter()
         .find_map(|scheme| {
-            let rest = target.get(..scheme.len())?.eq_ignore_ascii_case(scheme).then(|| &target[scheme.len()..])?;
+            let rest = target
+                .get(..scheme.len())?
+                .eq_ignore_ascii_case(scheme)
+                .then(|| &target[scheme.len()..])?;
             Some(rest.find(['/', '?']).map_or("/", |i| &rest[i..]))
         })
         .unwrap_or(target);
-    let (path, query) = without_authority.split_once('?').unwrap_or((without_authority, ""));
+    let (path, query) = without_authority
+        .split_once('?')
+        .unwrap_or((without_authority, ""));
     let path = if path.is_empty() { "/" } else { path };
     (path.to_owned(), query.to_owned())
 }
 
 /// Lower-cases names, decodes values lossily (invalid UTF-8 never fails a
 /// request) and joins repeated headers.
-pub(crate) fn collect_headers<'a>(pairs: impl Iterator<Item = (&'a str, &'a [u8])>) -> BTreeMap<String, String> {
+pub(crate) fn collect_headers<'a>(
+    pairs: impl Iterator<Item = (&'a str, &'a [u8])>,
+) -> BTreeMap<String, String> {
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in pairs {
         if name.starts_with(':') {
@@ -160,7 +171,14 @@ pub(crate) fn deny_status(decision: &Decision) -> u16 {
 fn reserved(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "content-length" | "transfer-encoding" | "connection" | "keep-alive" | "upgrade" | "te" | "trailer" | "host"
+        "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "host"
     ) || name.as_str().starts_with("proxy-")
         || name.as_str().starts_with("x-sandgate-")
 }
@@ -170,7 +188,10 @@ fn reserved(name: &HeaderName) -> bool {
 pub(crate) fn decision_headers(answer: &Answer) -> Vec<(HeaderName, HeaderValue)> {
     let mut out = Vec::with_capacity(answer.decision.headers.len());
     for (name, value) in &answer.decision.headers {
-        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(value)) {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
             (Ok(name), Ok(value)) if !reserved(&name) => out.push((name, value)),
             _ => tracing::warn!(
                 policy = %answer.policy,
@@ -190,18 +211,33 @@ mod tests {
     #[test]
     fn original_uri_headers_win_over_the_call_itself() {
         let mut headers = HeaderMap::new();
-        headers.insert("x-original-uri", HeaderValue::from_static("/api/orders/7?a=1"));
+        headers.insert(
+            "x-original-uri",
+            HeaderValue::from_static("/api/orders/7?a=1"),
+        );
         headers.insert("x-original-method", HeaderValue::from_static("delete"));
         headers.insert("x-forwarded-host", HeaderValue::from_static("shop.example"));
-        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1, 10.0.0.2"));
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("10.0.0.1, 10.0.0.2"),
+        );
         headers.append("cookie", HeaderValue::from_static("a=1"));
         headers.append("cookie", HeaderValue::from_static("b=2"));
-        headers.insert("x-bin", HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a value"));
+        headers.insert(
+            "x-bin",
+            HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a value"),
+        );
         let request = ForwardRequest::from_http("GET", "/", "", &headers, None);
         assert_eq!(request.method, "DELETE");
-        assert_eq!((request.path.as_str(), request.query.as_str()), ("/api/orders/7", "a=1"));
+        assert_eq!(
+            (request.path.as_str(), request.query.as_str()),
+            ("/api/orders/7", "a=1")
+        );
         assert_eq!(request.host, "shop.example");
-        assert_eq!(request.source.map(|s| s.address).as_deref(), Some("10.0.0.2"));
+        assert_eq!(
+            request.source.map(|s| s.address).as_deref(),
+            Some("10.0.0.2")
+        );
         assert_eq!(request.headers["cookie"], "a=1; b=2");
         assert_eq!(request.headers["x-bin"], "caf\u{fffd}");
     }
@@ -216,7 +252,11 @@ mod tests {
             ("HTTPS://h?q", "/", "q"),
             ("/p#frag", "/p", ""),
         ] {
-            assert_eq!(split_target(target), (path.to_owned(), query.to_owned()), "{target}");
+            assert_eq!(
+                split_target(target),
+                (path.to_owned(), query.to_owned()),
+                "{target}"
+            );
         }
     }
 }

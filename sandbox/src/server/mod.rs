@@ -145,7 +145,8 @@ impl Server {
             grpc,
         } = self;
         for slot in state.slots.values() {
-            let (state, engine, name) = (Arc::clone(&state), engine.clone(), slot.spec.name.clone());
+            let (state, engine, name) =
+                (Arc::clone(&state), engine.clone(), slot.spec.name.clone());
             tokio::spawn(async move { state.load(&engine, &name).await });
         }
 
@@ -153,8 +154,14 @@ impl Server {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let mut http_task = tokio::spawn(http::serve(http, Arc::clone(&state), stopped(stop_rx.clone())));
-        let mut grpc_task = grpc.map(|l| tokio::spawn(grpc::serve(l, Arc::clone(&state), stopped(stop_rx.clone()))));
+        let mut http_task = {
+            let serving = http::serve(http, Arc::clone(&state), stopped(stop_rx.clone()));
+            tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) })
+        };
+        let mut grpc_task = grpc.map(|listener| {
+            let serving = grpc::serve(listener, Arc::clone(&state), stopped(stop_rx.clone()));
+            tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) })
+        });
 
         let failed = tokio::select! {
             () = shutdown => None,
@@ -166,7 +173,7 @@ impl Server {
             state.flush_audit().await;
             let message = match result {
                 Ok(Ok(())) => "stopped unexpectedly".to_owned(),
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => e,
                 Err(e) => format!("task failed: {e}"),
             };
             return Err(ServeError::Serve { what, message });
@@ -185,12 +192,19 @@ impl Server {
             Ok((http, grpc)) => {
                 for (what, result) in [("http", Some(http)), ("grpc", grpc)] {
                     match result {
-                        Some(Ok(Err(e))) => tracing::error!(server = what, error = %e, "server stopped with an error"),
-                        Some(Err(e)) => tracing::error!(server = what, error = %e, "server task failed"),
+                        Some(Ok(Err(e))) => {
+                            tracing::error!(server = what, error = %e, "server stopped with an error")
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!(server = what, error = %e, "server task failed")
+                        }
                         _ => {}
                     }
                 }
-                tracing::info!(drained_ms = started.elapsed().as_millis() as u64, "in-flight requests finished");
+                tracing::info!(
+                    drained_ms = started.elapsed().as_millis() as u64,
+                    "in-flight requests finished"
+                );
             }
             Err(_) => tracing::warn!(
                 timeout_s = DRAIN_TIMEOUT.as_secs(),
@@ -365,7 +379,12 @@ impl State {
     /// Evaluates `input` (raw JSON) with policy `name`: the one path every
     /// endpoint takes. Never fails; every refusal is a fail-closed decision
     /// with its contract code, counted and (for loaded policies) audited.
-    pub(crate) async fn evaluate(&self, name: &str, input: Bytes, trace_id: Option<String>) -> Answer {
+    pub(crate) async fn evaluate(
+        &self,
+        name: &str,
+        input: Bytes,
+        trace_id: Option<String>,
+    ) -> Answer {
         let Some(slot) = self.slots.get(name) else {
             return self.not_found(name);
         };
@@ -425,7 +444,13 @@ impl State {
     }
 
     /// Refuses a request before evaluation (`TooLarge`, `BadRequest`) for policy `name`.
-    pub(crate) fn reject(&self, name: &str, outcome: Outcome, message: String, trace_id: Option<String>) -> Answer {
+    pub(crate) fn reject(
+        &self,
+        name: &str,
+        outcome: Outcome,
+        message: String,
+        trace_id: Option<String>,
+    ) -> Answer {
         let Some(slot) = self.slots.get(name) else {
             return self.not_found(name);
         };
@@ -445,7 +470,13 @@ impl State {
     }
 
     /// The answer for a request that could not be tied to any policy.
-    pub(crate) fn unattributed(&self, policy: &str, code: ErrorCode, outcome: Outcome, message: String) -> Answer {
+    pub(crate) fn unattributed(
+        &self,
+        policy: &str,
+        code: ErrorCode,
+        outcome: Outcome,
+        message: String,
+    ) -> Answer {
         self.metrics.request_error(code);
         Answer {
             decision: Decision::failed(code, message, FailMode::Closed),
@@ -456,7 +487,8 @@ impl State {
         }
     }
 
-    fn not_found(&self, name: &str) -> Answer {
+    /// The answer for a policy name that is not configured.
+    pub(crate) fn not_found(&self, name: &str) -> Answer {
         let mut known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
         known.sort_unstable();
         let known = if known.is_empty() {
@@ -491,7 +523,12 @@ impl State {
         // Only a loaded policy has the digest every audit line carries; load
         // failures are reported at load time and by /readyz.
         if let Some(policy) = policy {
-            let mut subject = Subject::new(&spec.name, &spec.version, &policy.digest(), decision_id.clone());
+            let mut subject = Subject::new(
+                &spec.name,
+                &spec.version,
+                &policy.digest(),
+                decision_id.clone(),
+            );
             subject.trace_id = trace_id;
             self.audit.record(
                 &subject,
@@ -580,7 +617,10 @@ impl State {
                     }
                 }
                 Status::Failed(error) => {
-                    not_ready.push(format!("policy `{name}` failed to load ({}): {}", error.code, error.message));
+                    not_ready.push(format!(
+                        "policy `{name}` failed to load ({}): {}",
+                        error.code, error.message
+                    ));
                     PolicyReadiness {
                         state: "failed",
                         version: slot.spec.version.clone(),

@@ -1,0 +1,417 @@
+//! The HTTP API of DESIGN §6 on axum: the JSON evaluate endpoint, the
+//! OPA-compatible data endpoint, forward-auth, the policy list, health,
+//! readiness and metrics. Handlers only translate HTTP to [`State`] calls and
+//! answers back; every error answer carries its DESIGN §3 code (in the JSON
+//! body and in `x-sandgate-error`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State as Shared};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::serve::ListenerExt;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest};
+use super::{Answer, Outcome, State};
+use crate::decision::{Decision, ErrorCode, FailMode};
+use crate::telemetry;
+
+/// Where forward-auth lives; the policy name is the next path segment.
+const AUTHZ_PREFIX: &str = "/v1/authz/";
+const JSON: &str = "application/json";
+
+type Shared_ = Shared<Arc<State>>;
+
+/// Serves the API on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish.
+pub(super) async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/v1/policies/{name}/evaluate", post(evaluate))
+        .route("/v1/data/{name}", post(opa_data))
+        .route("/v1/authz/{*rest}", any(forward_auth))
+        .route("/v1/authz", any(forward_auth))
+        .route("/v1/policies", get(policies))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(unknown_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// `POST /v1/policies/{name}/evaluate`: the body is the input; the answer is
+/// the decision plus `policy`, `version` and `decision_id`.
+async fn evaluate(
+    Shared(state): Shared_,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let name = policy_name(name);
+    let answer = match read_input(&state, &name, &headers, body).await {
+        Ok(input) => state.evaluate(&name, input, trace_id(&headers)).await,
+        Err(answer) => answer,
+    };
+    json_answer(json_status(&answer), &answer, &DecisionBody::new(&answer))
+}
+
+/// `POST /v1/data/{name}`, OPA-compatible: body `{"input": …}` (an empty body
+/// or no `input` is input `null`), answer `{"result": <decision>, "decision_id": …}`;
+/// error answers also carry OPA's `code` and `message` (the DESIGN §3 code).
+async fn opa_data(
+    Shared(state): Shared_,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let name = policy_name(name);
+    let trace = trace_id(&headers);
+    let answer = match read_input(&state, &name, &headers, body).await {
+        Err(answer) => answer,
+        Ok(body) => match opa_input(&body) {
+            Ok(input) => state.evaluate(&name, input, trace).await,
+            Err(message) => state.reject(&name, Outcome::BadRequest, message, trace),
+        },
+    };
+    let status = json_status(&answer);
+    let error = (status != StatusCode::OK)
+        .then(|| answer.decision.error.as_ref())
+        .flatten();
+    let body = OpaBody {
+        result: &answer.decision,
+        decision_id: &answer.decision_id,
+        code: error.map(|e| e.code),
+        message: error.map(|e| e.message.as_str()),
+    };
+    json_answer(status, &answer, &body)
+}
+
+fn opa_input(body: &[u8]) -> Result<Bytes, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Bytes::from_static(b"null"));
+    }
+    let document: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let serde_json::Value::Object(mut document) = document else {
+        return Err("body must be a JSON object like {\"input\": …}".to_owned());
+    };
+    let input = document.remove("input").unwrap_or(serde_json::Value::Null);
+    serde_json::to_vec(&input)
+        .map(Bytes::from)
+        .map_err(|e| format!("input cannot be re-encoded: {e}"))
+}
+
+/// `/v1/authz/{name}[/…]`, any method: forward-auth. Allow → 200 with the
+/// decision's headers; deny → the decision's status with the reason as body.
+async fn forward_auth(
+    Shared(state): Shared_,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let (parts, _body) = request.into_parts();
+    let path = parts.uri.path();
+    let rest = path.strip_prefix(AUTHZ_PREFIX).unwrap_or_default();
+    let (name, own_path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let trace = trace_id(&parts.headers);
+    let answer = if name.is_empty() {
+        state.unattributed(
+            "",
+            ErrorCode::PolicyNotFound,
+            Outcome::NotFound,
+            "forward-auth needs a policy: /v1/authz/{name}[/path]".to_owned(),
+        )
+    } else {
+        let request = ForwardRequest::from_http(
+            parts.method.as_str(),
+            own_path,
+            parts.uri.query().unwrap_or_default(),
+            &parts.headers,
+            Some(peer),
+        );
+        state
+            .evaluate(name, Bytes::from(request.to_input()), trace)
+            .await
+    };
+    let status =
+        StatusCode::from_u16(authz::proxy_status(&answer)).unwrap_or(StatusCode::FORBIDDEN);
+    let body = if answer.decision.allow {
+        Body::empty()
+    } else {
+        Body::from(
+            answer
+                .decision
+                .reason
+                .clone()
+                .unwrap_or_else(|| "denied".to_owned()),
+        )
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    for (name, value) in authz::decision_headers(&answer) {
+        headers.append(name, value);
+    }
+    if !answer.decision.allow {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    tag(headers, &answer);
+    response
+}
+
+/// `GET /v1/policies`: every policy with its versions, digests and grants.
+async fn policies(Shared(state): Shared_) -> Response {
+    json_response(StatusCode::OK, &state.policies())
+}
+
+/// `GET /healthz`: the process is up (a constant answer; also the bench baseline).
+async fn healthz() -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(JSON))],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// `GET /readyz`: 200 once every policy is loaded, else 503 saying which is not and why.
+async fn readyz(Shared(state): Shared_) -> Response {
+    let (ready, readiness) = state.readiness();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, &readiness)
+}
+
+/// `GET /metrics`: Prometheus / OpenMetrics text.
+async fn metrics(Shared(state): Shared_) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(telemetry::METRICS_CONTENT_TYPE),
+        )],
+        state.metrics().render(),
+    )
+        .into_response()
+}
+
+async fn unknown_endpoint(
+    Shared(state): Shared_,
+    method: Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let message = format!(
+        "no endpoint {method} {}; see /v1/policies/{{name}}/evaluate, /v1/data/{{name}}, /v1/authz/{{name}}, /v1/policies, /healthz, /readyz, /metrics",
+        super::truncated(uri.path(), 128)
+    );
+    error_response(&state, StatusCode::NOT_FOUND, message)
+}
+
+async fn method_not_allowed(
+    Shared(state): Shared_,
+    method: Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let message = format!(
+        "method {method} is not allowed on {}",
+        super::truncated(uri.path(), 128)
+    );
+    error_response(&state, StatusCode::METHOD_NOT_ALLOWED, message)
+}
+
+fn error_response(state: &State, status: StatusCode, message: String) -> Response {
+    state.metrics().request_error(ErrorCode::InvalidInput);
+    let decision = Decision::failed(ErrorCode::InvalidInput, message, FailMode::Closed);
+    let mut response = json_response(status, &decision);
+    response.headers_mut().insert(
+        ERROR_HEADER,
+        HeaderValue::from_static(ErrorCode::InvalidInput.as_str()),
+    );
+    response
+}
+
+/// The policy name of the path; one that cannot be decoded names no policy.
+fn policy_name(name: Result<Path<String>, axum::extract::rejection::PathRejection>) -> String {
+    match name {
+        Ok(Path(name)) => name,
+        Err(_) => String::new(),
+    }
+}
+
+/// Reads a request body of at most `server.max_body_bytes`. An unknown policy
+/// is answered first (404) without reading; an oversized body is 413.
+async fn read_input(
+    state: &State,
+    name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, Answer> {
+    let trace = || trace_id(headers);
+    if !state.is_configured(name) {
+        return Err(state.not_found(name));
+    }
+    let limit = state.max_body_bytes();
+    let too_large = |size: String| {
+        state.reject(
+            name,
+            Outcome::TooLarge,
+            format!("request body is {size}; server.max_body_bytes allows {limit}"),
+            trace(),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared
+        && declared > limit as u64
+    {
+        return Err(too_large(format!("{declared} bytes")));
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => Err(too_large("larger than that".to_owned())),
+        Err(e) => Err(state.reject(
+            name,
+            Outcome::BadRequest,
+            format!("request body could not be read: {e}"),
+            trace(),
+        )),
+    }
+}
+
+fn trace_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(telemetry::trace_id)
+}
+
+/// Status of a JSON answer: 200 for a decision (even a failed evaluation),
+/// 400 for invalid input, 404 for an unknown policy, 413 for an oversized
+/// body, 503 when the policy cannot evaluate now (loading, not loaded, max_in_flight).
+fn json_status(answer: &Answer) -> StatusCode {
+    match answer.outcome {
+        Outcome::Evaluated if answer.error_code() == Some(ErrorCode::InvalidInput) => {
+            StatusCode::BAD_REQUEST
+        }
+        Outcome::Evaluated => StatusCode::OK,
+        Outcome::NotFound => StatusCode::NOT_FOUND,
+        Outcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        Outcome::BadRequest => StatusCode::BAD_REQUEST,
+        Outcome::Loading | Outcome::NotLoaded | Outcome::Overloaded => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+}
+
+/// The decision with `policy`, `version`, `decision_id` (and `refused` when
+/// the daemon answered without evaluating).
+#[derive(Serialize)]
+struct DecisionBody<'a> {
+    #[serde(flatten)]
+    decision: &'a Decision,
+    policy: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<&'a str>,
+    decision_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<&'static str>,
+}
+
+impl<'a> DecisionBody<'a> {
+    fn new(answer: &'a Answer) -> Self {
+        DecisionBody {
+            decision: &answer.decision,
+            policy: &answer.policy,
+            version: answer.version.as_deref(),
+            decision_id: &answer.decision_id,
+            refused: answer.outcome.refusal(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct OpaBody<'a> {
+    result: &'a Decision,
+    decision_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+}
+
+fn json_answer(status: StatusCode, answer: &Answer, body: &impl Serialize) -> Response {
+    let mut response = json_response(status, body);
+    tag(response.headers_mut(), answer);
+    if answer.outcome == Outcome::Overloaded {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// Adds the decision id and, when the decision failed, its error code.
+fn tag(headers: &mut HeaderMap, answer: &Answer) {
+    if let Ok(id) = HeaderValue::from_str(&answer.decision_id) {
+        headers.insert(DECISION_ID_HEADER, id);
+    }
+    if let Some(code) = answer.error_code() {
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));
+    }
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => (
+            status,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(JSON))],
+            bytes,
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "answer could not be encoded");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                [(
+                    ERROR_HEADER,
+                    HeaderValue::from_static(ErrorCode::Internal.as_str()),
+                )],
+                "answer could not be encoded",
+            )
+                .into_response()
+        }
+    }
+}
