@@ -46,6 +46,10 @@ pub struct Invocation {
     pub subject: Subject,
     pub denials: Vec<Denial>,
     pub log_calls: u32,
+    /// The policy's egress prefixes (`[policy.egress] allow`).
+    pub egress_allow: Arc<[String]>,
+    /// Bridged requests refused during this evaluation.
+    pub egress_denied: u32,
 }
 
 impl Invocation {
@@ -208,8 +212,9 @@ pub fn validate(module: &Module) -> Result<(), String> {
     Ok(())
 }
 
-/// Adds the `sandgate` import module's `log`.
+/// Adds the `sandgate` import module: `log` here, the HTTP functions from `bridge`.
 pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
+    crate::bridge::add_to_linker(linker)?;
     linker.func_wrap(
         MODULE,
         "log",

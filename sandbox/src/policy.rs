@@ -105,6 +105,7 @@ struct Loaded {
     engine: Engine,
     pre: InstancePre<Invocation>,
     grants: Arc<crate::config::Grants>,
+    egress_allow: Arc<[String]>,
     digest: Digest,
     facts: ModuleFacts,
 }
@@ -170,6 +171,7 @@ impl Policy {
         let policy = Policy {
             inner: Arc::new(Loaded {
                 grants: Arc::new(spec.grants.clone()),
+                egress_allow: spec.egress.allow.clone().into(),
                 spec,
                 engine: engine.clone(),
                 pre,
@@ -214,6 +216,8 @@ impl Policy {
             subject,
             denials: Vec::new(),
             log_calls: 0,
+            egress_allow: Arc::clone(&loaded.egress_allow),
+            egress_denied: 0,
         };
         let mut store = Store::new(loaded.engine.wasmtime(), invocation);
         store.limiter(|inv| &mut inv.limiter);

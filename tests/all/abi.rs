@@ -125,3 +125,24 @@ async fn the_guest_reads_the_input_document_with_context() {
     assert!(e.decision.allow, "{:?}", e.decision);
     assert_eq!(e.decision.error, None);
 }
+
+#[tokio::test]
+async fn http_send_is_refused_and_audited_without_egress() {
+    let dir = tempdir();
+    let wat = abi_guest(
+        r#"(import "sandgate" "http_send" (func $send (param i32 i32) (result i64)))
+  (import "sandgate" "http_read" (func $read (param i32 i32) (result i32)))
+  (data (i32.const 3000) "{\"method\":\"POST\",\"url\":\"http://127.0.0.1:9/introspect\"}")
+  (data (i32.const 3100) "not json")"#,
+        &allow_if(
+            "(i32.and (i32.and (i64.eq (call $send (i32.const 3000) (i32.const 55)) (i64.const -1)) (i64.eq (call $send (i32.const 3100) (i32.const 8)) (i64.const -5))) (i32.eq (call $read (i32.const 4000) (i32.const 10)) (i32.const -5)))",
+        ),
+    );
+    let module = write(dir.path(), "m.wat", &wat);
+    let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, ""), "{}").await;
+    assert!(e.decision.allow, "{:?}", e.decision);
+    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+    assert_eq!(denied.len(), 1, "{audit:?}");
+    assert_eq!(denied[0]["url"], "http://127.0.0.1:9/introspect");
+    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("egress.allow")));
+}
