@@ -8,6 +8,7 @@
 
 pub mod abi;
 pub mod audit;
+pub mod bridge;
 pub mod config;
 pub mod decision;
 pub mod engine;
