@@ -46,10 +46,15 @@ pub struct Invocation {
     pub subject: Subject,
     pub denials: Vec<Denial>,
     pub log_calls: u32,
-    /// The policy's egress prefixes (`[policy.egress] allow`).
-    pub egress_allow: Arc<[String]>,
-    /// Bridged requests refused during this evaluation.
+    /// The policy's HTTP egress path.
+    pub bridge: Arc<crate::bridge::Bridge>,
+    /// Bridged calls made (counted against `max_calls`).
+    pub egress_calls: u32,
+    /// Bridged requests refused by the allowlist during this evaluation.
     pub egress_denied: u32,
+    /// The response `http_read` will copy.
+    pub pending: Option<Vec<u8>>,
+    pub http_calls: Vec<crate::bridge::HttpCall>,
 }
 
 impl Invocation {

@@ -1,76 +1,594 @@
-//! HTTP egress for guests (`sandgate.http_send` / `http_read`, DESIGN §2).
+//! The audited HTTP bridge: `sandgate.http_send` / `http_read` (DESIGN §2).
 //!
-//! This build has no outbound HTTP client yet: every request is refused with
-//! `-1` (egress denied) and written to the audit log as `egress_denied` with
-//! its URL and the reason, so a guest that asks is visible to the operator.
-//! Malformed requests answer `-5`. `sandgate check` warns about policies that
-//! list egress prefixes, since nothing will be sent.
+//! A guest reaches the network only through here. Each request is checked
+//! against the policy's egress allowlist (parsed, normalised URLs compared by
+//! scheme, host, port and whole path segments), the per-evaluation call budget
+//! and the response size limit; refusals return the contract's negative codes
+//! and are audited as `egress_denied`. Credentials configured on the host are
+//! added here and scrubbed from what comes back, so a guest never sees them.
+//! Waiting on the network holds no thread: the host functions are async.
 
-use serde::Deserialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+use url::{Host, Url};
 use wasmtime::{Caller, Linker};
 
 use crate::abi::{self, Invocation};
-use crate::audit::AuditRecord;
+use crate::audit::{AuditLog, AuditRecord, Subject};
+use crate::config::EgressSettings;
 
-/// `http_send`: the request was refused by the egress policy.
+/// `http_send` results (DESIGN §2).
 pub const EGRESS_DENIED: i64 = -1;
-/// `http_send`/`http_read`: the request is malformed, or nothing is pending.
+pub const TIMEOUT: i64 = -2;
+pub const CONNECTION_ERROR: i64 = -3;
+pub const RESPONSE_TOO_LARGE: i64 = -4;
 pub const INVALID_REQUEST: i64 = -5;
+pub const BUDGET_EXHAUSTED: i64 = -6;
+
 /// Largest request document a guest may hand the bridge.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Redirect hops followed at most when `allow_redirects` is on.
+pub const MAX_REDIRECTS: usize = 5;
+/// Entries kept per policy in the response cache.
+const CACHE_CAPACITY: u64 = 10_000;
+const REDACTED: &str = "[redacted]";
 
-/// Why this build refuses requests to allowed prefixes.
-pub const UNAVAILABLE: &str = "the HTTP bridge is not available in this build";
+/// One `egress.allow` prefix, parsed: a URL matches when scheme, host and
+/// port are equal and the prefix's path segments are a prefix of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressRule {
+    text: String,
+    scheme: String,
+    host: Host<String>,
+    port: u16,
+    segments: Vec<String>,
+}
 
+impl EgressRule {
+    /// Parses an allowlist prefix such as `http://127.0.0.1:8080/introspect`.
+    pub fn parse(text: &str) -> Result<EgressRule, String> {
+        let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+        if url.scheme() != "http" && url.scheme() != "https" {
+            return Err(format!("`{text}` must be an http:// or https:// URL prefix"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!("`{text}` must not carry user information"));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(format!("`{text}` must not have a query or fragment"));
+        }
+        let (Some(host), Some(port)) = (url.host(), url.port_or_known_default()) else {
+            return Err(format!("`{text}` has no host"));
+        };
+        Ok(EgressRule {
+            text: text.to_owned(),
+            scheme: url.scheme().to_owned(),
+            host: host.to_owned(),
+            port,
+            segments: segments(&url),
+        })
+    }
+
+    /// Whether `url` falls under this prefix.
+    pub fn matches(&self, url: &Url) -> bool {
+        url.scheme() == self.scheme
+            && url.username().is_empty()
+            && url.password().is_none()
+            && url.host().map(|h| h.to_owned()).as_ref() == Some(&self.host)
+            && url.port_or_known_default() == Some(self.port)
+            && segments(url).starts_with(&self.segments)
+    }
+
+    /// Whether every URL under `other` is also under this prefix.
+    pub fn covers(&self, other: &EgressRule) -> bool {
+        self.scheme == other.scheme
+            && self.host == other.host
+            && self.port == other.port
+            && other.segments.starts_with(&self.segments)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+fn segments(url: &Url) -> Vec<String> {
+    let mut segs: Vec<String> = url
+        .path_segments()
+        .map(|s| s.map(str::to_owned).collect())
+        .unwrap_or_default();
+    while segs.last().is_some_and(String::is_empty) {
+        segs.pop();
+    }
+    segs
+}
+
+/// The HttpRequest document of DESIGN §2.
 #[derive(Deserialize)]
-struct HttpRequest {
-    #[serde(default)]
-    method: Option<String>,
+#[serde(deny_unknown_fields)]
+struct GuestRequest {
+    #[serde(default = "default_method")]
+    method: String,
     url: String,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+fn default_method() -> String {
+    "GET".to_owned()
+}
+
+/// The HttpResponse document of DESIGN §2.
+#[derive(Serialize)]
+struct GuestResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+/// What one bridged call did, for telemetry.
+#[derive(Clone, Debug)]
+pub struct HttpCall {
+    pub method: String,
+    pub url: String,
+    /// Status of the response, or the negative code the guest got.
+    pub outcome: Result<u16, i64>,
+    pub cached: bool,
+    pub duration: Duration,
+}
+
+/// Response-cache counters of one policy.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
+#[derive(Clone)]
+struct CachedResponse {
+    expires: Instant,
+    document: Arc<Vec<u8>>,
+}
+
+/// The egress path of one policy. Shared by all its evaluations.
+pub struct Bridge {
+    settings: EgressSettings,
+    client: Option<reqwest::Client>,
+    cache: Option<moka::future::Cache<[u8; 32], CachedResponse>>,
+    stats: CacheStats,
+}
+
+/// Why the bridge could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create the HTTP client: {0}")]
+pub struct BridgeError(String);
+
+impl Bridge {
+    /// A bridge for `settings`; policies without egress get no HTTP client.
+    pub fn new(settings: &EgressSettings) -> Result<Bridge, BridgeError> {
+        let client = if settings.allow.is_empty() {
+            None
+        } else {
+            // The process may already have a provider installed; either is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Some(
+                reqwest::Client::builder()
+                    // Redirects are followed by hand, each hop checked.
+                    .redirect(reqwest::redirect::Policy::none())
+                    .no_proxy()
+                    .build()
+                    .map_err(|e| BridgeError(e.to_string()))?,
+            )
+        };
+        let cache = settings.cache_ttl.map(|ttl| {
+            moka::future::Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(ttl)
+                .build()
+        });
+        Ok(Bridge {
+            settings: settings.clone(),
+            client,
+            cache,
+            stats: CacheStats::default(),
+        })
+    }
+
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// Why `url` may not be reached, if it may not.
+    fn refusal(&self, url: &Url) -> Option<String> {
+        if self.settings.allow.is_empty() {
+            return Some("no egress is granted to this policy (egress.allow is empty)".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Some("the URL carries user information".into());
+        }
+        if !self.settings.allow.iter().any(|rule| rule.matches(url)) {
+            return Some(format!("{url} is not within egress.allow"));
+        }
+        None
+    }
+
+    /// Sends one guest request; the `Ok` document is what `http_read` copies.
+    async fn send(&self, raw: &[u8], audit: &AuditLog, subject: &Subject, calls: &mut Vec<HttpCall>) -> Result<Vec<u8>, i64> {
+        let started = Instant::now();
+        let request: GuestRequest = serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)?;
+        let mut record = HttpCall {
+            method: request.method.clone(),
+            url: request.url.clone(),
+            outcome: Err(INVALID_REQUEST),
+            cached: false,
+            duration: Duration::ZERO,
+        };
+        let result = self.send_checked(request, audit, subject, &mut record).await;
+        record.duration = started.elapsed();
+        record.outcome = match &result {
+            Ok((status, _)) => Ok(*status),
+            Err(code) => Err(*code),
+        };
+        calls.push(record);
+        result.map(|(_, document)| document)
+    }
+
+    async fn send_checked(
+        &self,
+        request: GuestRequest,
+        audit: &AuditLog,
+        subject: &Subject,
+        record: &mut HttpCall,
+    ) -> Result<(u16, Vec<u8>), i64> {
+        let mut url = Url::parse(&request.url).map_err(|_| INVALID_REQUEST)?;
+        url.set_fragment(None);
+        let deny = |url: &str, reason: String| {
+            tracing::warn!(policy = %subject.policy, decision_id = %subject.decision_id, %url, "egress refused: {reason}");
+            audit.record(
+                subject,
+                &AuditRecord::EgressDenied {
+                    url: url.to_owned(),
+                    reason,
+                },
+            );
+            EGRESS_DENIED
+        };
+        if let Some(reason) = self.refusal(&url) {
+            return Err(deny(&request.url, reason));
+        }
+        let Some(client) = &self.client else {
+            return Err(deny(&request.url, "no HTTP client".into()));
+        };
+        let mut method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| INVALID_REQUEST)?;
+        let mut guest_headers = Vec::with_capacity(request.headers.len());
+        for (name, value) in &request.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| INVALID_REQUEST)?;
+            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| INVALID_REQUEST)?;
+            // The bridge sets Host from the URL; hop-by-hop headers are its own.
+            if matches!(name.as_str(), "host" | "connection" | "transfer-encoding" | "content-length") {
+                continue;
+            }
+            guest_headers.push((name, value));
+        }
+        let mut body = match &request.body {
+            Some(b) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|_| INVALID_REQUEST)?,
+            ),
+            None => None,
+        };
+
+        let cache_key = self.cache.as_ref().map(|_| cache_key(&method, &url, &guest_headers, body.as_deref()));
+        if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
+            match cache.get(key).await {
+                Some(hit) if hit.expires > Instant::now() => {
+                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    record.cached = true;
+                    let document = hit.document.as_ref().clone();
+                    return Ok((status_of(&document), document));
+                }
+                _ => {
+                    self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+
+        let mut hops = 0;
+        let response = loop {
+            let mut headers = reqwest::header::HeaderMap::new();
+            for (name, value) in &guest_headers {
+                headers.append(name.clone(), value.clone());
+            }
+            // Credentials replace any header of the same name the guest set.
+            for credential in self.settings.credentials.iter().filter(|c| c.prefix.matches(&url)) {
+                if let (Ok(name), Ok(value)) = (
+                    reqwest::header::HeaderName::from_bytes(credential.header.as_bytes()),
+                    reqwest::header::HeaderValue::from_str(&credential.value),
+                ) {
+                    headers.insert(name, value);
+                }
+            }
+            let mut builder = client
+                .request(method.clone(), url.clone())
+                .headers(headers)
+                .timeout(self.settings.timeout);
+            if let Some(b) = &body {
+                builder = builder.body(b.clone());
+            }
+            let response = builder.send().await.map_err(|e| send_error(&e))?;
+            let status = response.status();
+            if !(self.settings.allow_redirects && status.is_redirection()) {
+                break response;
+            }
+            let Some(location) = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok())
+            else {
+                break response;
+            };
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(deny(location.as_str(), format!("more than {MAX_REDIRECTS} redirects")));
+            }
+            if let Some(reason) = self.refusal(&location) {
+                return Err(deny(location.as_str(), format!("redirect from {url}: {reason}")));
+            }
+            // 303, and 301/302 after a POST, continue as GET without a body.
+            if status == reqwest::StatusCode::SEE_OTHER
+                || ((status == reqwest::StatusCode::MOVED_PERMANENTLY || status == reqwest::StatusCode::FOUND)
+                    && method == reqwest::Method::POST)
+            {
+                method = reqwest::Method::GET;
+                body = None;
+            }
+            url = location;
+            record.url = url.to_string();
+        };
+
+        let status = response.status().as_u16();
+        let max = self.settings.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > max) {
+            return Err(RESPONSE_TOO_LARGE);
+        }
+        let mut headers: Vec<(String, String)> = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let max_age = cache_max_age(response.headers());
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| send_error(&e))? {
+            if (bytes.len() + chunk.len()) as u64 > max {
+                // Dropping the response closes the connection: the rest is not read.
+                return Err(RESPONSE_TOO_LARGE);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        for credential in &self.settings.credentials {
+            for (_, value) in headers.iter_mut() {
+                if value.contains(&credential.value) {
+                    *value = value.replace(&credential.value, REDACTED);
+                }
+            }
+            bytes = redact(bytes, credential.value.as_bytes());
+        }
+        let document = serde_json::to_vec(&GuestResponse {
+            status,
+            headers: std::mem::take(&mut headers),
+            body: base64::engine::general_purpose::STANDARD.encode(&bytes),
+        })
+        .map_err(|_| INVALID_REQUEST)?;
+
+        if let (Some(cache), Some(key), Some(ttl)) = (&self.cache, cache_key, self.settings.cache_ttl)
+            && status < 500
+            && let Some(ttl) = match max_age {
+                CacheControl::NoStore => None,
+                CacheControl::MaxAge(age) => Some(ttl.min(age)),
+                CacheControl::Default => Some(ttl),
+            }
+            && !ttl.is_zero()
+        {
+            cache
+                .insert(
+                    key,
+                    CachedResponse {
+                        expires: Instant::now() + ttl,
+                        document: Arc::new(document.clone()),
+                    },
+                )
+                .await;
+        }
+        Ok((status, document))
+    }
+}
+
+fn status_of(document: &[u8]) -> u16 {
+    serde_json::from_slice::<serde_json::Value>(document)
+        .ok()
+        .and_then(|v| v["status"].as_u64())
+        .and_then(|s| u16::try_from(s).ok())
+        .unwrap_or(0)
+}
+
+fn send_error(e: &reqwest::Error) -> i64 {
+    if e.is_timeout() { TIMEOUT } else { CONNECTION_ERROR }
+}
+
+fn cache_key(
+    method: &reqwest::Method,
+    url: &Url,
+    headers: &[(reqwest::header::HeaderName, reqwest::header::HeaderValue)],
+    body: Option<&[u8]>,
+) -> [u8; 32] {
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(method.as_str());
+    hasher.update([0]);
+    hasher.update(url.as_str());
+    let mut sorted: Vec<_> = headers.iter().collect();
+    sorted.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()).then(a.1.as_bytes().cmp(b.1.as_bytes())));
+    for (name, value) in sorted {
+        hasher.update([0]);
+        hasher.update(name.as_str());
+        hasher.update([b':']);
+        hasher.update(value.as_bytes());
+    }
+    hasher.update([1]);
+    hasher.update(body.unwrap_or_default());
+    hasher.finalize().into()
+}
+
+enum CacheControl {
+    NoStore,
+    MaxAge(Duration),
+    Default,
+}
+
+fn cache_max_age(headers: &reqwest::header::HeaderMap) -> CacheControl {
+    let mut result = CacheControl::Default;
+    for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
+            if directive == "no-store" || directive == "no-cache" || directive == "private" {
+                return CacheControl::NoStore;
+            }
+            if let Some(age) = directive.strip_prefix("max-age=")
+                && let Ok(secs) = age.trim_matches('"').parse::<u64>()
+            {
+                result = CacheControl::MaxAge(Duration::from_secs(secs));
+            }
+        }
+    }
+    result
+}
+
+fn redact(bytes: Vec<u8>, secret: &[u8]) -> Vec<u8> {
+    if secret.is_empty() || bytes.len() < secret.len() || !bytes.windows(secret.len()).any(|w| w == secret) {
+        return bytes;
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i..].starts_with(secret) {
+            out.extend_from_slice(REDACTED.as_bytes());
+            i += secret.len();
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// Adds `http_send` and `http_read` to the `sandgate` import module.
 pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
-    linker.func_wrap(
+    linker.func_wrap_async(
         abi::MODULE,
         "http_send",
-        |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i64> {
-            let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-            if len > MAX_REQUEST_BYTES {
-                return Ok(INVALID_REQUEST);
-            }
-            let bytes = abi::read_guest(&mut caller, ptr, len)?;
-            let Ok(request) = serde_json::from_slice::<HttpRequest>(&bytes) else {
-                return Ok(INVALID_REQUEST);
-            };
-            let inv = caller.data_mut();
-            let reason = if inv.egress_allow.is_empty() {
-                "no egress is granted to this policy (egress.allow is empty)"
-            } else {
-                UNAVAILABLE
-            };
-            tracing::warn!(
-                policy = %inv.subject.policy,
-                decision_id = %inv.subject.decision_id,
-                method = request.method.as_deref().unwrap_or("GET"),
-                url = %request.url,
-                "egress refused: {reason}"
-            );
-            inv.audit.record(
-                &inv.subject,
-                &AuditRecord::EgressDenied {
-                    url: request.url,
-                    reason: reason.to_owned(),
-                },
-            );
-            inv.egress_denied += 1;
-            Ok(EGRESS_DENIED)
+        |mut caller: Caller<'_, Invocation>, (ptr, len): (i32, i32)| {
+            Box::new(async move {
+                let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
+                caller.data_mut().pending = None;
+                if len > MAX_REQUEST_BYTES {
+                    return Ok(INVALID_REQUEST);
+                }
+                let raw = abi::read_guest(&mut caller, ptr, len)?;
+                let inv = caller.data_mut();
+                if inv.egress_calls >= inv.bridge.settings.max_calls {
+                    tracing::warn!(policy = %inv.subject.policy, decision_id = %inv.subject.decision_id, "egress call budget exhausted");
+                    return Ok(BUDGET_EXHAUSTED);
+                }
+                inv.egress_calls += 1;
+                let (bridge, audit, subject) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone());
+                let mut calls = Vec::new();
+                let result = bridge.send(&raw, &audit, &subject, &mut calls).await;
+                let inv = caller.data_mut();
+                inv.http_calls.append(&mut calls);
+                Ok(match result {
+                    Ok(document) => {
+                        let n = document.len() as i64;
+                        inv.pending = Some(document);
+                        n
+                    }
+                    Err(code) => {
+                        if code == EGRESS_DENIED {
+                            inv.egress_denied += 1;
+                        }
+                        code
+                    }
+                })
+            })
         },
     )?;
     linker.func_wrap(
         abi::MODULE,
         "http_read",
-        |_caller: Caller<'_, Invocation>, _ptr: i32, _len: i32| -> i32 { INVALID_REQUEST as i32 },
+        |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
+            let Some(document) = caller.data_mut().pending.take() else {
+                return Ok(INVALID_REQUEST as i32);
+            };
+            let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
+            let n = document.len().min(len);
+            abi::write_guest(&mut caller, ptr, &document[..n])?;
+            Ok(n as i32)
+        },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments_of_normalised_urls() {
+        let rule = EgressRule::parse("http://127.0.0.1:8080/introspect").unwrap_or_else(|e| panic!("{e}"));
+        assert!(rule.matches(&url("http://127.0.0.1:8080/introspect")));
+        assert!(rule.matches(&url("http://127.0.0.1:8080/introspect/x?y=1")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspection")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8081/introspect")));
+        assert!(!rule.matches(&url("https://127.0.0.1:8080/introspect")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect/../admin")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect/%2e%2e/admin")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect%2F..%2Fadmin")));
+        assert!(!rule.matches(&url("http://127.0.0.1:8080@evil.example/introspect")));
+        assert!(!rule.matches(&url("http://user@127.0.0.1:8080/introspect")));
+        assert!(!rule.matches(&url("http://[::ffff:127.0.0.1]:8080/introspect")));
+        assert!(!rule.matches(&url("http://localhost:8080/introspect")));
+        // Other spellings of the same IPv4 address normalise to it.
+        assert!(rule.matches(&url("http://2130706433:8080/introspect")));
+        assert!(rule.matches(&url("http://0x7f.0.0.1:8080/introspect")));
+    }
+
+    #[test]
+    fn prefixes_are_validated() {
+        assert!(EgressRule::parse("ftp://h/x").is_err());
+        assert!(EgressRule::parse("http://u:p@h/x").is_err());
+        assert!(EgressRule::parse("http://h/x?q=1").is_err());
+        assert!(EgressRule::parse("not a url").is_err());
+        let a = EgressRule::parse("http://h/a").unwrap_or_else(|e| panic!("{e}"));
+        let ab = EgressRule::parse("http://h/a/b/").unwrap_or_else(|e| panic!("{e}"));
+        assert!(a.covers(&ab) && !ab.covers(&a));
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact(b"x-secret-y-secret".to_vec(), b"secret"), b"x-[redacted]-y-[redacted]".to_vec());
+        assert_eq!(redact(b"nothing".to_vec(), b"secret"), b"nothing".to_vec());
+    }
 }

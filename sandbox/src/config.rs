@@ -293,10 +293,15 @@ impl Grants {
 /// `[policy.egress]`: where a guest may send HTTP requests through the bridge.
 #[derive(Clone, Debug)]
 pub struct EgressSettings {
-    pub allow: Vec<String>,
+    pub allow: Vec<EgressRule>,
     pub timeout: Duration,
     pub max_response_bytes: u64,
     pub max_calls: u32,
+    /// Follow redirects (each hop checked against `allow`); off by default.
+    pub allow_redirects: bool,
+    /// Cache responses this long (bounded by the response's `max-age`).
+    pub cache_ttl: Option<Duration>,
+    pub credentials: Vec<Credential>,
 }
 
 impl Default for EgressSettings {
@@ -306,7 +311,34 @@ impl Default for EgressSettings {
             timeout: Duration::from_millis(defaults::EGRESS_TIMEOUT_MS),
             max_response_bytes: defaults::EGRESS_MAX_RESPONSE_BYTES,
             max_calls: defaults::EGRESS_MAX_CALLS,
+            allow_redirects: false,
+            cache_ttl: None,
+            credentials: Vec::new(),
         }
+    }
+}
+
+pub use crate::bridge::EgressRule;
+
+/// A header the bridge adds to requests matching `prefix`; the guest never sees it.
+#[derive(Clone)]
+pub struct Credential {
+    pub prefix: EgressRule,
+    /// Lower-case header name.
+    pub header: String,
+    pub value: String,
+    /// Where the value came from (`env NAME` or `file PATH`), for `check`.
+    pub source: String,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("prefix", &self.prefix)
+            .field("header", &self.header)
+            .field("value", &"<redacted>")
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -405,6 +437,19 @@ struct RawEgress {
     timeout_ms: Option<Spanned<u64>>,
     max_response_bytes: Option<Spanned<u64>>,
     max_calls: Option<Spanned<u32>>,
+    allow_redirects: Option<bool>,
+    cache_ttl_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    credentials: Vec<Spanned<RawCredential>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    prefix: String,
+    header: String,
+    value_env: Option<String>,
+    value_file: Option<String>,
 }
 
 // ---- resolution ------------------------------------------------------------
@@ -825,14 +870,68 @@ impl Resolver<'_> {
             return Ok(egress);
         };
         for prefix in &raw.allow {
-            let p = prefix.get_ref();
-            if !(p.starts_with("http://") || p.starts_with("https://")) {
+            let rule = EgressRule::parse(prefix.get_ref())
+                .or_else(|m| self.error(Some(prefix.span()), format!("{}: {m}", key("egress.allow"))))?;
+            egress.allow.push(rule);
+        }
+        for c in &raw.credentials {
+            let span = Some(c.span());
+            let c = c.get_ref();
+            let prefix = EgressRule::parse(&c.prefix)
+                .or_else(|m| self.error(span.clone(), format!("{}: {m}", key("egress.credentials.prefix"))))?;
+            if !egress.allow.iter().any(|rule| rule.covers(&prefix)) {
                 return self.error(
-                    Some(prefix.span()),
-                    format!("{}: `{p}` must be an http:// or https:// URL prefix", key("egress.allow")),
+                    span,
+                    format!(
+                        "{}: `{}` is not within egress.allow, so this credential would never be sent",
+                        key("egress.credentials.prefix"),
+                        c.prefix
+                    ),
                 );
             }
-            egress.allow.push(p.clone());
+            let header = c.header.to_ascii_lowercase();
+            if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+                return self.error(span, format!("{}: `{}` is not a header name", key("egress.credentials.header"), c.header));
+            }
+            let (value, source) = match (&c.value_env, &c.value_file) {
+                (Some(var), None) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => (v, format!("env {var}")),
+                    _ => {
+                        return self.error(
+                            span,
+                            format!("{}: environment variable `{var}` is not set", key("egress.credentials.value_env")),
+                        );
+                    }
+                },
+                (None, Some(file)) => {
+                    let path = self.relative(file);
+                    match std::fs::read_to_string(&path) {
+                        Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => {
+                            (v.trim_end_matches(['\r', '\n']).to_owned(), format!("file {}", path.display()))
+                        }
+                        Ok(_) => {
+                            return self.error(span, format!("{}: {} is empty", key("egress.credentials.value_file"), path.display()));
+                        }
+                        Err(e) => {
+                            return self.error(span, format!("{}: {}: {e}", key("egress.credentials.value_file"), path.display()));
+                        }
+                    }
+                }
+                _ => {
+                    return self.error(
+                        span,
+                        format!("{}: give exactly one of `value_env` and `value_file`", key("egress.credentials")),
+                    );
+                }
+            };
+            if http_value_invalid(&value) {
+                return self.error(span, format!("{}: the value ({source}) is not a valid header value", key("egress.credentials")));
+            }
+            egress.credentials.push(Credential { prefix, header, value, source });
+        }
+        egress.allow_redirects = raw.allow_redirects.unwrap_or(false);
+        if let Some(v) = &raw.cache_ttl_ms {
+            egress.cache_ttl = Some(Duration::from_millis(self.ranged(&key("egress.cache_ttl_ms"), v, 1, 86_400_000)?));
         }
         if let Some(v) = &raw.timeout_ms {
             egress.timeout = Duration::from_millis(self.ranged(&key("egress.timeout_ms"), v, 1, MAX_TIMEOUT_MS)?);
@@ -845,6 +944,10 @@ impl Resolver<'_> {
         }
         Ok(egress)
     }
+}
+
+fn http_value_invalid(value: &str) -> bool {
+    value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
 }
 
 trait SpannedU32 {

@@ -267,8 +267,12 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Pat
         println!("  preopens      {}", if preopens.is_empty() { "(none)".to_owned() } else { preopens.join(", ") });
         println!("  refused       {}", list(&w["imports_refused"]));
         println!("  egress allow  {}", list(&p["egress"]["allow"]));
-        if !list(&p["egress"]["allow"]).starts_with('(') {
-            println!("  warning       {}: requests to these prefixes are refused and audited", sandgate::bridge::UNAVAILABLE);
+        let credentials: Vec<String> = p["egress"]["credentials"]
+            .as_array()
+            .map(|a| a.iter().map(|c| format!("{} for {} (from {})", s(&c["header"]), s(&c["prefix"]), s(&c["source"]))).collect())
+            .unwrap_or_default();
+        if !credentials.is_empty() {
+            println!("  credentials   {}", credentials.join(", "));
         }
     }
 }

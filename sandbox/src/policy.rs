@@ -14,6 +14,7 @@ use wasmtime::{InstancePre, Linker, Module, Store, Trap};
 
 use crate::abi::{self, AbiViolation, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
+use crate::bridge::{Bridge, CacheStats, HttpCall};
 use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::{Engine, MemoryLimiter, deadline_ticks};
@@ -92,6 +93,10 @@ pub struct Evaluation {
     /// Time spent instantiating the module.
     pub instantiate: Duration,
     pub denials: Vec<Denial>,
+    /// Bridged HTTP requests refused by the egress allowlist.
+    pub egress_denied: u32,
+    /// Every bridged HTTP call, in order.
+    pub http_calls: Vec<HttpCall>,
 }
 
 /// A loaded policy version, ready to evaluate. Cheap to clone.
@@ -105,7 +110,7 @@ struct Loaded {
     engine: Engine,
     pre: InstancePre<Invocation>,
     grants: Arc<crate::config::Grants>,
-    egress_allow: Arc<[String]>,
+    bridge: Arc<Bridge>,
     digest: Digest,
     facts: ModuleFacts,
 }
@@ -168,10 +173,14 @@ impl Policy {
             sandgate_imports: imports_of(&module, abi::MODULE),
             has_initialize: module.get_export("_initialize").is_some(),
         };
+        let bridge = Arc::new(Bridge::new(&spec.egress).map_err(|e| LoadError::Internal {
+            policy: spec.name.clone(),
+            message: e.to_string(),
+        })?);
         let policy = Policy {
             inner: Arc::new(Loaded {
                 grants: Arc::new(spec.grants.clone()),
-                egress_allow: spec.egress.allow.clone().into(),
+                bridge,
                 spec,
                 engine: engine.clone(),
                 pre,
@@ -216,8 +225,11 @@ impl Policy {
             subject,
             denials: Vec::new(),
             log_calls: 0,
-            egress_allow: Arc::clone(&loaded.egress_allow),
+            bridge: Arc::clone(&loaded.bridge),
+            egress_calls: 0,
             egress_denied: 0,
+            pending: None,
+            http_calls: Vec::new(),
         };
         let mut store = Store::new(loaded.engine.wasmtime(), invocation);
         store.limiter(|inv| &mut inv.limiter);
@@ -273,6 +285,8 @@ impl Policy {
 
         let mut instantiate = Duration::ZERO;
         let mut denials = Vec::new();
+        let mut egress_denied = 0;
+        let mut http_calls = Vec::new();
         let outcome = match self.input_document(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => match self.store(subject.clone(), audit.clone()) {
@@ -289,6 +303,8 @@ impl Policy {
                     let inv = store.into_data();
                     log_guest_output(&inv);
                     denials = inv.denials;
+                    egress_denied = inv.egress_denied;
+                    http_calls = inv.http_calls;
                     result
                 }
             },
@@ -324,7 +340,14 @@ impl Policy {
             duration,
             instantiate,
             denials,
+            egress_denied,
+            http_calls,
         }
+    }
+
+    /// Hit and miss counts of the policy's bridge response cache.
+    pub fn bridge_cache_stats(&self) -> &CacheStats {
+        self.inner.bridge.cache_stats()
     }
 
     /// The input document of DESIGN §2, built around the caller's JSON without
@@ -572,7 +595,12 @@ impl Policy {
                 "imports_refused": refused,
             },
             "egress": {
-                "allow": spec.egress.allow,
+                "allow": spec.egress.allow.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+                "credentials": spec.egress.credentials.iter().map(|c| serde_json::json!({
+                    "prefix": c.prefix.as_str(), "header": c.header, "source": c.source,
+                })).collect::<Vec<_>>(),
+                "allow_redirects": spec.egress.allow_redirects,
+                "cache_ttl_ms": spec.egress.cache_ttl.map(|t| t.as_millis() as u64),
                 "timeout_ms": spec.egress.timeout.as_millis() as u64,
                 "max_response_bytes": spec.egress.max_response_bytes,
                 "max_calls": spec.egress.max_calls,

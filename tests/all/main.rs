@@ -6,8 +6,11 @@
 mod support;
 
 mod abi;
+mod bridge;
 mod cli;
 mod config;
 mod engine;
 mod examples;
 mod wasi;
+mod server;
+mod nginx;

@@ -1,0 +1,406 @@
+//! The HTTP bridge against real HTTP servers on loopback: allowlist
+//! refusals (each audited), redirects, limits, budget, credentials that the
+//! guest never sees, the response cache, and waiting without threads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+use sandgate::ErrorCode;
+
+/// What the peer saw.
+#[derive(Default)]
+struct Seen {
+    authorization: std::sync::Mutex<Vec<Vec<String>>>,
+    cached_hits: AtomicU32,
+    nostore_hits: AtomicU32,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    seen: Arc<Seen>,
+}
+
+impl Peer {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+async fn peer() -> Peer {
+    let seen = Arc::new(Seen::default());
+    let s = Arc::clone(&seen);
+    let echo_seen = Arc::clone(&seen);
+    let cached = Arc::clone(&seen);
+    let nostore = Arc::clone(&seen);
+    let app = axum::Router::new()
+        .route(
+            "/introspect",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let s = Arc::clone(&s);
+                async move {
+                    let auth: Vec<String> = headers
+                        .get_all(header::AUTHORIZATION)
+                        .iter()
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .collect();
+                    s.authorization.lock().expect("lock").push(auth);
+                    let active = String::from_utf8_lossy(&body).contains("token=good");
+                    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"active":{active},"sub":"alice"}}"#))
+                }
+            }),
+        )
+        .route(
+            "/echo",
+            get(move |headers: HeaderMap| {
+                let s = Arc::clone(&echo_seen);
+                async move {
+                    let auth = headers
+                        .get(header::AUTHORIZATION)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    s.authorization.lock().expect("lock").push(vec![auth.clone()]);
+                    ([("x-echo-authorization", auth.clone())], format!("you sent: {auth}"))
+                }
+            }),
+        )
+        .route("/allowed/target", get(|| async { "target" }))
+        .route("/allowed/redirect-in", get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/allowed/target")]) }))
+        .route(
+            "/allowed/redirect-out",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "http://127.0.0.1:9/elsewhere")]) }),
+        )
+        .route(
+            "/allowed/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                "slow"
+            }),
+        )
+        .route(
+            "/allowed/slower",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                "slower"
+            }),
+        )
+        .route("/allowed/big", get(|| async { "x".repeat(256 * 1024) }))
+        .route(
+            "/allowed/cached",
+            get(move || {
+                let s = Arc::clone(&cached);
+                async move {
+                    s.cached_hits.fetch_add(1, Ordering::SeqCst);
+                    ([(header::CACHE_CONTROL, "max-age=60")], "cached").into_response()
+                }
+            }),
+        )
+        .route(
+            "/allowed/nostore",
+            get(move || {
+                let s = Arc::clone(&nostore);
+                async move {
+                    s.nostore_hits.fetch_add(1, Ordering::SeqCst);
+                    ([(header::CACHE_CONTROL, "no-store")], "fresh").into_response()
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Peer { addr, seen }
+}
+
+/// A server that streams an endless chunked body (no Content-Length).
+async fn chunked_peer() -> (SocketAddr, Arc<AtomicU32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let chunks_written = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&chunks_written);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                if socket.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await.is_err() {
+                    return;
+                }
+                let chunk = format!("4000\r\n{}\r\n", "y".repeat(0x4000));
+                for _ in 0..1024 {
+                    if socket.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, chunks_written)
+}
+
+fn wat_str(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+const BRIDGE_IMPORTS: &str = r#"(import "sandgate" "http_send" (func $send (param i32 i32) (result i64)))
+  (import "sandgate" "http_read" (func $read (param i32 i32) (result i32)))"#;
+
+/// A guest that sends `requests` in order and allows when the last result is `expected`.
+fn code_guest(requests: &[String], expected: i64) -> String {
+    let mut data = String::new();
+    let mut calls = String::new();
+    for (i, r) in requests.iter().enumerate() {
+        let at = 3000 + i * 1000;
+        data.push_str(&format!("(data (i32.const {at}) \"{}\")\n", wat_str(r)));
+        calls.push_str(&format!("(local.set $n (call $send (i32.const {at}) (i32.const {})))\n", r.len()));
+    }
+    abi_guest(
+        &format!("{BRIDGE_IMPORTS}\n{data}"),
+        &format!("(local $n i64)\n{calls}{}", allow_if(&format!("(i64.eq (local.get $n) (i64.const {expected}))"))),
+    )
+}
+
+/// A guest that sends `request` and returns `{"allow":true,"obligations":<HttpResponse>}`,
+/// or denies when the call failed.
+fn response_guest(request: &str) -> String {
+    abi_guest(
+        &format!(
+            "{BRIDGE_IMPORTS}\n(data (i32.const 3000) \"{}\")\n(data (i32.const 8192) \"{{\\\"allow\\\":true,\\\"obligations\\\":\")",
+            wat_str(request)
+        ),
+        &format!(
+            "(local $n i64) (local $m i32)
+    (local.set $n (call $send (i32.const 3000) (i32.const {})))
+    (if (i64.lt_s (local.get $n) (i64.const 0)) (then ({DENY_RESULT}) (return)))
+    (local.set $m (call $read (i32.const 8220) (i32.wrap_i64 (local.get $n))))
+    (i32.store8 (i32.add (i32.const 8220) (local.get $m)) (i32.const 125))
+    (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.extend_i32_u (i32.add (local.get $m) (i32.const 29))))",
+            request.len()
+        ),
+    )
+    .replace(&format!("(then ({DENY_RESULT}) (return))"), &format!("(then {DENY_RESULT} return)"))
+}
+
+fn egress_toml(module: &std::path::Path, allow: &[String], extra: &str) -> String {
+    let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
+    policy_toml(module, &format!("timeout_ms = 1000\n[policy.egress]\nallow = [{}]\n{extra}", allow.join(", ")))
+}
+
+async fn run(guest: &str, toml_for: impl FnOnce(&std::path::Path) -> String) -> (sandgate::Evaluation, Vec<serde_json::Value>, tempfile::TempDir) {
+    let dir = tempdir();
+    let module = write(dir.path(), "m.wat", guest);
+    let toml = toml_for(&module);
+    let (e, audit) = evaluate_once(dir.path(), &toml, "{}").await;
+    (e, audit, dir)
+}
+
+fn response(e: &sandgate::Evaluation) -> &serde_json::Value {
+    assert!(e.decision.allow, "the bridged call failed: {:?}", e.decision);
+    &e.decision.extra["obligations"]
+}
+
+fn body_text(resp: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(resp["body"].as_str().unwrap_or_default())
+        .expect("base64 body");
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test]
+async fn bridged_call_reaches_a_real_server_and_returns_its_response() {
+    let p = peer().await;
+    let request = format!(r#"{{"method":"GET","url":"{}"}}"#, p.url("/allowed/target"));
+    let (e, audit, _d) = run(&response_guest(&request), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
+    let resp = response(&e);
+    assert_eq!(resp["status"], 200);
+    assert_eq!(body_text(resp), "target");
+    assert!(audit.iter().all(|l| l["kind"] != "egress_denied"));
+    assert_eq!(e.http_calls.len(), 1);
+    assert_eq!(e.http_calls[0].outcome, Ok(200));
+}
+
+#[tokio::test]
+async fn requests_outside_the_allowlist_are_refused_and_audited() {
+    let p = peer().await;
+    let port = p.addr.port();
+    let cases = [
+        (format!("http://127.0.0.1:{port}/introspect"), "not within egress.allow"),
+        (format!("http://127.0.0.1:{port}/allowedx/target"), "not within egress.allow"),
+        (format!("http://127.0.0.1:{port}/allowed/../introspect"), "not within egress.allow"),
+        (format!("http://127.0.0.1:{port}/allowed/%2e%2e/introspect"), "not within egress.allow"),
+        (format!("http://127.0.0.1:{}/allowed/target", port + 1), "not within egress.allow"),
+        (format!("http://127.0.0.1:{port}@evil.example/allowed/target"), "user information"),
+        (format!("http://[::ffff:127.0.0.1]:{port}/allowed/target"), "not within egress.allow"),
+        (format!("http://localhost:{port}/allowed/target"), "not within egress.allow"),
+    ];
+    for (url, reason) in cases {
+        let request = format!(r#"{{"method":"GET","url":"{url}"}}"#);
+        let (e, audit, _d) = run(&code_guest(&[request], -1), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
+        assert!(e.decision.allow, "{url} must be refused with -1: {:?}", e.decision);
+        let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+        assert_eq!(denied.len(), 1, "{url}: {audit:?}");
+        assert_eq!(denied[0]["url"], url.as_str());
+        assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains(reason)), "{url}: {:?}", denied[0]);
+        assert_eq!(e.egress_denied, 1);
+    }
+    assert!(p.seen.authorization.lock().expect("lock").is_empty(), "nothing reached the server");
+}
+
+#[tokio::test]
+async fn policies_without_egress_are_refused_every_request() {
+    let p = peer().await;
+    let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/target"));
+    let (e, audit, _d) = run(&code_guest(&[request], -1), |m| policy_toml(m, "")).await;
+    assert!(e.decision.allow, "{:?}", e.decision);
+    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("egress.allow is empty")));
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_unless_allowed_and_then_only_within_the_allowlist() {
+    let p = peer().await;
+    let to_in = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/redirect-in"));
+    let (e, _, _d) = run(&response_guest(&to_in), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
+    assert_eq!(response(&e)["status"], 302, "not followed by default");
+
+    let (e, _, _d) = run(&response_guest(&to_in), |m| egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")).await;
+    let resp = response(&e);
+    assert_eq!(resp["status"], 200);
+    assert_eq!(body_text(resp), "target");
+
+    let to_out = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/redirect-out"));
+    let (e, audit, _d) = run(&code_guest(&[to_out], -1), |m| egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")).await;
+    assert!(e.decision.allow, "{:?}", e.decision);
+    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+    assert_eq!(denied[0]["url"], "http://127.0.0.1:9/elsewhere");
+    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("redirect")));
+}
+
+#[tokio::test]
+async fn limits_map_to_their_codes() {
+    let p = peer().await;
+    let allowed = [p.url("/allowed"), "http://127.0.0.1:9/closed".to_owned()];
+    let get = |path: &str| format!(r#"{{"url":"{}"}}"#, p.url(path));
+
+    let (e, _, _d) = run(&code_guest(&[get("/allowed/slow")], -2), |m| egress_toml(m, &allowed, "timeout_ms = 50")).await;
+    assert!(e.decision.allow, "per-call timeout is -2: {:?}", e.decision);
+
+    let closed = r#"{"url":"http://127.0.0.1:9/closed"}"#.to_owned();
+    let (e, _, _d) = run(&code_guest(&[closed], -3), |m| egress_toml(m, &allowed, "")).await;
+    assert!(e.decision.allow, "connection refused is -3: {:?}", e.decision);
+
+    let (e, _, _d) = run(&code_guest(&[get("/allowed/big")], -4), |m| egress_toml(m, &allowed, "max_response_bytes = 65536")).await;
+    assert!(e.decision.allow, "oversized response is -4: {:?}", e.decision);
+
+    let (e, _, _d) = run(&code_guest(&[get("/allowed/target"), get("/allowed/target")], -6), |m| egress_toml(m, &allowed, "max_calls = 1")).await;
+    assert!(e.decision.allow, "the second call exceeds the budget: {:?}", e.decision);
+
+    let (e, _, _d) = run(&code_guest(&["{\"url\": 5}".to_owned()], -5), |m| egress_toml(m, &allowed, "")).await;
+    assert!(e.decision.allow, "a malformed request is -5: {:?}", e.decision);
+}
+
+#[tokio::test]
+async fn streamed_responses_are_cut_at_the_limit_and_not_read_further() {
+    let (addr, chunks) = chunked_peer().await;
+    let request = format!(r#"{{"url":"http://{addr}/stream"}}"#);
+    let (e, _, _d) = run(&code_guest(&[request], -4), |m| egress_toml(m, &[format!("http://{addr}/stream")], "max_response_bytes = 65536")).await;
+    assert!(e.decision.allow, "{:?}", e.decision);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(chunks.load(Ordering::SeqCst) < 1024, "the bridge kept reading after the limit");
+}
+
+#[tokio::test]
+async fn a_slow_server_cannot_stretch_an_evaluation_past_its_deadline() {
+    let p = peer().await;
+    let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/slower"));
+    let started = Instant::now();
+    let (e, _, _d) = run(&code_guest(&[request], 0), |m| {
+        policy_toml(m, &format!("timeout_ms = 100\n[policy.egress]\nallow = [\"{}\"]\ntimeout_ms = 5000", p.url("/allowed")))
+    })
+    .await;
+    assert_eq!(e.decision.error_code(), Some(ErrorCode::EvalTimeout), "{:?}", e.decision);
+    assert!(e.duration < Duration::from_millis(300), "{:?}", e.duration);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn credentials_are_injected_replacing_the_guests_and_never_visible_to_it() {
+    let p = peer().await;
+    let secret = "Basic czZCaGRSa3F0MzpnWDFmQmF0M2JW";
+    let request = format!(r#"{{"method":"GET","url":"{}","headers":[["Authorization","Bearer from-guest"]]}}"#, p.url("/echo"));
+    let (e, _, _d) = run(&response_guest(&request), |m| {
+        let dir = m.parent().expect("dir");
+        write(dir, "client-secret", &format!("{secret}\n"));
+        egress_toml(
+            m,
+            &[p.url("/echo")],
+            &format!("[[policy.egress.credentials]]\nprefix = \"{}\"\nheader = \"authorization\"\nvalue_file = \"client-secret\"", p.url("/echo")),
+        )
+    })
+    .await;
+    let resp = response(&e).clone();
+    assert_eq!(p.seen.authorization.lock().expect("lock").as_slice(), [vec![secret.to_owned()]], "exactly the host's credential reached the server");
+    let seen_by_guest = resp.to_string();
+    assert!(!seen_by_guest.contains("czZCaGRSa3F0MzpnWDFmQmF0M2JW"), "{seen_by_guest}");
+    assert!(body_text(&resp).contains("[redacted]"));
+    let echoed = resp["headers"].as_array().and_then(|h| h.iter().find(|kv| kv[0] == "x-echo-authorization")).expect("echo header");
+    assert_eq!(echoed[1], "[redacted]");
+}
+
+#[tokio::test]
+async fn responses_are_cached_within_ttl_honouring_no_store() {
+    let p = peer().await;
+    let get = |path: &str| format!(r#"{{"url":"{}"}}"#, p.url(path));
+    let dir = tempdir();
+    let guest = code_guest(&[get("/allowed/cached"), get("/allowed/cached"), get("/allowed/nostore"), get("/allowed/nostore")], 75);
+    let module = write(dir.path(), "m.wat", &guest);
+    let (_, config) = config(dir.path(), &egress_toml(&module, &[p.url("/allowed")], "cache_ttl_ms = 60000"));
+    let engine = engine(&dir.path().join("cache"));
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone()).await.expect("load");
+    let audit = sandgate::audit::AuditLog::disabled();
+    let e = policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await;
+    assert_eq!(e.http_calls.iter().filter(|c| c.cached).count(), 1, "{:?}", e.http_calls);
+    let _ = policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await;
+    assert_eq!(p.seen.cached_hits.load(Ordering::SeqCst), 1, "max-age response served from the cache");
+    assert_eq!(p.seen.nostore_hits.load(Ordering::SeqCst), 4, "no-store responses are never cached");
+    let stats = policy.bridge_cache_stats();
+    assert_eq!(stats.hits.load(Ordering::SeqCst), 3);
+    assert_eq!(stats.misses.load(Ordering::SeqCst), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_evaluations_waiting_on_a_slow_server_hold_no_threads() {
+    let p = peer().await;
+    let dir = tempdir();
+    let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/slow"));
+    let module = write(dir.path(), "m.wat", &response_guest(&request));
+    let (_, config) = config(dir.path(), &egress_toml(&module, &[p.url("/allowed")], "timeout_ms = 5000"));
+    let engine = engine(&dir.path().join("cache"));
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone()).await.expect("load");
+    let audit = sandgate::audit::AuditLog::disabled();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (policy, audit) = (policy.clone(), audit.clone());
+            tokio::spawn(async move { policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await })
+        })
+        .collect();
+    for t in tasks {
+        let e = t.await.expect("join");
+        assert_eq!(response(&e)["status"], 200);
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(900), "200 x 200 ms waits took {elapsed:?}");
+}
