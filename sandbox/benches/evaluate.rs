@@ -1,7 +1,7 @@
 //! One evaluation of the `rbac` example end to end (fresh instance from
 //! `InstancePre`, input written, guest reads its role table from the
 //! read-only preopen, decision read back and validated), and instantiation
-//! alone. Results and the command are in `docs/benchmarks.md`.
+//! alone, and a no-op guest (the host's fixed cost). Results and the command are in `docs/benchmarks.md`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +9,10 @@ use std::process::Command;
 use criterion::{Criterion, criterion_group, criterion_main};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn build_rbac() {
@@ -26,17 +29,23 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
-    let config = sandgate::config::load(&repo_root().join("examples/rbac/policy.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let config = sandgate::config::load(&repo_root().join("examples/rbac/policy.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let engine = sandgate::Engine::new(&config.engine).unwrap_or_else(|e| panic!("{e}"));
     let policy = runtime
         .block_on(sandgate::Policy::load(&engine, config.policies[0].clone()))
         .unwrap_or_else(|e| panic!("{e}"));
-    let input = std::fs::read(repo_root().join("examples/rbac/input.json")).unwrap_or_else(|e| panic!("{e}"));
+    let input = std::fs::read(repo_root().join("examples/rbac/input.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
     let audit = sandgate::audit::AuditLog::disabled();
     let options = sandgate::EvalOptions::default();
 
     let check = runtime.block_on(policy.evaluate(&input, &options, &audit));
-    assert!(check.decision.allow && check.decision.error.is_none(), "{:?}", check.decision);
+    assert!(
+        check.decision.allow && check.decision.error.is_none(),
+        "{:?}",
+        check.decision
+    );
 
     let mut group = c.benchmark_group("rbac");
     group.bench_function("evaluate", |b| {
@@ -46,11 +55,41 @@ fn bench(c: &mut Criterion) {
         })
     });
     group.bench_function("instantiate", |b| {
-        b.to_async(&runtime)
-            .iter(|| async { policy.instantiate_only().await.unwrap_or_else(|e| panic!("{e}")) })
+        b.to_async(&runtime).iter(|| async {
+            policy
+                .instantiate_only()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+    });
+    group.finish();
+
+    // The host's fixed cost: a guest that does nothing but answer allow.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let noop = dir.path().join("noop.wat");
+    std::fs::write(&noop, NOOP_GUEST).unwrap_or_else(|e| panic!("{e}"));
+    let noop = runtime
+        .block_on(sandgate::Policy::load(
+            &engine,
+            sandgate::PolicySpec::for_module(&noop),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut group = c.benchmark_group("noop");
+    group.bench_function("evaluate", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let e = noop.evaluate(b"{}", &options, &audit).await;
+            std::hint::black_box(e.decision.allow)
+        })
     });
     group.finish();
 }
+
+const NOOP_GUEST: &str = r#"(module
+  (memory (export "memory") 1)
+  (data (i32.const 1024) "{\"allow\":true}")
+  (func (export "sandgate_abi_version") (result i32) i32.const 1)
+  (func (export "sandgate_alloc") (param i32) (result i32) i32.const 4096)
+  (func (export "sandgate_evaluate") (param i32 i32) (result i64) i64.const 4398046511118))"#;
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

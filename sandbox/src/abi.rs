@@ -99,7 +99,11 @@ pub fn memory(caller: &mut Caller<'_, Invocation>) -> Option<Memory> {
 }
 
 /// Copies `len` bytes at `ptr` out of guest memory.
-pub fn read_guest(caller: &mut Caller<'_, Invocation>, ptr: i32, len: usize) -> Result<Vec<u8>, AbiViolation> {
+pub fn read_guest(
+    caller: &mut Caller<'_, Invocation>,
+    ptr: i32,
+    len: usize,
+) -> Result<Vec<u8>, AbiViolation> {
     let memory = memory(caller).ok_or_else(|| AbiViolation("module exports no memory".into()))?;
     let data = memory.data(&caller);
     let len = u32::try_from(len).map_err(|_| AbiViolation(format!("length {len} is too large")))?;
@@ -122,13 +126,17 @@ pub fn read_guest_string(
     let cut = bytes.len().min(max);
     let mut text = String::from_utf8_lossy(&bytes[..cut]).into_owned();
     if cut < bytes.len() {
-        text.push_str("…");
+        text.push('…');
     }
     Ok(text)
 }
 
 /// Writes `bytes` at `ptr` in guest memory.
-pub fn write_guest(caller: &mut Caller<'_, Invocation>, ptr: i32, bytes: &[u8]) -> Result<(), AbiViolation> {
+pub fn write_guest(
+    caller: &mut Caller<'_, Invocation>,
+    ptr: i32,
+    bytes: &[u8],
+) -> Result<(), AbiViolation> {
     let memory = memory(caller).ok_or_else(|| AbiViolation("module exports no memory".into()))?;
     let data = memory.data_mut(caller);
     let range = checked_range(data.len(), ptr as u32, bytes.len() as u32)?;
@@ -145,7 +153,8 @@ pub fn gather_iovecs(
 ) -> Result<Vec<u8>, AbiViolation> {
     let memory = memory(caller).ok_or_else(|| AbiViolation("module exports no memory".into()))?;
     let data = memory.data(&caller);
-    let count = u32::try_from(count).map_err(|_| AbiViolation(format!("negative iovec count {count}")))?;
+    let count =
+        u32::try_from(count).map_err(|_| AbiViolation(format!("negative iovec count {count}")))?;
     let table = checked_range(data.len(), iovs as u32, count.saturating_mul(8))?;
     let mut out = Vec::new();
     for entry in data[table].chunks_exact(8) {
@@ -165,18 +174,28 @@ pub fn validate(module: &Module) -> Result<(), String> {
     use ValType::{I32, I64};
     let func = |name: &str, params: &[ValType], results: &[ValType]| -> Result<(), String> {
         let signature = |ps: &[ValType], rs: &[ValType]| {
-            let list = |ts: &[ValType]| ts.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+            let list = |ts: &[ValType]| {
+                ts.iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             format!("({}) -> ({})", list(ps), list(rs))
         };
         let wanted = signature(params, results);
         match module.get_export(name) {
             None => Err(format!("missing required export `{name}` {wanted}")),
             Some(ExternType::Func(ty)) => {
-                let have = signature(&ty.params().collect::<Vec<_>>(), &ty.results().collect::<Vec<_>>());
+                let have = signature(
+                    &ty.params().collect::<Vec<_>>(),
+                    &ty.results().collect::<Vec<_>>(),
+                );
                 if have == wanted {
                     Ok(())
                 } else {
-                    Err(format!("export `{name}` has type {have}, expected {wanted}"))
+                    Err(format!(
+                        "export `{name}` has type {have}, expected {wanted}"
+                    ))
                 }
             }
             Some(_) => Err(format!("export `{name}` must be a function {wanted}")),

@@ -54,7 +54,9 @@ impl EgressRule {
     pub fn parse(text: &str) -> Result<EgressRule, String> {
         let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
         if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(format!("`{text}` must be an http:// or https:// URL prefix"));
+            return Err(format!(
+                "`{text}` must be an http:// or https:// URL prefix"
+            ));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(format!("`{text}` must not carry user information"));
@@ -220,7 +222,13 @@ impl Bridge {
     }
 
     /// Sends one guest request; the `Ok` document is what `http_read` copies.
-    async fn send(&self, raw: &[u8], audit: &AuditLog, subject: &Subject, calls: &mut Vec<HttpCall>) -> Result<Vec<u8>, i64> {
+    async fn send(
+        &self,
+        raw: &[u8],
+        audit: &AuditLog,
+        subject: &Subject,
+        calls: &mut Vec<HttpCall>,
+    ) -> Result<Vec<u8>, i64> {
         let started = Instant::now();
         let request: GuestRequest = serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)?;
         let mut record = HttpCall {
@@ -230,7 +238,9 @@ impl Bridge {
             cached: false,
             duration: Duration::ZERO,
         };
-        let result = self.send_checked(request, audit, subject, &mut record).await;
+        let result = self
+            .send_checked(request, audit, subject, &mut record)
+            .await;
         record.duration = started.elapsed();
         record.outcome = match &result {
             Ok((status, _)) => Ok(*status),
@@ -266,14 +276,20 @@ impl Bridge {
         let Some(client) = &self.client else {
             return Err(deny(&request.url, "no HTTP client".into()));
         };
-        let mut method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
-            .map_err(|_| INVALID_REQUEST)?;
+        let mut method =
+            reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
+                .map_err(|_| INVALID_REQUEST)?;
         let mut guest_headers = Vec::with_capacity(request.headers.len());
         for (name, value) in &request.headers {
-            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| INVALID_REQUEST)?;
-            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| INVALID_REQUEST)?;
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| INVALID_REQUEST)?;
+            let value =
+                reqwest::header::HeaderValue::from_str(value).map_err(|_| INVALID_REQUEST)?;
             // The bridge sets Host from the URL; hop-by-hop headers are its own.
-            if matches!(name.as_str(), "host" | "connection" | "transfer-encoding" | "content-length") {
+            if matches!(
+                name.as_str(),
+                "host" | "connection" | "transfer-encoding" | "content-length"
+            ) {
                 continue;
             }
             guest_headers.push((name, value));
@@ -287,7 +303,10 @@ impl Bridge {
             None => None,
         };
 
-        let cache_key = self.cache.as_ref().map(|_| cache_key(&method, &url, &guest_headers, body.as_deref()));
+        let cache_key = self
+            .cache
+            .as_ref()
+            .map(|_| cache_key(&method, &url, &guest_headers, body.as_deref()));
         if let (Some(cache), Some(key)) = (&self.cache, &cache_key) {
             match cache.get(key).await {
                 Some(hit) if hit.expires > Instant::now() => {
@@ -309,7 +328,12 @@ impl Bridge {
                 headers.append(name.clone(), value.clone());
             }
             // Credentials replace any header of the same name the guest set.
-            for credential in self.settings.credentials.iter().filter(|c| c.prefix.matches(&url)) {
+            for credential in self
+                .settings
+                .credentials
+                .iter()
+                .filter(|c| c.prefix.matches(&url))
+            {
                 if let (Ok(name), Ok(value)) = (
                     reqwest::header::HeaderName::from_bytes(credential.header.as_bytes()),
                     reqwest::header::HeaderValue::from_str(&credential.value),
@@ -339,14 +363,21 @@ impl Bridge {
             };
             hops += 1;
             if hops > MAX_REDIRECTS {
-                return Err(deny(location.as_str(), format!("more than {MAX_REDIRECTS} redirects")));
+                return Err(deny(
+                    location.as_str(),
+                    format!("more than {MAX_REDIRECTS} redirects"),
+                ));
             }
             if let Some(reason) = self.refusal(&location) {
-                return Err(deny(location.as_str(), format!("redirect from {url}: {reason}")));
+                return Err(deny(
+                    location.as_str(),
+                    format!("redirect from {url}: {reason}"),
+                ));
             }
             // 303, and 301/302 after a POST, continue as GET without a body.
             if status == reqwest::StatusCode::SEE_OTHER
-                || ((status == reqwest::StatusCode::MOVED_PERMANENTLY || status == reqwest::StatusCode::FOUND)
+                || ((status == reqwest::StatusCode::MOVED_PERMANENTLY
+                    || status == reqwest::StatusCode::FOUND)
                     && method == reqwest::Method::POST)
             {
                 method = reqwest::Method::GET;
@@ -364,7 +395,12 @@ impl Bridge {
         let mut headers: Vec<(String, String)> = response
             .headers()
             .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         let max_age = cache_max_age(response.headers());
         let mut response = response;
@@ -391,7 +427,8 @@ impl Bridge {
         })
         .map_err(|_| INVALID_REQUEST)?;
 
-        if let (Some(cache), Some(key), Some(ttl)) = (&self.cache, cache_key, self.settings.cache_ttl)
+        if let (Some(cache), Some(key), Some(ttl)) =
+            (&self.cache, cache_key, self.settings.cache_ttl)
             && status < 500
             && let Some(ttl) = match max_age {
                 CacheControl::NoStore => None,
@@ -423,7 +460,11 @@ fn status_of(document: &[u8]) -> u16 {
 }
 
 fn send_error(e: &reqwest::Error) -> i64 {
-    if e.is_timeout() { TIMEOUT } else { CONNECTION_ERROR }
+    if e.is_timeout() {
+        TIMEOUT
+    } else {
+        CONNECTION_ERROR
+    }
 }
 
 fn cache_key(
@@ -437,7 +478,11 @@ fn cache_key(
     hasher.update([0]);
     hasher.update(url.as_str());
     let mut sorted: Vec<_> = headers.iter().collect();
-    sorted.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()).then(a.1.as_bytes().cmp(b.1.as_bytes())));
+    sorted.sort_by(|a, b| {
+        a.0.as_str()
+            .cmp(b.0.as_str())
+            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
+    });
     for (name, value) in sorted {
         hasher.update([0]);
         hasher.update(name.as_str());
@@ -474,7 +519,10 @@ fn cache_max_age(headers: &reqwest::header::HeaderMap) -> CacheControl {
 }
 
 fn redact(bytes: Vec<u8>, secret: &[u8]) -> Vec<u8> {
-    if secret.is_empty() || bytes.len() < secret.len() || !bytes.windows(secret.len()).any(|w| w == secret) {
+    if secret.is_empty()
+        || bytes.len() < secret.len()
+        || !bytes.windows(secret.len()).any(|w| w == secret)
+    {
         return bytes;
     }
     let mut out = Vec::with_capacity(bytes.len());
@@ -538,7 +586,8 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
             let Some(document) = caller.data_mut().pending.take() else {
                 return Ok(INVALID_REQUEST as i32);
             };
-            let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
+            let len = usize::try_from(len)
+                .map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
             let n = document.len().min(len);
             abi::write_guest(&mut caller, ptr, &document[..n])?;
             Ok(n as i32)
@@ -557,7 +606,8 @@ mod tests {
 
     #[test]
     fn prefixes_match_whole_segments_of_normalised_urls() {
-        let rule = EgressRule::parse("http://127.0.0.1:8080/introspect").unwrap_or_else(|e| panic!("{e}"));
+        let rule =
+            EgressRule::parse("http://127.0.0.1:8080/introspect").unwrap_or_else(|e| panic!("{e}"));
         assert!(rule.matches(&url("http://127.0.0.1:8080/introspect")));
         assert!(rule.matches(&url("http://127.0.0.1:8080/introspect/x?y=1")));
         assert!(!rule.matches(&url("http://127.0.0.1:8080/introspection")));
@@ -588,7 +638,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        assert_eq!(redact(b"x-secret-y-secret".to_vec(), b"secret"), b"x-[redacted]-y-[redacted]".to_vec());
+        assert_eq!(
+            redact(b"x-secret-y-secret".to_vec(), b"secret"),
+            b"x-[redacted]-y-[redacted]".to_vec()
+        );
         assert_eq!(redact(b"nothing".to_vec(), b"secret"), b"nothing".to_vec());
     }
 }

@@ -501,7 +501,11 @@ impl Resolver<'_> {
             + 1
     }
 
-    fn error<T>(&self, span: Option<std::ops::Range<usize>>, message: String) -> Result<T, ConfigError> {
+    fn error<T>(
+        &self,
+        span: Option<std::ops::Range<usize>>,
+        message: String,
+    ) -> Result<T, ConfigError> {
         Err(ConfigError::Invalid {
             path: self.path.to_path_buf(),
             line: span.map(|s| self.line(s.start)),
@@ -566,7 +570,10 @@ impl Resolver<'_> {
             if !seen.insert(p.name.get_ref().clone()) {
                 return self.error(
                     Some(p.name.span()),
-                    format!("policy[{index}].name: duplicate policy name `{}`", p.name.get_ref()),
+                    format!(
+                        "policy[{index}].name: duplicate policy name `{}`",
+                        p.name.get_ref()
+                    ),
                 );
             }
             policies.push(self.policy(index, p, &engine)?);
@@ -680,7 +687,10 @@ impl Resolver<'_> {
         let key = |k: &str| format!("policy[{index}].{k} (policy `{name}`)");
         let version = match &raw.version {
             Some(v) if v.get_ref().is_empty() => {
-                return self.error(Some(v.span()), format!("{}: must not be empty", key("version")));
+                return self.error(
+                    Some(v.span()),
+                    format!("{}: must not be empty", key("version")),
+                );
             }
             Some(v) => v.get_ref().clone(),
             None => defaults::VERSION.to_owned(),
@@ -693,8 +703,7 @@ impl Resolver<'_> {
             None => None,
         };
         let module_text = raw.module.get_ref();
-        let module = if module_text.starts_with("https://") || module_text.starts_with("http://")
-        {
+        let module = if module_text.starts_with("https://") || module_text.starts_with("http://") {
             if sha256.is_none() {
                 return self.error(
                     Some(raw.module.span()),
@@ -706,7 +715,10 @@ impl Resolver<'_> {
             }
             ModuleSource::Url(module_text.clone())
         } else if module_text.is_empty() {
-            return self.error(Some(raw.module.span()), format!("{}: must not be empty", key("module")));
+            return self.error(
+                Some(raw.module.span()),
+                format!("{}: must not be empty", key("module")),
+            );
         } else {
             ModuleSource::File(self.relative(module_text))
         };
@@ -749,7 +761,11 @@ impl Resolver<'_> {
         })
     }
 
-    fn grants(&self, key: &dyn Fn(&str) -> String, raw: Option<RawWasi>) -> Result<Grants, ConfigError> {
+    fn grants(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        raw: Option<RawWasi>,
+    ) -> Result<Grants, ConfigError> {
         let Some(raw) = raw else {
             return Ok(Grants::default());
         };
@@ -847,7 +863,11 @@ impl Resolver<'_> {
                 Err(e) => {
                     return self.error(
                         span,
-                        format!("{}: host path {}: {e}", key("wasi.preopens"), host.display()),
+                        format!(
+                            "{}: host path {}: {e}",
+                            key("wasi.preopens"),
+                            host.display()
+                        ),
                     );
                 }
             };
@@ -870,15 +890,20 @@ impl Resolver<'_> {
             return Ok(egress);
         };
         for prefix in &raw.allow {
-            let rule = EgressRule::parse(prefix.get_ref())
-                .or_else(|m| self.error(Some(prefix.span()), format!("{}: {m}", key("egress.allow"))))?;
+            let rule = EgressRule::parse(prefix.get_ref()).or_else(|m| {
+                self.error(Some(prefix.span()), format!("{}: {m}", key("egress.allow")))
+            })?;
             egress.allow.push(rule);
         }
         for c in &raw.credentials {
             let span = Some(c.span());
             let c = c.get_ref();
-            let prefix = EgressRule::parse(&c.prefix)
-                .or_else(|m| self.error(span.clone(), format!("{}: {m}", key("egress.credentials.prefix"))))?;
+            let prefix = EgressRule::parse(&c.prefix).or_else(|m| {
+                self.error(
+                    span.clone(),
+                    format!("{}: {m}", key("egress.credentials.prefix")),
+                )
+            })?;
             if !egress.allow.iter().any(|rule| rule.covers(&prefix)) {
                 return self.error(
                     span,
@@ -890,8 +915,19 @@ impl Resolver<'_> {
                 );
             }
             let header = c.header.to_ascii_lowercase();
-            if header.is_empty() || !header.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
-                return self.error(span, format!("{}: `{}` is not a header name", key("egress.credentials.header"), c.header));
+            if header.is_empty()
+                || !header
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            {
+                return self.error(
+                    span,
+                    format!(
+                        "{}: `{}` is not a header name",
+                        key("egress.credentials.header"),
+                        c.header
+                    ),
+                );
             }
             let (value, source) = match (&c.value_env, &c.value_file) {
                 (Some(var), None) => match std::env::var(var) {
@@ -899,45 +935,88 @@ impl Resolver<'_> {
                     _ => {
                         return self.error(
                             span,
-                            format!("{}: environment variable `{var}` is not set", key("egress.credentials.value_env")),
+                            format!(
+                                "{}: environment variable `{var}` is not set",
+                                key("egress.credentials.value_env")
+                            ),
                         );
                     }
                 },
                 (None, Some(file)) => {
                     let path = self.relative(file);
                     match std::fs::read_to_string(&path) {
-                        Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => {
-                            (v.trim_end_matches(['\r', '\n']).to_owned(), format!("file {}", path.display()))
-                        }
+                        Ok(v) if !v.trim_end_matches(['\r', '\n']).is_empty() => (
+                            v.trim_end_matches(['\r', '\n']).to_owned(),
+                            format!("file {}", path.display()),
+                        ),
                         Ok(_) => {
-                            return self.error(span, format!("{}: {} is empty", key("egress.credentials.value_file"), path.display()));
+                            return self.error(
+                                span,
+                                format!(
+                                    "{}: {} is empty",
+                                    key("egress.credentials.value_file"),
+                                    path.display()
+                                ),
+                            );
                         }
                         Err(e) => {
-                            return self.error(span, format!("{}: {}: {e}", key("egress.credentials.value_file"), path.display()));
+                            return self.error(
+                                span,
+                                format!(
+                                    "{}: {}: {e}",
+                                    key("egress.credentials.value_file"),
+                                    path.display()
+                                ),
+                            );
                         }
                     }
                 }
                 _ => {
                     return self.error(
                         span,
-                        format!("{}: give exactly one of `value_env` and `value_file`", key("egress.credentials")),
+                        format!(
+                            "{}: give exactly one of `value_env` and `value_file`",
+                            key("egress.credentials")
+                        ),
                     );
                 }
             };
             if http_value_invalid(&value) {
-                return self.error(span, format!("{}: the value ({source}) is not a valid header value", key("egress.credentials")));
+                return self.error(
+                    span,
+                    format!(
+                        "{}: the value ({source}) is not a valid header value",
+                        key("egress.credentials")
+                    ),
+                );
             }
-            egress.credentials.push(Credential { prefix, header, value, source });
+            egress.credentials.push(Credential {
+                prefix,
+                header,
+                value,
+                source,
+            });
         }
         egress.allow_redirects = raw.allow_redirects.unwrap_or(false);
         if let Some(v) = &raw.cache_ttl_ms {
-            egress.cache_ttl = Some(Duration::from_millis(self.ranged(&key("egress.cache_ttl_ms"), v, 1, 86_400_000)?));
+            egress.cache_ttl = Some(Duration::from_millis(self.ranged(
+                &key("egress.cache_ttl_ms"),
+                v,
+                1,
+                86_400_000,
+            )?));
         }
         if let Some(v) = &raw.timeout_ms {
-            egress.timeout = Duration::from_millis(self.ranged(&key("egress.timeout_ms"), v, 1, MAX_TIMEOUT_MS)?);
+            egress.timeout = Duration::from_millis(self.ranged(
+                &key("egress.timeout_ms"),
+                v,
+                1,
+                MAX_TIMEOUT_MS,
+            )?);
         }
         if let Some(v) = &raw.max_response_bytes {
-            egress.max_response_bytes = self.ranged(&key("egress.max_response_bytes"), v, 1, 1 << 30)?;
+            egress.max_response_bytes =
+                self.ranged(&key("egress.max_response_bytes"), v, 1, 1 << 30)?;
         }
         if let Some(v) = &raw.max_calls {
             egress.max_calls = self.ranged(&key("egress.max_calls"), &v.map_u64(), 0, 1000)? as u32;

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sha2::Digest as _;
-use wasmtime::{Config, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter};
+use wasmtime::{
+    Config, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter,
+};
 
 use crate::config::{Digest, EngineSettings};
 
@@ -75,7 +77,8 @@ impl Engine {
             .linear_memory_keep_resident(64 * 1024)
             .table_keep_resident(16 * 1024);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let wasmtime = wasmtime::Engine::new(&config).map_err(|e| EngineError::Setup(format!("{e:#}")))?;
+        let wasmtime =
+            wasmtime::Engine::new(&config).map_err(|e| EngineError::Setup(format!("{e:#}")))?;
         let cache = settings
             .cache_dir
             .as_ref()
@@ -99,13 +102,18 @@ impl Engine {
     /// Compiles a module, or loads it from the disk cache when an intact entry
     /// for this digest and engine configuration exists. May block: call it off
     /// the request path.
-    pub fn compile(&self, bytes: &[u8], digest: &Digest) -> Result<(Module, CompiledFrom), EngineError> {
+    pub fn compile(
+        &self,
+        bytes: &[u8],
+        digest: &Digest,
+    ) -> Result<(Module, CompiledFrom), EngineError> {
         if let Some(cache) = &self.cache
             && let Some(module) = cache.load(&self.wasmtime, digest)
         {
             return Ok((module, CompiledFrom::DiskCache));
         }
-        let module = Module::new(&self.wasmtime, bytes).map_err(|e| EngineError::Compile(format!("{e:#}")))?;
+        let module = Module::new(&self.wasmtime, bytes)
+            .map_err(|e| EngineError::Compile(format!("{e:#}")))?;
         if let Some(cache) = &self.cache {
             cache.store(digest, &module);
         }
@@ -144,12 +152,6 @@ impl Drop for EpochTicker {
     }
 }
 
-/// Epoch ticks for a deadline, rounded up, plus one so a deadline never fires early.
-pub fn deadline_ticks(timeout: Duration) -> u64 {
-    let tick = EPOCH_TICK.as_nanos().max(1);
-    (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
-}
-
 /// Compiled modules on disk, keyed by module digest and engine configuration.
 ///
 /// Entry layout: magic, sha256 of the payload, payload (`Module::serialize`).
@@ -173,7 +175,8 @@ impl ModuleCache {
     }
 
     fn entry_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
+        self.dir
+            .join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
     }
 
     fn load(&self, engine: &wasmtime::Engine, digest: &Digest) -> Option<Module> {
@@ -266,7 +269,12 @@ impl MemoryLimiter {
 }
 
 impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.refused = true;
             return Ok(false);
@@ -274,7 +282,12 @@ impl ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
@@ -282,12 +295,6 @@ impl ResourceLimiter for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn deadlines_never_fire_early() {
-        assert_eq!(deadline_ticks(Duration::from_millis(50)), 51);
-        assert_eq!(deadline_ticks(Duration::from_micros(1500)), 3);
-    }
 
     #[test]
     fn corrupt_cache_payloads_are_rejected() {

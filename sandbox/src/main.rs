@@ -15,7 +15,11 @@ use sandgate::config::{self, AuditTarget, Config, EngineSettings, PolicySpec};
 use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
 
 #[derive(Parser)]
-#[command(name = "sandgate", version, about = "Policy sandbox runtime: WebAssembly policies behind ext_authz, auth_request and a JSON API")]
+#[command(
+    name = "sandgate",
+    version,
+    about = "Policy sandbox runtime: WebAssembly policies behind ext_authz, auth_request and a JSON API"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,7 +76,10 @@ struct UsageError(String);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sandgate: cannot start the async runtime: {e}");
@@ -83,7 +90,9 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("sandgate: {e:#}");
-            if e.downcast_ref::<UsageError>().is_some() || e.downcast_ref::<config::ConfigError>().is_some() {
+            if e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<config::ConfigError>().is_some()
+            {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
@@ -133,7 +142,8 @@ async fn eval(
                 .find(|p| &p.name == name)
                 .cloned()
                 .ok_or_else(|| {
-                    let known: Vec<&str> = config.policies.iter().map(|p| p.name.as_str()).collect();
+                    let known: Vec<&str> =
+                        config.policies.iter().map(|p| p.name.as_str()).collect();
                     UsageError(format!(
                         "policy `{name}` is not in {} (it has: {})",
                         path.display(),
@@ -161,7 +171,11 @@ async fn eval(
     };
     let engine = Engine::new(&engine_settings)?;
     let evaluation = match Policy::load(&engine, spec.clone()).await {
-        Ok(policy) => policy.evaluate(&input, &EvalOptions::default(), &audit).await,
+        Ok(policy) => {
+            policy
+                .evaluate(&input, &EvalOptions::default(), &audit)
+                .await
+        }
         Err(e) => {
             // The module could not be loaded: still answer with the
             // fail-closed decision the daemon would give.
@@ -184,10 +198,13 @@ async fn eval(
 fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
     if path == Path::new("-") {
         let mut buf = Vec::new();
-        std::io::stdin().read_to_end(&mut buf).context("reading input from stdin")?;
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading input from stdin")?;
         return Ok(buf);
     }
-    std::fs::read(path).map_err(|e| UsageError(format!("cannot read input {}: {e}", path.display())).into())
+    std::fs::read(path)
+        .map_err(|e| UsageError(format!("cannot read input {}: {e}", path.display())).into())
 }
 
 async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -242,34 +259,90 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Pat
         let list = |v: &serde_json::Value| {
             let items: Vec<String> = v
                 .as_array()
-                .map(|a| a.iter().map(|x| x.as_str().map(str::to_owned).unwrap_or_else(|| x.to_string())).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|x| {
+                            x.as_str()
+                                .map(str::to_owned)
+                                .unwrap_or_else(|| x.to_string())
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
-            if items.is_empty() { "(none)".to_owned() } else { items.join(", ") }
+            if items.is_empty() {
+                "(none)".to_owned()
+            } else {
+                items.join(", ")
+            }
         };
         println!();
         println!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
-        println!("  module        {} ({}; {})", s(&p["module"]), s(&p["digest"]), s(&p["compiled_from"]));
+        println!(
+            "  module        {} ({}; {})",
+            s(&p["module"]),
+            s(&p["digest"]),
+            s(&p["compiled_from"])
+        );
         println!(
             "  limits        timeout {} ms, memory {} MiB, output {} bytes, fail_mode {}",
-            p["timeout_ms"], p["memory_limit_mb"], p["max_output_bytes"], s(&p["fail_mode"])
+            p["timeout_ms"],
+            p["memory_limit_mb"],
+            p["max_output_bytes"],
+            s(&p["fail_mode"])
         );
         let w = &p["wasi"];
-        println!("  wasi allow    {} (on_denied {})", list(&w["allow"]), s(&w["on_denied"]));
+        println!(
+            "  wasi allow    {} (on_denied {})",
+            list(&w["allow"]),
+            s(&w["on_denied"])
+        );
         println!("  wasi granted  {}", list(&w["functions"]));
         println!("  env           {}", list(&w["env"]));
         if !list(&w["env_not_set"]).starts_with('(') {
-            println!("  env not set   {} (listed but absent from the daemon's environment)", list(&w["env_not_set"]));
+            println!(
+                "  env not set   {} (listed but absent from the daemon's environment)",
+                list(&w["env_not_set"])
+            );
         }
         let preopens: Vec<String> = w["preopens"]
             .as_array()
-            .map(|a| a.iter().map(|p| format!("{} -> {} ({})", s(&p["host"]), s(&p["guest"]), s(&p["mode"]))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        format!(
+                            "{} -> {} ({})",
+                            s(&p["host"]),
+                            s(&p["guest"]),
+                            s(&p["mode"])
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
-        println!("  preopens      {}", if preopens.is_empty() { "(none)".to_owned() } else { preopens.join(", ") });
+        println!(
+            "  preopens      {}",
+            if preopens.is_empty() {
+                "(none)".to_owned()
+            } else {
+                preopens.join(", ")
+            }
+        );
         println!("  refused       {}", list(&w["imports_refused"]));
         println!("  egress allow  {}", list(&p["egress"]["allow"]));
         let credentials: Vec<String> = p["egress"]["credentials"]
             .as_array()
-            .map(|a| a.iter().map(|c| format!("{} for {} (from {})", s(&c["header"]), s(&c["prefix"]), s(&c["source"]))).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        format!(
+                            "{} for {} (from {})",
+                            s(&c["header"]),
+                            s(&c["prefix"]),
+                            s(&c["source"])
+                        )
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         if !credentials.is_empty() {
             println!("  credentials   {}", credentials.join(", "));
@@ -294,13 +367,22 @@ async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
 }
 
 async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let bytes = std::fs::read(path).map_err(|e| UsageError(format!("cannot read module {}: {e}", path.display())))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| UsageError(format!("cannot read module {}: {e}", path.display())))?;
     let engine = Engine::new(&EngineSettings::default())?;
     let digest = config::Digest::of(&bytes);
-    let (module, _) = engine.compile(&bytes, &digest).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (module, _) = engine
+        .compile(&bytes, &digest)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let imports: Vec<(String, String, String)> = module
         .imports()
-        .map(|i| (i.module().to_owned(), i.name().to_owned(), format!("{:?}", i.ty())))
+        .map(|i| {
+            (
+                i.module().to_owned(),
+                i.name().to_owned(),
+                format!("{:?}", i.ty()),
+            )
+        })
         .collect();
     let exports: Vec<String> = module.exports().map(|e| e.name().to_owned()).collect();
     let wasi_imports: Vec<String> = imports
@@ -339,13 +421,34 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("  exports       {}", exports.join(", "));
         println!("  imports");
         for (m, n, _) in &imports {
-            let group = if m == wasi::MODULE { wasi::group_of(n).map(|g| format!("  [{g}]")).unwrap_or_default() } else { String::new() };
+            let group = if m == wasi::MODULE {
+                wasi::group_of(n)
+                    .map(|g| format!("  [{g}]"))
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
             println!("    {m}::{n}{group}");
         }
         println!(
             "  wasi needs    {}",
-            if groups.is_empty() { "nothing".to_owned() } else { format!("allow = [{}]", groups.iter().map(|g| format!("\"{g}\"")).collect::<Vec<_>>().join(", ")) }
+            if groups.is_empty() {
+                "nothing".to_owned()
+            } else {
+                format!(
+                    "allow = [{}]",
+                    groups
+                        .iter()
+                        .map(|g| format!("\"{g}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
         );
     }
-    Ok(if abi_result.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if abi_result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use wasmtime::{InstancePre, Linker, Module, Store, Trap};
+use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 
 use crate::abi::{self, AbiViolation, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::bridge::{Bridge, CacheStats, HttpCall};
 use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
-use crate::engine::{Engine, MemoryLimiter, deadline_ticks};
+use crate::engine::{Engine, MemoryLimiter};
 use crate::wasi::{self, Denial, WasiDenied};
 
 /// Extra time the async deadline allows past `timeout_ms`, so the epoch
@@ -33,7 +33,9 @@ pub enum LoadError {
         path: String,
         source: std::io::Error,
     },
-    #[error("policy `{policy}`: module {source_name} has digest {actual}, but the config pins {expected}")]
+    #[error(
+        "policy `{policy}`: module {source_name} has digest {actual}, but the config pins {expected}"
+    )]
     DigestMismatch {
         policy: String,
         source_name: String,
@@ -46,7 +48,9 @@ pub enum LoadError {
         source_name: String,
         message: String,
     },
-    #[error("policy `{policy}`: module {url} is remote; fetching modules by URL is not supported by this build")]
+    #[error(
+        "policy `{policy}`: module {url} is remote; fetching modules by URL is not supported by this build"
+    )]
     Remote { policy: String, url: String },
     #[error("policy `{policy}`: {message}")]
     Internal { policy: String, message: String },
@@ -130,11 +134,13 @@ impl Policy {
             }
         };
         let source_name = path.display().to_string();
-        let bytes = tokio::fs::read(&path).await.map_err(|source| LoadError::Read {
-            policy: name.clone(),
-            path: source_name.clone(),
-            source,
-        })?;
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(|source| LoadError::Read {
+                policy: name.clone(),
+                path: source_name.clone(),
+                source,
+            })?;
         let digest = Digest::of(&bytes);
         if let Some(expected) = spec.sha256
             && expected != digest
@@ -233,22 +239,46 @@ impl Policy {
         };
         let mut store = Store::new(loaded.engine.wasmtime(), invocation);
         store.limiter(|inv| &mut inv.limiter);
-        store.set_epoch_deadline(deadline_ticks(loaded.spec.timeout));
-        store.epoch_deadline_trap();
+        // Every epoch tick the guest yields to the executor, so a guest that
+        // computes for its whole `timeout_ms` shares the worker threads with
+        // every other evaluation instead of holding one; past its deadline
+        // the next tick interrupts it.
+        let deadline = Instant::now() + loaded.spec.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
         Ok(store)
     }
 
     /// Creates a store and instantiates the module, nothing else: the cost
     /// every evaluation pays before the guest runs (used by the benchmarks).
     pub async fn instantiate_only(&self) -> anyhow::Result<()> {
-        let subject = Subject::new(self.name(), &self.inner.spec.version, &self.inner.digest, String::new());
+        let subject = Subject::new(
+            self.name(),
+            &self.inner.spec.version,
+            &self.inner.digest,
+            String::new(),
+        );
         let mut store = self.store(subject, AuditLog::disabled())?;
         self.inner.pre.instantiate_async(&mut store).await?;
         Ok(())
     }
 
     async fn check_abi_version(&self) -> Result<(), String> {
-        let subject = Subject::new(self.name(), &self.inner.spec.version, &self.inner.digest, "load".into());
+        let subject = Subject::new(
+            self.name(),
+            &self.inner.spec.version,
+            &self.inner.digest,
+            "load".into(),
+        );
         let mut store = self
             .store(subject, AuditLog::disabled())
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
@@ -276,11 +306,21 @@ impl Policy {
     /// Evaluates `input` (raw JSON bytes) in a fresh instance. Never fails:
     /// a failed evaluation is a fail-closed decision carrying its error code.
     /// Writes the decision's audit line (and any denial lines) to `audit`.
-    pub async fn evaluate(&self, input: &[u8], options: &EvalOptions, audit: &AuditLog) -> Evaluation {
+    pub async fn evaluate(
+        &self,
+        input: &[u8],
+        options: &EvalOptions,
+        audit: &AuditLog,
+    ) -> Evaluation {
         let started = Instant::now();
         let spec = &self.inner.spec;
         let decision_id = uuid::Uuid::new_v4().to_string();
-        let mut subject = Subject::new(&spec.name, &spec.version, &self.inner.digest, decision_id.clone());
+        let mut subject = Subject::new(
+            &spec.name,
+            &spec.version,
+            &self.inner.digest,
+            decision_id.clone(),
+        );
         subject.trace_id = options.trace_id.clone();
 
         let mut instantiate = Duration::ZERO;
@@ -290,16 +330,23 @@ impl Policy {
         let outcome = match self.input_document(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => match self.store(subject.clone(), audit.clone()) {
-                Err(e) => Err((ErrorCode::Internal, format!("cannot prepare an instance: {e:#}"))),
+                Err(e) => Err((
+                    ErrorCode::Internal,
+                    format!("cannot prepare an instance: {e:#}"),
+                )),
                 Ok(mut store) => {
                     let run = self.run(&mut store, &document, &mut instantiate);
-                    let result = match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
-                        Ok(result) => result.map_err(|e| classify(&e, store.data())),
-                        Err(_) => Err((
-                            ErrorCode::EvalTimeout,
-                            format!("evaluation exceeded timeout_ms = {}", spec.timeout.as_millis()),
-                        )),
-                    };
+                    let result =
+                        match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
+                            Ok(result) => result.map_err(|e| classify(&e, store.data())),
+                            Err(_) => Err((
+                                ErrorCode::EvalTimeout,
+                                format!(
+                                    "evaluation exceeded timeout_ms = {}",
+                                    spec.timeout.as_millis()
+                                ),
+                            )),
+                        };
                     let inv = store.into_data();
                     log_guest_output(&inv);
                     denials = inv.denials;
@@ -355,9 +402,13 @@ impl Policy {
     fn input_document(&self, input: &[u8], subject: &Subject) -> Result<Vec<u8>, String> {
         let max = self.inner.spec.max_input_bytes;
         if input.len() as u64 > max {
-            return Err(format!("input is {} bytes; the policy accepts at most {max}", input.len()));
+            return Err(format!(
+                "input is {} bytes; the policy accepts at most {max}",
+                input.len()
+            ));
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(input)
+            .map_err(|e| format!("input is not valid JSON: {e}"))?;
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
@@ -372,7 +423,8 @@ impl Policy {
         document.extend_from_slice(b"{\"input\":");
         document.extend_from_slice(input);
         document.extend_from_slice(b",\"context\":");
-        serde_json::to_writer(&mut document, &context).map_err(|e| format!("cannot encode context: {e}"))?;
+        serde_json::to_writer(&mut document, &context)
+            .map_err(|e| format!("cannot encode context: {e}"))?;
         document.push(b'}');
         Ok(document)
     }
@@ -393,20 +445,26 @@ impl Policy {
                 .await?;
         }
         let alloc = instance.get_typed_func::<i32, i32>(&mut *store, "sandgate_alloc")?;
-        let evaluate = instance.get_typed_func::<(i32, i32), i64>(&mut *store, "sandgate_evaluate")?;
+        let evaluate =
+            instance.get_typed_func::<(i32, i32), i64>(&mut *store, "sandgate_evaluate")?;
         let memory = instance
             .get_memory(&mut *store, "memory")
             .ok_or_else(|| AbiViolation("module exports no memory".into()))?;
 
-        let len = i32::try_from(document.len())
-            .map_err(|_| AbiViolation(format!("input of {} bytes does not fit a guest", document.len())))?;
+        let len = i32::try_from(document.len()).map_err(|_| {
+            AbiViolation(format!(
+                "input of {} bytes does not fit a guest",
+                document.len()
+            ))
+        })?;
         let ptr = alloc.call_async(&mut *store, len).await?;
         if ptr == 0 {
             return Err(AbiViolation(format!("sandgate_alloc returned 0 for {len} bytes")).into());
         }
         let data = memory.data_mut(&mut *store);
-        let range = abi::checked_range(data.len(), ptr as u32, len as u32)
-            .map_err(|e| AbiViolation(format!("sandgate_alloc returned an unusable pointer: {e}")))?;
+        let range = abi::checked_range(data.len(), ptr as u32, len as u32).map_err(|e| {
+            AbiViolation(format!("sandgate_alloc returned an unusable pointer: {e}"))
+        })?;
         data[range].copy_from_slice(document);
 
         let (out_ptr, out_len) = abi::unpack(evaluate.call_async(&mut *store, (ptr, len)).await?);
@@ -418,8 +476,11 @@ impl Policy {
             .into());
         }
         let data = memory.data(&*store);
-        let range = abi::checked_range(data.len(), out_ptr, out_len)
-            .map_err(|e| AbiViolation(format!("sandgate_evaluate returned a bad decision pointer: {e}")))?;
+        let range = abi::checked_range(data.len(), out_ptr, out_len).map_err(|e| {
+            AbiViolation(format!(
+                "sandgate_evaluate returned a bad decision pointer: {e}"
+            ))
+        })?;
         Decision::from_guest(&data[range]).map_err(|m| AbiViolation(m).into())
     }
 }
@@ -438,19 +499,31 @@ fn classify(error: &anyhow::Error, inv: &Invocation) -> (ErrorCode, String) {
     }
     let trap = error.downcast_ref::<Trap>().copied();
     if trap == Some(Trap::Interrupt) {
-        return (ErrorCode::EvalTimeout, "evaluation exceeded its deadline (timeout_ms)".into());
+        return (
+            ErrorCode::EvalTimeout,
+            "evaluation exceeded its deadline (timeout_ms)".into(),
+        );
     }
     if inv.limiter.refused() {
         return (
             ErrorCode::MemoryLimit,
-            format!("guest tried to grow its memory past memory_limit_mb: {}", root_message(error)),
+            format!(
+                "guest tried to grow its memory past memory_limit_mb: {}",
+                root_message(error)
+            ),
         );
     }
     if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return (ErrorCode::GuestTrap, format!("guest called proc_exit({})", exit.0));
+        return (
+            ErrorCode::GuestTrap,
+            format!("guest called proc_exit({})", exit.0),
+        );
     }
     if let Some(trap) = trap {
-        return (ErrorCode::GuestTrap, format!("guest trapped: {trap}{}", backtrace_hint(error)));
+        return (
+            ErrorCode::GuestTrap,
+            format!("guest trapped: {trap}{}", backtrace_hint(error)),
+        );
     }
     (ErrorCode::Internal, root_message(error))
 }
@@ -473,7 +546,10 @@ fn backtrace_hint(error: &anyhow::Error) -> String {
 }
 
 fn log_guest_output(inv: &Invocation) {
-    for (stream, pipe) in [("stdout", &inv.output.stdout), ("stderr", &inv.output.stderr)] {
+    for (stream, pipe) in [
+        ("stdout", &inv.output.stdout),
+        ("stderr", &inv.output.stderr),
+    ] {
         let bytes = pipe.contents();
         if bytes.is_empty() {
             continue;
@@ -499,9 +575,14 @@ fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
         .collect()
 }
 
-fn link(engine: &Engine, module: &Module, spec: &PolicySpec) -> Result<InstancePre<Invocation>, String> {
+fn link(
+    engine: &Engine,
+    module: &Module,
+    spec: &PolicySpec,
+) -> Result<InstancePre<Invocation>, String> {
     let mut linker = Linker::new(engine.wasmtime());
-    abi::add_to_linker(&mut linker).map_err(|e| format!("cannot link the sandgate imports: {e:#}"))?;
+    abi::add_to_linker(&mut linker)
+        .map_err(|e| format!("cannot link the sandgate imports: {e:#}"))?;
     wasi::add_to_linker(&mut linker, module, &spec.grants)?;
     linker
         .instantiate_pre(module)
@@ -544,7 +625,10 @@ impl Registry {
 
 /// Which group grants a WASI function, for `inspect`.
 pub fn needed_groups(wasi_imports: &[String]) -> Vec<&'static str> {
-    let mut groups: Vec<&'static str> = wasi_imports.iter().filter_map(|f| wasi::group_of(f)).collect();
+    let mut groups: Vec<&'static str> = wasi_imports
+        .iter()
+        .filter_map(|f| wasi::group_of(f))
+        .collect();
     groups.sort_unstable();
     groups.dedup();
     groups

@@ -1,7 +1,8 @@
 //! Telemetry: the Prometheus metrics of the daemon (served at `/metrics`) and
 //! W3C trace-context parsing. Every metric name is defined here, once, as a
-//! constant; `server` records into the handles this module hands out, and the
-//! bridge will feed `egress_denied`. OpenTelemetry export is added here later.
+//! constant; `server` records into the handles this module hands out after
+//! each evaluation (the bridge's egress denials arrive in the `Evaluation`).
+//! OpenTelemetry export is added here later.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -223,6 +224,7 @@ impl Metrics {
             in_flight: inner.in_flight.get_or_create(&policy_labels).clone(),
             refusals: inner.refusals.get_or_create(&policy_labels).clone(),
             ready: inner.ready.get_or_create(&policy_labels).clone(),
+            egress_denials: inner.egress_denials.get_or_create(&policy_labels).clone(),
         }
     }
 
@@ -242,16 +244,6 @@ impl Metrics {
             .request_errors
             .get_or_create(&ErrorLabels {
                 error: code.as_str(),
-            })
-            .inc();
-    }
-
-    /// Counts a bridged HTTP request refused by the egress allowlist.
-    pub fn egress_denied(&self, policy: &str) {
-        self.inner
-            .egress_denials
-            .get_or_create(&PolicyLabels {
-                policy: policy.to_owned(),
             })
             .inc();
     }
@@ -284,10 +276,11 @@ pub struct PolicyMetrics {
     in_flight: Gauge,
     refusals: Counter,
     ready: Gauge,
+    egress_denials: Counter,
 }
 
 impl PolicyMetrics {
-    /// Records one finished evaluation: its decision, latencies and WASI denials.
+    /// Records one finished evaluation: its decision, latencies, WASI and egress denials.
     pub fn evaluated(&self, evaluation: &Evaluation) {
         let decision = &evaluation.decision;
         self.decision(decision.allow, decision.error_code());
@@ -295,6 +288,10 @@ impl PolicyMetrics {
         if evaluation.instantiate > Duration::ZERO {
             self.instantiation
                 .observe(evaluation.instantiate.as_secs_f64());
+        }
+        if evaluation.egress_denied > 0 {
+            self.egress_denials
+                .inc_by(u64::from(evaluation.egress_denied));
         }
         for denial in &evaluation.denials {
             self.metrics

@@ -127,7 +127,10 @@ pub const GROUPS: [(&str, &[&str]); 9] = [
         ],
     ),
     ("poll", &["poll_oneoff", "sched_yield"]),
-    ("sock", &["sock_accept", "sock_recv", "sock_send", "sock_shutdown"]),
+    (
+        "sock",
+        &["sock_accept", "sock_recv", "sock_send", "sock_shutdown"],
+    ),
     ("proc_exit", &["proc_exit", "proc_raise"]),
 ];
 
@@ -236,17 +239,25 @@ pub fn initial_fd_access(grants: &Grants) -> HashMap<u32, Access> {
 /// Adds WASI preview 1 to `linker` as `grants` allow it for `module`: granted
 /// functions are wasmtime-wasi's, every other import of the module a refusal.
 /// Errors name an import the module should not have.
-pub fn add_to_linker(linker: &mut Linker<Invocation>, module: &Module, grants: &Grants) -> Result<(), String> {
+pub fn add_to_linker(
+    linker: &mut Linker<Invocation>,
+    module: &Module,
+    grants: &Grants,
+) -> Result<(), String> {
     wasmtime_wasi::p1::add_to_linker_async(linker, |inv: &mut Invocation| &mut inv.wasi)
         .map_err(|e| format!("cannot link WASI: {e:#}"))?;
     linker.allow_shadowing(true);
     for import in module.imports().filter(|i| i.module() == MODULE) {
         let name = import.name();
         let Some(call) = PREVIEW1.iter().copied().find(|f| *f == name) else {
-            return Err(format!("imports `{MODULE}::{name}`, which is not a WASI preview 1 function"));
+            return Err(format!(
+                "imports `{MODULE}::{name}`, which is not a WASI preview 1 function"
+            ));
         };
         let ExternType::Func(ty) = import.ty() else {
-            return Err(format!("imports `{MODULE}::{name}` as something other than a function"));
+            return Err(format!(
+                "imports `{MODULE}::{name}` as something other than a function"
+            ));
         };
         let defined = if grants.allows(call) {
             if call == "path_open" {
@@ -310,30 +321,40 @@ fn define_refusal(
 
 /// `fd_write` without `fs_write`: stdout and stderr still reach the daemon
 /// log; any other descriptor is refused.
-fn define_stdio_fd_write(linker: &mut Linker<Invocation>, ty: FuncType, on_denied: OnDenied) -> wasmtime::Result<()> {
-    linker.func_new(MODULE, "fd_write", ty, move |mut caller, params, results| {
-        let arg = |i: usize| params.get(i).and_then(Val::i32).unwrap_or(-1);
-        let fd = arg(0);
-        if fd == 1 || fd == 2 {
-            let errno = match abi::gather_iovecs(&mut caller, arg(1), arg(2), MAX_GUEST_OUTPUT) {
-                Ok(bytes) => {
-                    caller.data().output.append(fd, &bytes);
-                    let written = (bytes.len() as u32).to_le_bytes();
-                    match abi::write_guest(&mut caller, arg(3), &written) {
-                        Ok(()) => ERRNO_SUCCESS,
-                        Err(_) => 21, // ERRNO_FAULT
+fn define_stdio_fd_write(
+    linker: &mut Linker<Invocation>,
+    ty: FuncType,
+    on_denied: OnDenied,
+) -> wasmtime::Result<()> {
+    linker.func_new(
+        MODULE,
+        "fd_write",
+        ty,
+        move |mut caller, params, results| {
+            let arg = |i: usize| params.get(i).and_then(Val::i32).unwrap_or(-1);
+            let fd = arg(0);
+            if fd == 1 || fd == 2 {
+                let errno = match abi::gather_iovecs(&mut caller, arg(1), arg(2), MAX_GUEST_OUTPUT)
+                {
+                    Ok(bytes) => {
+                        caller.data().output.append(fd, &bytes);
+                        let written = (bytes.len() as u32).to_le_bytes();
+                        match abi::write_guest(&mut caller, arg(3), &written) {
+                            Ok(()) => ERRNO_SUCCESS,
+                            Err(_) => 21, // ERRNO_FAULT
+                        }
                     }
+                    Err(_) => 21,
+                };
+                if let Some(r) = results.first_mut() {
+                    *r = Val::I32(errno);
                 }
-                Err(_) => 21,
-            };
-            if let Some(r) = results.first_mut() {
-                *r = Val::I32(errno);
+                return Ok(());
             }
-            return Ok(());
-        }
-        let (detail, args) = describe(&mut caller, "fd_write", params);
-        refuse(&mut caller, "fd_write", detail, args, on_denied, results)
-    })?;
+            let (detail, args) = describe(&mut caller, "fd_write", params);
+            refuse(&mut caller, "fd_write", detail, args, on_denied, results)
+        },
+    )?;
     Ok(())
 }
 
@@ -370,19 +391,33 @@ fn leaves_directory(path: &str) -> bool {
 
 type PathOpenParams = (i32, i32, i32, i32, i32, i64, i64, i32, i32);
 
-fn define_guarded_path_open(linker: &mut Linker<Invocation>, on_denied: OnDenied) -> wasmtime::Result<()> {
+fn define_guarded_path_open(
+    linker: &mut Linker<Invocation>,
+    on_denied: OnDenied,
+) -> wasmtime::Result<()> {
     linker.func_wrap_async(
         MODULE,
         "path_open",
         move |mut caller: Caller<'_, Invocation>, params: PathOpenParams| {
             Box::new(async move {
-                let (fd, dirflags, path_ptr, path_len, oflags, rights_base, rights_inheriting, fdflags, fd_out) =
-                    params;
-                let path = abi::read_guest_string(&mut caller, path_ptr, path_len, abi::MAX_PATH_BYTES)
-                    .unwrap_or_default();
+                let (
+                    fd,
+                    dirflags,
+                    path_ptr,
+                    path_len,
+                    oflags,
+                    rights_base,
+                    rights_inheriting,
+                    fdflags,
+                    fd_out,
+                ) = params;
+                let path =
+                    abi::read_guest_string(&mut caller, path_ptr, path_len, abi::MAX_PATH_BYTES)
+                        .unwrap_or_default();
                 let write = wants_write(oflags, rights_base, fdflags);
                 let dir_access = caller.data().fd_access.get(&(fd as u32)).copied();
-                let is_preopen_root = fd >= 3 && (fd as usize) < 3 + caller.data().grants.preopens.len();
+                let is_preopen_root =
+                    fd >= 3 && (fd as usize) < 3 + caller.data().grants.preopens.len();
                 let refusal = if is_preopen_root && leaves_directory(&path) {
                     Some("path leaves its preopened directory")
                 } else if write && !caller.data().grants.allows("fd_write") {
@@ -397,7 +432,14 @@ fn define_guarded_path_open(linker: &mut Linker<Invocation>, on_denied: OnDenied
                     let mut results = [Val::I32(0)];
                     let mut args = args;
                     args["reason"] = json!(reason);
-                    refuse(&mut caller, "path_open", path, args, on_denied, &mut results)?;
+                    refuse(
+                        &mut caller,
+                        "path_open",
+                        path,
+                        args,
+                        on_denied,
+                        &mut results,
+                    )?;
                     return Ok(results[0].i32().unwrap_or(ERRNO_NOTCAPABLE));
                 }
                 let Some(memory) = abi::memory(&mut caller) else {
@@ -425,7 +467,8 @@ fn define_guarded_path_open(linker: &mut Linker<Invocation>, on_denied: OnDenied
                 match errno {
                     ERRNO_SUCCESS => {
                         if let Ok(bytes) = abi::read_guest(&mut caller, fd_out, 4) {
-                            let new_fd = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+                            let new_fd =
+                                u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
                             let access = dir_access.unwrap_or(Access::ReadOnly);
                             caller.data_mut().fd_access.insert(new_fd, access);
                         }
@@ -434,7 +477,8 @@ fn define_guarded_path_open(linker: &mut Linker<Invocation>, on_denied: OnDenied
                         // Refused by the filesystem sandbox itself (a symlink
                         // out of the preopen, a read-only directory): audit it.
                         let mut args = args;
-                        args["reason"] = json!(format!("refused by the filesystem sandbox (errno {errno})"));
+                        args["reason"] =
+                            json!(format!("refused by the filesystem sandbox (errno {errno})"));
                         caller.data_mut().refuse(Denial {
                             call: "path_open",
                             detail: path,
@@ -460,15 +504,23 @@ fn describe(caller: &mut Caller<'_, Invocation>, call: &str, params: &[Val]) -> 
             .unwrap_or(-1)
     };
     let mut path_at = |ptr: usize, len: usize| -> String {
-        abi::read_guest_string(caller, arg(ptr) as i32, arg(len) as i32, abi::MAX_PATH_BYTES)
-            .unwrap_or_else(|_| "<unreadable path>".to_owned())
+        abi::read_guest_string(
+            caller,
+            arg(ptr) as i32,
+            arg(len) as i32,
+            abi::MAX_PATH_BYTES,
+        )
+        .unwrap_or_else(|_| "<unreadable path>".to_owned())
     };
     match call {
         "path_open" | "path_filestat_get" | "path_filestat_set_times" => {
             let path = path_at(2, 3);
             (path.clone(), json!({"fd": arg(0), "path": path}))
         }
-        "path_create_directory" | "path_readlink" | "path_remove_directory" | "path_unlink_file" => {
+        "path_create_directory"
+        | "path_readlink"
+        | "path_remove_directory"
+        | "path_unlink_file" => {
             let path = path_at(1, 2);
             (path.clone(), json!({"fd": arg(0), "path": path}))
         }
@@ -526,7 +578,10 @@ mod tests {
 
     #[test]
     fn every_group_names_only_preview1_functions_and_covers_them_all() {
-        let mut covered: Vec<&str> = GROUPS.iter().flat_map(|(_, fs)| fs.iter().copied()).collect();
+        let mut covered: Vec<&str> = GROUPS
+            .iter()
+            .flat_map(|(_, fs)| fs.iter().copied())
+            .collect();
         for f in &covered {
             assert!(PREVIEW1.contains(f), "{f} is not a preview1 function");
         }
@@ -538,7 +593,10 @@ mod tests {
 
     #[test]
     fn grants_expand_groups_and_exact_names() {
-        assert_eq!(expand_grant("clock"), Some(&["clock_res_get", "clock_time_get"][..]));
+        assert_eq!(
+            expand_grant("clock"),
+            Some(&["clock_res_get", "clock_time_get"][..])
+        );
         assert_eq!(expand_grant("random_get"), Some(&["random_get"][..]));
         assert_eq!(expand_grant("network"), None);
         assert_eq!(group_of("path_open"), Some("fs_read"));
@@ -560,7 +618,16 @@ mod tests {
         assert!(wants_write(0, 0, 1));
         // What Rust's std sends for a read-only open: read, readdir and its
         // fixed set (advise, set flags, filestat, seek, sync, tell, path_*).
-        let std_read: i64 = (1 << 1) | (1 << 14) | (1 << 7) | (1 << 3) | (1 << 21) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 9) | (1 << 10);
+        let std_read: i64 = (1 << 1)
+            | (1 << 14)
+            | (1 << 7)
+            | (1 << 3)
+            | (1 << 21)
+            | (1 << 2)
+            | (1 << 4)
+            | (1 << 5)
+            | (1 << 9)
+            | (1 << 10);
         assert!(!wants_write(0, std_read, 0));
         assert!(wants_write(0, std_read | 1, 0));
     }

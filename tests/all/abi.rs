@@ -21,14 +21,19 @@ async fn load_error(wat: &str) -> String {
 async fn eval_wat(wat: &str, extra: &str) -> sandgate::Evaluation {
     let dir = tempdir();
     let module = write(dir.path(), "m.wat", wat);
-    evaluate_once(dir.path(), &policy_toml(&module, extra), "{}").await.0
+    evaluate_once(dir.path(), &policy_toml(&module, extra), "{}")
+        .await
+        .0
 }
 
 #[tokio::test]
 async fn module_missing_a_required_export_is_refused_naming_it() {
     let wat = abi_guest("", ALLOW_RESULT).replace(r#"(export "sandgate_alloc")"#, "");
     let err = load_error(&wat).await;
-    assert!(err.contains("missing required export `sandgate_alloc`"), "{err}");
+    assert!(
+        err.contains("missing required export `sandgate_alloc`"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -53,11 +58,23 @@ async fn export_with_the_wrong_type_is_refused() {
 
 #[tokio::test]
 async fn imports_outside_the_abi_are_refused() {
-    let err = load_error(&abi_guest(r#"(import "env" "system" (func))"#, ALLOW_RESULT)).await;
+    let err = load_error(&abi_guest(
+        r#"(import "env" "system" (func))"#,
+        ALLOW_RESULT,
+    ))
+    .await;
     assert!(err.contains("imports `env::system`"), "{err}");
-    let err = load_error(&abi_guest(r#"(import "sandgate" "exec" (func))"#, ALLOW_RESULT)).await;
+    let err = load_error(&abi_guest(
+        r#"(import "sandgate" "exec" (func))"#,
+        ALLOW_RESULT,
+    ))
+    .await;
     assert!(err.contains("imports `sandgate::exec`"), "{err}");
-    let err = load_error(&abi_guest(r#"(import "wasi_snapshot_preview1" "fork" (func))"#, ALLOW_RESULT)).await;
+    let err = load_error(&abi_guest(
+        r#"(import "wasi_snapshot_preview1" "fork" (func))"#,
+        ALLOW_RESULT,
+    ))
+    .await;
     assert!(err.contains("not a WASI preview 1 function"), "{err}");
 }
 
@@ -67,28 +84,58 @@ async fn decision_pointer_outside_memory_is_abi_violation() {
     let e = eval_wat(&abi_guest("", "i64.const 858993459200014"), "").await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
     assert!(!e.decision.allow, "fail closed");
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("outside guest memory")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("outside guest memory"))
+    );
 }
 
 #[tokio::test]
 async fn decision_larger_than_max_output_is_abi_violation() {
     // (1024 << 32) | 5000 with max_output_bytes = 4096.
-    let e = eval_wat(&abi_guest("", "i64.const 4398046516104"), "max_output_bytes = 4096").await;
+    let e = eval_wat(
+        &abi_guest("", "i64.const 4398046516104"),
+        "max_output_bytes = 4096",
+    )
+    .await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("maximum output is 4096")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("maximum output is 4096"))
+    );
 }
 
 #[tokio::test]
 async fn decision_that_is_not_json_or_lacks_allow_is_abi_violation() {
-    let not_json = abi_guest(r#"(data (i32.const 2048) "allow")"#, "i64.const 8796093022213"); // (2048<<32)|5
+    let not_json = abi_guest(
+        r#"(data (i32.const 2048) "allow")"#,
+        "i64.const 8796093022213",
+    ); // (2048<<32)|5
     let e = eval_wat(&not_json, "").await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("not valid JSON")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("not valid JSON"))
+    );
 
-    let no_allow = abi_guest(r#"(data (i32.const 2048) "{\"ok\":1}")"#, "i64.const 8796093022216"); // (2048<<32)|8
+    let no_allow = abi_guest(
+        r#"(data (i32.const 2048) "{\"ok\":1}")"#,
+        "i64.const 8796093022216",
+    ); // (2048<<32)|8
     let e = eval_wat(&no_allow, "").await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("no `allow`")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("no `allow`"))
+    );
 }
 
 #[tokio::test]
@@ -96,12 +143,22 @@ async fn alloc_failure_or_bad_pointer_is_abi_violation() {
     let zero = abi_guest("", ALLOW_RESULT).replace("local.get $p)", "i32.const 0)");
     let e = eval_wat(&zero, "").await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("returned 0")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("returned 0"))
+    );
 
     let outside = abi_guest("", ALLOW_RESULT).replace("local.get $p)", "i32.const 131070)");
     let e = eval_wat(&outside, "").await;
     assert_eq!(e.decision.error_code(), Some(ErrorCode::AbiViolation));
-    assert!(e.decision.error.as_ref().is_some_and(|m| m.message.contains("unusable pointer")));
+    assert!(
+        e.decision
+            .error
+            .as_ref()
+            .is_some_and(|m| m.message.contains("unusable pointer"))
+    );
 }
 
 #[tokio::test]
@@ -119,7 +176,9 @@ async fn the_guest_reads_the_input_document_with_context() {
     // Allow only when the bytes at ptr start with `{"input":`.
     let wat = abi_guest(
         "",
-        &allow_if("(i32.and (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 123)) (i32.eq (i32.load8_u offset=2 (local.get $ptr)) (i32.const 105)))"),
+        &allow_if(
+            "(i32.and (i32.eq (i32.load8_u (local.get $ptr)) (i32.const 123)) (i32.eq (i32.load8_u offset=2 (local.get $ptr)) (i32.const 105)))",
+        ),
     );
     let e = eval_wat(&wat, "").await;
     assert!(e.decision.allow, "{:?}", e.decision);
@@ -141,8 +200,15 @@ async fn http_send_is_refused_and_audited_without_egress() {
     let module = write(dir.path(), "m.wat", &wat);
     let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, ""), "{}").await;
     assert!(e.decision.allow, "{:?}", e.decision);
-    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied")
+        .collect();
     assert_eq!(denied.len(), 1, "{audit:?}");
     assert_eq!(denied[0]["url"], "http://127.0.0.1:9/introspect");
-    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("egress.allow")));
+    assert!(
+        denied[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("egress.allow"))
+    );
 }

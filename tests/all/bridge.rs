@@ -54,7 +54,10 @@ async fn peer() -> Peer {
                         .collect();
                     s.authorization.lock().expect("lock").push(auth);
                     let active = String::from_utf8_lossy(&body).contains("token=good");
-                    ([(header::CONTENT_TYPE, "application/json")], format!(r#"{{"active":{active},"sub":"alice"}}"#))
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        format!(r#"{{"active":{active},"sub":"alice"}}"#),
+                    )
                 }
             }),
         )
@@ -67,16 +70,30 @@ async fn peer() -> Peer {
                         .get(header::AUTHORIZATION)
                         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                         .unwrap_or_default();
-                    s.authorization.lock().expect("lock").push(vec![auth.clone()]);
-                    ([("x-echo-authorization", auth.clone())], format!("you sent: {auth}"))
+                    s.authorization
+                        .lock()
+                        .expect("lock")
+                        .push(vec![auth.clone()]);
+                    (
+                        [("x-echo-authorization", auth.clone())],
+                        format!("you sent: {auth}"),
+                    )
                 }
             }),
         )
         .route("/allowed/target", get(|| async { "target" }))
-        .route("/allowed/redirect-in", get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/allowed/target")]) }))
+        .route(
+            "/allowed/redirect-in",
+            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "/allowed/target")]) }),
+        )
         .route(
             "/allowed/redirect-out",
-            get(|| async { (StatusCode::FOUND, [(header::LOCATION, "http://127.0.0.1:9/elsewhere")]) }),
+            get(|| async {
+                (
+                    StatusCode::FOUND,
+                    [(header::LOCATION, "http://127.0.0.1:9/elsewhere")],
+                )
+            }),
         )
         .route(
             "/allowed/slow",
@@ -113,7 +130,9 @@ async fn peer() -> Peer {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -123,7 +142,9 @@ async fn peer() -> Peer {
 
 /// A server that streams an endless chunked body (no Content-Length).
 async fn chunked_peer() -> (SocketAddr, Arc<AtomicU32>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let chunks_written = Arc::new(AtomicU32::new(0));
     let counter = Arc::clone(&chunks_written);
@@ -133,7 +154,11 @@ async fn chunked_peer() -> (SocketAddr, Arc<AtomicU32>) {
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = socket.read(&mut buf).await;
-                if socket.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").await.is_err() {
+                if socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 let chunk = format!("4000\r\n{}\r\n", "y".repeat(0x4000));
@@ -163,11 +188,17 @@ fn code_guest(requests: &[String], expected: i64) -> String {
     for (i, r) in requests.iter().enumerate() {
         let at = 3000 + i * 1000;
         data.push_str(&format!("(data (i32.const {at}) \"{}\")\n", wat_str(r)));
-        calls.push_str(&format!("(local.set $n (call $send (i32.const {at}) (i32.const {})))\n", r.len()));
+        calls.push_str(&format!(
+            "(local.set $n (call $send (i32.const {at}) (i32.const {})))\n",
+            r.len()
+        ));
     }
     abi_guest(
         &format!("{BRIDGE_IMPORTS}\n{data}"),
-        &format!("(local $n i64)\n{calls}{}", allow_if(&format!("(i64.eq (local.get $n) (i64.const {expected}))"))),
+        &format!(
+            "(local $n i64)\n{calls}{}",
+            allow_if(&format!("(i64.eq (local.get $n) (i64.const {expected}))"))
+        ),
     )
 }
 
@@ -194,10 +225,23 @@ fn response_guest(request: &str) -> String {
 
 fn egress_toml(module: &std::path::Path, allow: &[String], extra: &str) -> String {
     let allow: Vec<String> = allow.iter().map(|a| format!("\"{a}\"")).collect();
-    policy_toml(module, &format!("timeout_ms = 1000\n[policy.egress]\nallow = [{}]\n{extra}", allow.join(", ")))
+    policy_toml(
+        module,
+        &format!(
+            "timeout_ms = 1000\n[policy.egress]\nallow = [{}]\n{extra}",
+            allow.join(", ")
+        ),
+    )
 }
 
-async fn run(guest: &str, toml_for: impl FnOnce(&std::path::Path) -> String) -> (sandgate::Evaluation, Vec<serde_json::Value>, tempfile::TempDir) {
+async fn run(
+    guest: &str,
+    toml_for: impl FnOnce(&std::path::Path) -> String,
+) -> (
+    sandgate::Evaluation,
+    Vec<serde_json::Value>,
+    tempfile::TempDir,
+) {
     let dir = tempdir();
     let module = write(dir.path(), "m.wat", guest);
     let toml = toml_for(&module);
@@ -206,7 +250,11 @@ async fn run(guest: &str, toml_for: impl FnOnce(&std::path::Path) -> String) -> 
 }
 
 fn response(e: &sandgate::Evaluation) -> &serde_json::Value {
-    assert!(e.decision.allow, "the bridged call failed: {:?}", e.decision);
+    assert!(
+        e.decision.allow,
+        "the bridged call failed: {:?}",
+        e.decision
+    );
     &e.decision.extra["obligations"]
 }
 
@@ -222,7 +270,10 @@ fn body_text(resp: &serde_json::Value) -> String {
 async fn bridged_call_reaches_a_real_server_and_returns_its_response() {
     let p = peer().await;
     let request = format!(r#"{{"method":"GET","url":"{}"}}"#, p.url("/allowed/target"));
-    let (e, audit, _d) = run(&response_guest(&request), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
+    let (e, audit, _d) = run(&response_guest(&request), |m| {
+        egress_toml(m, &[p.url("/allowed")], "")
+    })
+    .await;
     let resp = response(&e);
     assert_eq!(resp["status"], 200);
     assert_eq!(body_text(resp), "target");
@@ -236,26 +287,69 @@ async fn requests_outside_the_allowlist_are_refused_and_audited() {
     let p = peer().await;
     let port = p.addr.port();
     let cases = [
-        (format!("http://127.0.0.1:{port}/introspect"), "not within egress.allow"),
-        (format!("http://127.0.0.1:{port}/allowedx/target"), "not within egress.allow"),
-        (format!("http://127.0.0.1:{port}/allowed/../introspect"), "not within egress.allow"),
-        (format!("http://127.0.0.1:{port}/allowed/%2e%2e/introspect"), "not within egress.allow"),
-        (format!("http://127.0.0.1:{}/allowed/target", port + 1), "not within egress.allow"),
-        (format!("http://127.0.0.1:{port}@evil.example/allowed/target"), "user information"),
-        (format!("http://[::ffff:127.0.0.1]:{port}/allowed/target"), "not within egress.allow"),
-        (format!("http://localhost:{port}/allowed/target"), "not within egress.allow"),
+        (
+            format!("http://127.0.0.1:{port}/introspect"),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/allowedx/target"),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/allowed/../introspect"),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://127.0.0.1:{port}/allowed/%2e%2e/introspect"),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://127.0.0.1:{}/allowed/target", port + 1),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://127.0.0.1:{port}@evil.example/allowed/target"),
+            "user information",
+        ),
+        (
+            format!("http://[::ffff:127.0.0.1]:{port}/allowed/target"),
+            "not within egress.allow",
+        ),
+        (
+            format!("http://localhost:{port}/allowed/target"),
+            "not within egress.allow",
+        ),
     ];
     for (url, reason) in cases {
         let request = format!(r#"{{"method":"GET","url":"{url}"}}"#);
-        let (e, audit, _d) = run(&code_guest(&[request], -1), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
-        assert!(e.decision.allow, "{url} must be refused with -1: {:?}", e.decision);
-        let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+        let (e, audit, _d) = run(&code_guest(&[request], -1), |m| {
+            egress_toml(m, &[p.url("/allowed")], "")
+        })
+        .await;
+        assert!(
+            e.decision.allow,
+            "{url} must be refused with -1: {:?}",
+            e.decision
+        );
+        let denied: Vec<_> = audit
+            .iter()
+            .filter(|l| l["kind"] == "egress_denied")
+            .collect();
         assert_eq!(denied.len(), 1, "{url}: {audit:?}");
         assert_eq!(denied[0]["url"], url.as_str());
-        assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains(reason)), "{url}: {:?}", denied[0]);
+        assert!(
+            denied[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(reason)),
+            "{url}: {:?}",
+            denied[0]
+        );
         assert_eq!(e.egress_denied, 1);
     }
-    assert!(p.seen.authorization.lock().expect("lock").is_empty(), "nothing reached the server");
+    assert!(
+        p.seen.authorization.lock().expect("lock").is_empty(),
+        "nothing reached the server"
+    );
 }
 
 #[tokio::test]
@@ -264,28 +358,51 @@ async fn policies_without_egress_are_refused_every_request() {
     let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/target"));
     let (e, audit, _d) = run(&code_guest(&[request], -1), |m| policy_toml(m, "")).await;
     assert!(e.decision.allow, "{:?}", e.decision);
-    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
-    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("egress.allow is empty")));
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied")
+        .collect();
+    assert!(
+        denied[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("egress.allow is empty"))
+    );
 }
 
 #[tokio::test]
 async fn redirects_are_not_followed_unless_allowed_and_then_only_within_the_allowlist() {
     let p = peer().await;
     let to_in = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/redirect-in"));
-    let (e, _, _d) = run(&response_guest(&to_in), |m| egress_toml(m, &[p.url("/allowed")], "")).await;
+    let (e, _, _d) = run(&response_guest(&to_in), |m| {
+        egress_toml(m, &[p.url("/allowed")], "")
+    })
+    .await;
     assert_eq!(response(&e)["status"], 302, "not followed by default");
 
-    let (e, _, _d) = run(&response_guest(&to_in), |m| egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")).await;
+    let (e, _, _d) = run(&response_guest(&to_in), |m| {
+        egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")
+    })
+    .await;
     let resp = response(&e);
     assert_eq!(resp["status"], 200);
     assert_eq!(body_text(resp), "target");
 
     let to_out = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/redirect-out"));
-    let (e, audit, _d) = run(&code_guest(&[to_out], -1), |m| egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")).await;
+    let (e, audit, _d) = run(&code_guest(&[to_out], -1), |m| {
+        egress_toml(m, &[p.url("/allowed")], "allow_redirects = true")
+    })
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
-    let denied: Vec<_> = audit.iter().filter(|l| l["kind"] == "egress_denied").collect();
+    let denied: Vec<_> = audit
+        .iter()
+        .filter(|l| l["kind"] == "egress_denied")
+        .collect();
     assert_eq!(denied[0]["url"], "http://127.0.0.1:9/elsewhere");
-    assert!(denied[0]["reason"].as_str().is_some_and(|r| r.contains("redirect")));
+    assert!(
+        denied[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("redirect"))
+    );
 }
 
 #[tokio::test]
@@ -294,31 +411,70 @@ async fn limits_map_to_their_codes() {
     let allowed = [p.url("/allowed"), "http://127.0.0.1:9/closed".to_owned()];
     let get = |path: &str| format!(r#"{{"url":"{}"}}"#, p.url(path));
 
-    let (e, _, _d) = run(&code_guest(&[get("/allowed/slow")], -2), |m| egress_toml(m, &allowed, "timeout_ms = 50")).await;
+    let (e, _, _d) = run(&code_guest(&[get("/allowed/slow")], -2), |m| {
+        egress_toml(m, &allowed, "timeout_ms = 50")
+    })
+    .await;
     assert!(e.decision.allow, "per-call timeout is -2: {:?}", e.decision);
 
     let closed = r#"{"url":"http://127.0.0.1:9/closed"}"#.to_owned();
     let (e, _, _d) = run(&code_guest(&[closed], -3), |m| egress_toml(m, &allowed, "")).await;
-    assert!(e.decision.allow, "connection refused is -3: {:?}", e.decision);
+    assert!(
+        e.decision.allow,
+        "connection refused is -3: {:?}",
+        e.decision
+    );
 
-    let (e, _, _d) = run(&code_guest(&[get("/allowed/big")], -4), |m| egress_toml(m, &allowed, "max_response_bytes = 65536")).await;
-    assert!(e.decision.allow, "oversized response is -4: {:?}", e.decision);
+    let (e, _, _d) = run(&code_guest(&[get("/allowed/big")], -4), |m| {
+        egress_toml(m, &allowed, "max_response_bytes = 65536")
+    })
+    .await;
+    assert!(
+        e.decision.allow,
+        "oversized response is -4: {:?}",
+        e.decision
+    );
 
-    let (e, _, _d) = run(&code_guest(&[get("/allowed/target"), get("/allowed/target")], -6), |m| egress_toml(m, &allowed, "max_calls = 1")).await;
-    assert!(e.decision.allow, "the second call exceeds the budget: {:?}", e.decision);
+    let (e, _, _d) = run(
+        &code_guest(&[get("/allowed/target"), get("/allowed/target")], -6),
+        |m| egress_toml(m, &allowed, "max_calls = 1"),
+    )
+    .await;
+    assert!(
+        e.decision.allow,
+        "the second call exceeds the budget: {:?}",
+        e.decision
+    );
 
-    let (e, _, _d) = run(&code_guest(&["{\"url\": 5}".to_owned()], -5), |m| egress_toml(m, &allowed, "")).await;
-    assert!(e.decision.allow, "a malformed request is -5: {:?}", e.decision);
+    let (e, _, _d) = run(&code_guest(&["{\"url\": 5}".to_owned()], -5), |m| {
+        egress_toml(m, &allowed, "")
+    })
+    .await;
+    assert!(
+        e.decision.allow,
+        "a malformed request is -5: {:?}",
+        e.decision
+    );
 }
 
 #[tokio::test]
 async fn streamed_responses_are_cut_at_the_limit_and_not_read_further() {
     let (addr, chunks) = chunked_peer().await;
     let request = format!(r#"{{"url":"http://{addr}/stream"}}"#);
-    let (e, _, _d) = run(&code_guest(&[request], -4), |m| egress_toml(m, &[format!("http://{addr}/stream")], "max_response_bytes = 65536")).await;
+    let (e, _, _d) = run(&code_guest(&[request], -4), |m| {
+        egress_toml(
+            m,
+            &[format!("http://{addr}/stream")],
+            "max_response_bytes = 65536",
+        )
+    })
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(chunks.load(Ordering::SeqCst) < 1024, "the bridge kept reading after the limit");
+    assert!(
+        chunks.load(Ordering::SeqCst) < 1024,
+        "the bridge kept reading after the limit"
+    );
 }
 
 #[tokio::test]
@@ -327,10 +483,21 @@ async fn a_slow_server_cannot_stretch_an_evaluation_past_its_deadline() {
     let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/slower"));
     let started = Instant::now();
     let (e, _, _d) = run(&code_guest(&[request], 0), |m| {
-        policy_toml(m, &format!("timeout_ms = 100\n[policy.egress]\nallow = [\"{}\"]\ntimeout_ms = 5000", p.url("/allowed")))
+        policy_toml(
+            m,
+            &format!(
+                "timeout_ms = 100\n[policy.egress]\nallow = [\"{}\"]\ntimeout_ms = 5000",
+                p.url("/allowed")
+            ),
+        )
     })
     .await;
-    assert_eq!(e.decision.error_code(), Some(ErrorCode::EvalTimeout), "{:?}", e.decision);
+    assert_eq!(
+        e.decision.error_code(),
+        Some(ErrorCode::EvalTimeout),
+        "{:?}",
+        e.decision
+    );
     assert!(e.duration < Duration::from_millis(300), "{:?}", e.duration);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
@@ -339,7 +506,10 @@ async fn a_slow_server_cannot_stretch_an_evaluation_past_its_deadline() {
 async fn credentials_are_injected_replacing_the_guests_and_never_visible_to_it() {
     let p = peer().await;
     let secret = "Basic czZCaGRSa3F0MzpnWDFmQmF0M2JW";
-    let request = format!(r#"{{"method":"GET","url":"{}","headers":[["Authorization","Bearer from-guest"]]}}"#, p.url("/echo"));
+    let request = format!(
+        r#"{{"method":"GET","url":"{}","headers":[["Authorization","Bearer from-guest"]]}}"#,
+        p.url("/echo")
+    );
     let (e, _, _d) = run(&response_guest(&request), |m| {
         let dir = m.parent().expect("dir");
         write(dir, "client-secret", &format!("{secret}\n"));
@@ -351,11 +521,21 @@ async fn credentials_are_injected_replacing_the_guests_and_never_visible_to_it()
     })
     .await;
     let resp = response(&e).clone();
-    assert_eq!(p.seen.authorization.lock().expect("lock").as_slice(), [vec![secret.to_owned()]], "exactly the host's credential reached the server");
+    assert_eq!(
+        p.seen.authorization.lock().expect("lock").as_slice(),
+        [vec![secret.to_owned()]],
+        "exactly the host's credential reached the server"
+    );
     let seen_by_guest = resp.to_string();
-    assert!(!seen_by_guest.contains("czZCaGRSa3F0MzpnWDFmQmF0M2JW"), "{seen_by_guest}");
+    assert!(
+        !seen_by_guest.contains("czZCaGRSa3F0MzpnWDFmQmF0M2JW"),
+        "{seen_by_guest}"
+    );
     assert!(body_text(&resp).contains("[redacted]"));
-    let echoed = resp["headers"].as_array().and_then(|h| h.iter().find(|kv| kv[0] == "x-echo-authorization")).expect("echo header");
+    let echoed = resp["headers"]
+        .as_array()
+        .and_then(|h| h.iter().find(|kv| kv[0] == "x-echo-authorization"))
+        .expect("echo header");
     assert_eq!(echoed[1], "[redacted]");
 }
 
@@ -364,17 +544,47 @@ async fn responses_are_cached_within_ttl_honouring_no_store() {
     let p = peer().await;
     let get = |path: &str| format!(r#"{{"url":"{}"}}"#, p.url(path));
     let dir = tempdir();
-    let guest = code_guest(&[get("/allowed/cached"), get("/allowed/cached"), get("/allowed/nostore"), get("/allowed/nostore")], 75);
+    let guest = code_guest(
+        &[
+            get("/allowed/cached"),
+            get("/allowed/cached"),
+            get("/allowed/nostore"),
+            get("/allowed/nostore"),
+        ],
+        75,
+    );
     let module = write(dir.path(), "m.wat", &guest);
-    let (_, config) = config(dir.path(), &egress_toml(&module, &[p.url("/allowed")], "cache_ttl_ms = 60000"));
+    let (_, config) = config(
+        dir.path(),
+        &egress_toml(&module, &[p.url("/allowed")], "cache_ttl_ms = 60000"),
+    );
     let engine = engine(&dir.path().join("cache"));
-    let policy = sandgate::Policy::load(&engine, config.policies[0].clone()).await.expect("load");
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
+        .await
+        .expect("load");
     let audit = sandgate::audit::AuditLog::disabled();
-    let e = policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await;
-    assert_eq!(e.http_calls.iter().filter(|c| c.cached).count(), 1, "{:?}", e.http_calls);
-    let _ = policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await;
-    assert_eq!(p.seen.cached_hits.load(Ordering::SeqCst), 1, "max-age response served from the cache");
-    assert_eq!(p.seen.nostore_hits.load(Ordering::SeqCst), 4, "no-store responses are never cached");
+    let e = policy
+        .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+        .await;
+    assert_eq!(
+        e.http_calls.iter().filter(|c| c.cached).count(),
+        1,
+        "{:?}",
+        e.http_calls
+    );
+    let _ = policy
+        .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+        .await;
+    assert_eq!(
+        p.seen.cached_hits.load(Ordering::SeqCst),
+        1,
+        "max-age response served from the cache"
+    );
+    assert_eq!(
+        p.seen.nostore_hits.load(Ordering::SeqCst),
+        4,
+        "no-store responses are never cached"
+    );
     let stats = policy.bridge_cache_stats();
     assert_eq!(stats.hits.load(Ordering::SeqCst), 3);
     assert_eq!(stats.misses.load(Ordering::SeqCst), 5);
@@ -386,15 +596,24 @@ async fn two_hundred_evaluations_waiting_on_a_slow_server_hold_no_threads() {
     let dir = tempdir();
     let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/slow"));
     let module = write(dir.path(), "m.wat", &response_guest(&request));
-    let (_, config) = config(dir.path(), &egress_toml(&module, &[p.url("/allowed")], "timeout_ms = 5000"));
+    let (_, config) = config(
+        dir.path(),
+        &egress_toml(&module, &[p.url("/allowed")], "timeout_ms = 5000"),
+    );
     let engine = engine(&dir.path().join("cache"));
-    let policy = sandgate::Policy::load(&engine, config.policies[0].clone()).await.expect("load");
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
+        .await
+        .expect("load");
     let audit = sandgate::audit::AuditLog::disabled();
     let started = Instant::now();
     let tasks: Vec<_> = (0..200)
         .map(|_| {
             let (policy, audit) = (policy.clone(), audit.clone());
-            tokio::spawn(async move { policy.evaluate(b"{}", &sandgate::EvalOptions::default(), &audit).await })
+            tokio::spawn(async move {
+                policy
+                    .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+                    .await
+            })
         })
         .collect();
     for t in tasks {
@@ -402,5 +621,8 @@ async fn two_hundred_evaluations_waiting_on_a_slow_server_hold_no_threads() {
         assert_eq!(response(&e)["status"], 200);
     }
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(900), "200 x 200 ms waits took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_millis(900),
+        "200 x 200 ms waits took {elapsed:?}"
+    );
 }

@@ -8,8 +8,22 @@ fn eval_prints_the_decision_and_exits_zero() {
     let dir = tempdir();
     let module = write(dir.path(), "ok.wat", &abi_guest("", ALLOW_RESULT));
     let input = write(dir.path(), "in.json", r#"{"user":"alice"}"#);
-    let out = sandgate(&["eval", "--module", module.to_str().unwrap(), "--input", input.to_str().unwrap()], &dir.path().join("c"));
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sandgate(
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+        ],
+        &dir.path().join("c"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout_json(&out), serde_json::json!({"allow": true}));
 }
 
@@ -19,7 +33,15 @@ fn eval_reads_stdin_and_fails_closed_with_exit_three() {
     let module = write(dir.path(), "trap.wat", &abi_guest("", "unreachable"));
     let audit = dir.path().join("audit.jsonl");
     let out = sandgate_with_stdin(
-        &["eval", "--module", module.to_str().unwrap(), "--input", "-", "--audit", audit.to_str().unwrap()],
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            "-",
+            "--audit",
+            audit.to_str().expect("UTF-8 path"),
+        ],
         &dir.path().join("c"),
         Some(b"{}"),
     );
@@ -37,13 +59,30 @@ fn eval_reads_stdin_and_fails_closed_with_exit_three() {
 #[test]
 fn eval_of_an_invalid_module_prints_module_invalid_and_exits_three() {
     let dir = tempdir();
-    let module = write(dir.path(), "bad.wat", "(module (memory (export \"memory\") 1))");
+    let module = write(
+        dir.path(),
+        "bad.wat",
+        "(module (memory (export \"memory\") 1))",
+    );
     let input = write(dir.path(), "in.json", "{}");
-    let out = sandgate(&["eval", "--module", module.to_str().unwrap(), "--input", input.to_str().unwrap()], &dir.path().join("c"));
+    let out = sandgate(
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+        ],
+        &dir.path().join("c"),
+    );
     assert_eq!(out.status.code(), Some(3));
     let decision = stdout_json(&out);
     assert_eq!(decision["error"]["code"], "module_invalid");
-    assert!(decision["error"]["message"].as_str().is_some_and(|m| m.contains("sandgate_abi_version")));
+    assert!(
+        decision["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("sandgate_abi_version"))
+    );
 }
 
 #[test]
@@ -52,7 +91,16 @@ fn eval_usage_errors_exit_two() {
     let out = sandgate(&["eval", "--input", "x.json"], &dir.path().join("c"));
     assert_eq!(out.status.code(), Some(2));
     let module = write(dir.path(), "ok.wat", &abi_guest("", ALLOW_RESULT));
-    let out = sandgate(&["eval", "--module", module.to_str().unwrap(), "--input", "/nonexistent/in.json"], &dir.path().join("c"));
+    let out = sandgate(
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            "/nonexistent/in.json",
+        ],
+        &dir.path().join("c"),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/in.json"));
 }
@@ -68,16 +116,54 @@ fn eval_with_config_uses_the_policys_grants() {
     let config = write(
         dir.path(),
         "sandgate.toml",
-        &format!("[[policy]]\nname = \"rand\"\nmodule = \"{}\"\n[policy.wasi]\nallow = [\"random\"]\n", module.display()),
+        &format!(
+            "[[policy]]\nname = \"rand\"\nmodule = \"{}\"\n[policy.wasi]\nallow = [\"random\"]\n",
+            module.display()
+        ),
     );
     let input = write(dir.path(), "in.json", "{}");
     let cache = dir.path().join("c");
-    let out = sandgate(&["eval", "--config", config.to_str().unwrap(), "--policy", "rand", "--input", input.to_str().unwrap()], &cache);
+    let out = sandgate(
+        &[
+            "eval",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--policy",
+            "rand",
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+        ],
+        &cache,
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout_json(&out)["allow"], true, "granted by the config");
-    let out = sandgate(&["eval", "--module", module.to_str().unwrap(), "--input", input.to_str().unwrap()], &cache);
-    assert_eq!(stdout_json(&out)["allow"], false, "nothing granted without --config");
-    let out = sandgate(&["eval", "--config", config.to_str().unwrap(), "--policy", "nope", "--input", input.to_str().unwrap()], &cache);
+    let out = sandgate(
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+        ],
+        &cache,
+    );
+    assert_eq!(
+        stdout_json(&out)["allow"],
+        false,
+        "nothing granted without --config"
+    );
+    let out = sandgate(
+        &[
+            "eval",
+            "--config",
+            config.to_str().expect("UTF-8 path"),
+            "--policy",
+            "nope",
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+        ],
+        &cache,
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy `nope`"));
 }
@@ -90,23 +176,50 @@ fn guest_stdout_goes_to_the_daemon_log_never_to_the_caller() {
         r#"(import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
   (data (i32.const 3000) "\c0\0b\00\00\11\00\00\00")
   (data (i32.const 3008) "hello-from-guest\n")"#,
-        &format!("(drop (call $w (i32.const 1) (i32.const 3000) (i32.const 1) (i32.const 2000))) (drop (call $w (i32.const 2) (i32.const 3000) (i32.const 1) (i32.const 2000))) {ALLOW_RESULT}"),
+        &format!(
+            "(drop (call $w (i32.const 1) (i32.const 3000) (i32.const 1) (i32.const 2000))) (drop (call $w (i32.const 2) (i32.const 3000) (i32.const 1) (i32.const 2000))) {ALLOW_RESULT}"
+        ),
     );
     let module = write(dir.path(), "talk.wat", &wat);
     let input = write(dir.path(), "in.json", "{}");
     let audit = dir.path().join("audit.jsonl");
     let out = sandgate(
-        &["eval", "--module", module.to_str().unwrap(), "--input", input.to_str().unwrap(), "--audit", audit.to_str().unwrap()],
+        &[
+            "eval",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--input",
+            input.to_str().expect("UTF-8 path"),
+            "--audit",
+            audit.to_str().expect("UTF-8 path"),
+        ],
         &dir.path().join("c"),
     );
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(stdout_json(&out), serde_json::json!({"allow": true}), "stdout carries only the decision");
+    assert_eq!(
+        stdout_json(&out),
+        serde_json::json!({"allow": true}),
+        "stdout carries only the decision"
+    );
     let log = String::from_utf8_lossy(&out.stderr);
-    let tagged: Vec<&str> = log.lines().filter(|l| l.contains("hello-from-guest")).collect();
+    let tagged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("hello-from-guest"))
+        .collect();
     assert_eq!(tagged.len(), 2, "stdout and stderr lines in the log: {log}");
     assert!(tagged.iter().all(|l| l.contains("policy=talk")), "{log}");
-    assert!(tagged.iter().any(|l| l.contains("stream=\"stdout\"") || l.contains("stream=stdout")), "{log}");
-    assert!(audit_lines(&audit).iter().all(|l| l["kind"] != "wasi_denied"), "stdio is not a denial");
+    assert!(
+        tagged
+            .iter()
+            .any(|l| l.contains("stream=\"stdout\"") || l.contains("stream=stdout")),
+        "{log}"
+    );
+    assert!(
+        audit_lines(&audit)
+            .iter()
+            .all(|l| l["kind"] != "wasi_denied"),
+        "stdio is not a denial"
+    );
 }
 
 #[test]
@@ -119,20 +232,57 @@ fn inspect_lists_imports_exports_abi_and_needed_wasi() {
         ALLOW_RESULT,
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let out = sandgate(&["inspect", "--module", module.to_str().unwrap(), "--json"], &dir.path().join("c"));
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sandgate(
+        &[
+            "inspect",
+            "--module",
+            module.to_str().expect("UTF-8 path"),
+            "--json",
+        ],
+        &dir.path().join("c"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let facts = stdout_json(&out);
     assert_eq!(facts["abi_version"], 1);
-    assert_eq!(facts["wasi_groups"], serde_json::json!(["fs_read", "random"]));
-    assert!(facts["exports"].as_array().is_some_and(|e| e.iter().any(|x| x == "sandgate_evaluate")));
-    assert!(facts["imports"].as_array().is_some_and(|i| i.iter().any(|x| x == "sandgate::log")));
+    assert_eq!(
+        facts["wasi_groups"],
+        serde_json::json!(["fs_read", "random"])
+    );
+    assert!(
+        facts["exports"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|x| x == "sandgate_evaluate"))
+    );
+    assert!(
+        facts["imports"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|x| x == "sandgate::log"))
+    );
 
-    let text = sandgate(&["inspect", "--module", module.to_str().unwrap()], &dir.path().join("c"));
+    let text = sandgate(
+        &["inspect", "--module", module.to_str().expect("UTF-8 path")],
+        &dir.path().join("c"),
+    );
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("abi version   1") && text.contains("allow = [\"fs_read\", \"random\"]"), "{text}");
+    assert!(
+        text.contains("abi version   1") && text.contains("allow = [\"fs_read\", \"random\"]"),
+        "{text}"
+    );
 
-    let bad = write(dir.path(), "bad.wat", "(module (memory (export \"memory\") 1))");
-    let out = sandgate(&["inspect", "--module", bad.to_str().unwrap()], &dir.path().join("c"));
+    let bad = write(
+        dir.path(),
+        "bad.wat",
+        "(module (memory (export \"memory\") 1))",
+    );
+    let out = sandgate(
+        &["inspect", "--module", bad.to_str().expect("UTF-8 path")],
+        &dir.path().join("c"),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("missing required export"));
 }

@@ -11,6 +11,6 @@ mod cli;
 mod config;
 mod engine;
 mod examples;
-mod wasi;
-mod server;
 mod nginx;
+mod server;
+mod wasi;

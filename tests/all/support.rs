@@ -33,25 +33,46 @@ pub fn guest(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let out = Command::new(cargo)
             .current_dir(repo_root())
-            .args(["build", "--release", "--target", "wasm32-wasip1", "-p", "rbac", "-p", "abac-owner", "-p", "snoop", "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip1",
+                "-p",
+                "rbac",
+                "-p",
+                "abac-owner",
+                "-p",
+                "snoop",
+                "--target-dir",
+            ])
             .arg(guests_dir())
             .output()
             .map_err(|e| format!("cannot run cargo: {e}"))?;
         if out.status.success() {
             Ok(())
         } else {
-            Err(format!("building the example guests failed:\n{}", String::from_utf8_lossy(&out.stderr)))
+            Err(format!(
+                "building the example guests failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
         }
     });
     if let Err(e) = built {
         panic!("{e}");
     }
-    guests_dir().join("wasm32-wasip1").join("release").join(format!("{name}.wasm"))
+    guests_dir()
+        .join("wasm32-wasip1")
+        .join("release")
+        .join(format!("{name}.wasm"))
 }
 
 /// A temporary directory that lives as long as the value.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("sandgate-test-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("sandgate-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Writes `text` to `dir/name` and returns the path.
@@ -74,7 +95,12 @@ pub fn sandgate_with_stdin(args: &[&str], cache: &Path, stdin: Option<&[u8]>) ->
 }
 
 /// Runs `sandgate` with extra environment variables.
-pub fn sandgate_with_env(args: &[&str], cache: &Path, stdin: Option<&[u8]>, env: &[(&str, &str)]) -> Output {
+pub fn sandgate_with_env(
+    args: &[&str],
+    cache: &Path,
+    stdin: Option<&[u8]>,
+    env: &[(&str, &str)],
+) -> Output {
     use std::io::Write;
     let mut child = Command::new(sandgate_bin())
         .args(args)
@@ -86,7 +112,12 @@ pub fn sandgate_with_env(args: &[&str], cache: &Path, stdin: Option<&[u8]>, env:
         .spawn()
         .expect("spawn sandgate");
     if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
     } else {
         drop(child.stdin.take());
     }
@@ -166,15 +197,23 @@ pub fn engine(cache: &Path) -> sandgate::Engine {
 
 /// Loads the first policy of `toml` (written into `dir`) and evaluates `input`,
 /// recording audit lines into `dir/audit.jsonl`.
-pub async fn evaluate_once(dir: &Path, toml: &str, input: &str) -> (sandgate::Evaluation, Vec<serde_json::Value>) {
+pub async fn evaluate_once(
+    dir: &Path,
+    toml: &str,
+    input: &str,
+) -> (sandgate::Evaluation, Vec<serde_json::Value>) {
     let (_, config) = config(dir, toml);
     let engine = engine(&dir.join("cache"));
     let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
         .await
         .unwrap_or_else(|e| panic!("policy must load: {e}"));
     let audit_path = dir.join("audit.jsonl");
-    let audit = sandgate::audit::AuditLog::open(&sandgate::config::AuditTarget::File(audit_path.clone())).expect("audit log");
-    let evaluation = policy.evaluate(input.as_bytes(), &sandgate::EvalOptions::default(), &audit).await;
+    let audit =
+        sandgate::audit::AuditLog::open(&sandgate::config::AuditTarget::File(audit_path.clone()))
+            .expect("audit log");
+    let evaluation = policy
+        .evaluate(input.as_bytes(), &sandgate::EvalOptions::default(), &audit)
+        .await;
     audit.flush();
     (evaluation, audit_lines(&audit_path))
 }

@@ -22,7 +22,10 @@ fn path_data(path: &str) -> String {
 }
 
 fn denials(audit: &[serde_json::Value]) -> Vec<&serde_json::Value> {
-    audit.iter().filter(|l| l["kind"] == "wasi_denied").collect()
+    audit
+        .iter()
+        .filter(|l| l["kind"] == "wasi_denied")
+        .collect()
 }
 
 #[tokio::test]
@@ -30,18 +33,28 @@ async fn denied_random_get_returns_notcapable_and_is_audited() {
     let dir = tempdir();
     let wat = abi_guest(
         r#"(import "wasi_snapshot_preview1" "random_get" (func $random_get (param i32 i32) (result i32)))"#,
-        &allow_if(&format!("(i32.eq (call $random_get (i32.const 2048) (i32.const 16)) {NOTCAPABLE})")),
+        &allow_if(&format!(
+            "(i32.eq (call $random_get (i32.const 2048) (i32.const 16)) {NOTCAPABLE})"
+        )),
     );
     let module = write(dir.path(), "m.wat", &wat);
     let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, ""), "{}").await;
-    assert!(e.decision.allow, "random_get must return 76: {:?}", e.decision);
+    assert!(
+        e.decision.allow,
+        "random_get must return 76: {:?}",
+        e.decision
+    );
     let denied = denials(&audit);
     assert_eq!(denied.len(), 1, "{audit:?}");
     assert_eq!(denied[0]["call"], "random_get");
     assert_eq!(denied[0]["detail"], "16 bytes");
     assert_eq!(denied[0]["policy"], "p");
     assert_eq!(denied[0]["decision_id"], e.decision_id.as_str());
-    assert!(denied[0]["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")));
+    assert!(
+        denied[0]["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
     assert!(denied[0]["ts"].as_str().is_some());
     assert_eq!(e.denials.len(), 1);
 }
@@ -54,7 +67,12 @@ async fn granted_random_get_is_real() {
         &allow_if("(i32.eqz (call $random_get (i32.const 2048) (i32.const 16)))"),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, "[policy.wasi]\nallow = [\"random\"]"), "{}").await;
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &policy_toml(&module, "[policy.wasi]\nallow = [\"random\"]"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(denials(&audit).is_empty());
 }
@@ -67,13 +85,24 @@ async fn on_denied_trap_aborts_the_evaluation_with_wasi_denied() {
         &format!("(drop (call $env (i32.const 2048) (i32.const 2052))) {ALLOW_RESULT}"),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, "[policy.wasi]\non_denied = \"trap\""), "{}").await;
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &policy_toml(&module, "[policy.wasi]\non_denied = \"trap\""),
+        "{}",
+    )
+    .await;
     assert!(!e.decision.allow);
     assert_eq!(e.decision.error_code(), Some(ErrorCode::WasiDenied));
     let message = &e.decision.error.as_ref().expect("error").message;
-    assert!(message.contains("environ_sizes_get") && message.contains("`env`"), "{message}");
+    assert!(
+        message.contains("environ_sizes_get") && message.contains("`env`"),
+        "{message}"
+    );
     assert_eq!(denials(&audit)[0]["call"], "environ_sizes_get");
-    let decision = audit.iter().find(|l| l["kind"] == "decision").expect("decision line");
+    let decision = audit
+        .iter()
+        .find(|l| l["kind"] == "decision")
+        .expect("decision line");
     assert_eq!(decision["error"]["code"], "wasi_denied");
 }
 
@@ -88,7 +117,9 @@ fn preopen_fixture(dir: &std::path::Path) -> std::path::PathBuf {
 fn preopen_toml(module: &std::path::Path, allow: &str, mode: &str) -> String {
     policy_toml(
         module,
-        &format!("[policy.wasi]\nallow = [{allow}]\npreopens = [{{ host = \"data\", guest = \"/data\", mode = \"{mode}\" }}]"),
+        &format!(
+            "[policy.wasi]\nallow = [{allow}]\npreopens = [{{ host = \"data\", guest = \"/data\", mode = \"{mode}\" }}]"
+        ),
     )
 }
 
@@ -98,10 +129,18 @@ async fn path_open_leaving_the_preopen_is_refused_and_audited() {
     preopen_fixture(dir.path());
     let wat = abi_guest(
         &format!("{PATH_OPEN} {}", path_data("../secret")),
-        &allow_if(&format!("(i32.eq {} {NOTCAPABLE})", path_open("../secret", 0, 2))),
+        &allow_if(&format!(
+            "(i32.eq {} {NOTCAPABLE})",
+            path_open("../secret", 0, 2)
+        )),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\"", "ro"), "{}").await;
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\"", "ro"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "escape must return 76: {:?}", e.decision);
     let denied = denials(&audit);
     assert_eq!(denied.len(), 1, "{audit:?}");
@@ -117,11 +156,23 @@ async fn symlink_out_of_the_preopen_is_refused_and_audited() {
     std::os::unix::fs::symlink(dir.path(), data.join("out")).expect("symlink");
     let wat = abi_guest(
         &format!("{PATH_OPEN} {}", path_data("out/secret")),
-        &allow_if(&format!("(i32.ne {} (i32.const 0))", path_open("out/secret", 0, 2))),
+        &allow_if(&format!(
+            "(i32.ne {} (i32.const 0))",
+            path_open("out/secret", 0, 2)
+        )),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\"", "ro"), "{}").await;
-    assert!(e.decision.allow, "the symlink must not be followed out: {:?}", e.decision);
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\"", "ro"),
+        "{}",
+    )
+    .await;
+    assert!(
+        e.decision.allow,
+        "the symlink must not be followed out: {:?}",
+        e.decision
+    );
     let denied = denials(&audit);
     assert_eq!(denied.len(), 1, "{audit:?}");
     assert_eq!(denied[0]["detail"], "out/secret");
@@ -136,7 +187,12 @@ async fn reading_a_file_in_a_read_only_preopen_works() {
         &allow_if(&format!("(i32.eqz {})", path_open("keep.txt", 0, 2))),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\"", "ro"), "{}").await;
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\"", "ro"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(denials(&audit).is_empty(), "{audit:?}");
 }
@@ -166,12 +222,24 @@ async fn read_only_preopen_refuses_creates_writes_renames_and_unlinks() {
         )),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "ro"), "{}").await;
-    assert!(e.decision.allow, "every mutation must be refused: {:?}", e.decision);
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "ro"),
+        "{}",
+    )
+    .await;
+    assert!(
+        e.decision.allow,
+        "every mutation must be refused: {:?}",
+        e.decision
+    );
     assert!(!data.join("new.txt").exists());
     assert!(!data.join("moved.txt").exists());
     assert!(!data.join("newdir").exists());
-    assert_eq!(std::fs::read_to_string(data.join("keep.txt")).expect("keep.txt"), "keep");
+    assert_eq!(
+        std::fs::read_to_string(data.join("keep.txt")).expect("keep.txt"),
+        "keep"
+    );
     let denied = denials(&audit);
     let opens: Vec<_> = denied.iter().filter(|l| l["call"] == "path_open").collect();
     assert_eq!(opens.len(), 2, "{audit:?}");
@@ -188,7 +256,12 @@ async fn read_write_preopen_allows_creating_files() {
         &allow_if(&format!("(i32.eqz {})", path_open("new.txt", 1, 64))),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, _) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "rw"), "{}").await;
+    let (e, _) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "rw"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(data.join("new.txt").exists());
 }
@@ -199,13 +272,25 @@ async fn writes_without_fs_write_are_refused_even_on_a_preopen() {
     let data = preopen_fixture(dir.path());
     let wat = abi_guest(
         &format!("{PATH_OPEN} {}", path_data("new.txt")),
-        &allow_if(&format!("(i32.eq {} {NOTCAPABLE})", path_open("new.txt", 1, 64))),
+        &allow_if(&format!(
+            "(i32.eq {} {NOTCAPABLE})",
+            path_open("new.txt", 1, 64)
+        )),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(dir.path(), &preopen_toml(&module, "\"fs_read\"", "ro"), "{}").await;
+    let (e, audit) = evaluate_once(
+        dir.path(),
+        &preopen_toml(&module, "\"fs_read\"", "ro"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(!data.join("new.txt").exists());
-    assert!(denials(&audit)[0]["args"]["reason"].as_str().is_some_and(|r| r.contains("fs_write")));
+    assert!(
+        denials(&audit)[0]["args"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("fs_write"))
+    );
 }
 
 #[tokio::test]
@@ -214,12 +299,26 @@ async fn only_listed_environment_variables_are_visible() {
     // environ_sizes_get writes the variable count at 2048.
     let wat = abi_guest(
         r#"(import "wasi_snapshot_preview1" "environ_sizes_get" (func $env (param i32 i32) (result i32)))"#,
-        &allow_if("(i32.and (i32.eqz (call $env (i32.const 2048) (i32.const 2052))) (i32.eq (i32.load (i32.const 2048)) (i32.const 1)))"),
+        &allow_if(
+            "(i32.and (i32.eqz (call $env (i32.const 2048) (i32.const 2052))) (i32.eq (i32.load (i32.const 2048)) (i32.const 1)))",
+        ),
     );
     let module = write(dir.path(), "m.wat", &wat);
     assert!(std::env::var("PATH").is_ok() && std::env::var("HOME").is_ok());
-    let (e, _) = evaluate_once(dir.path(), &policy_toml(&module, "[policy.wasi]\nallow = [\"env\"]\nenv = [\"PATH\"]"), "{}").await;
-    assert!(e.decision.allow, "exactly one variable must be visible: {:?}", e.decision);
+    let (e, _) = evaluate_once(
+        dir.path(),
+        &policy_toml(
+            &module,
+            "[policy.wasi]\nallow = [\"env\"]\nenv = [\"PATH\"]",
+        ),
+        "{}",
+    )
+    .await;
+    assert!(
+        e.decision.allow,
+        "exactly one variable must be visible: {:?}",
+        e.decision
+    );
 }
 
 #[tokio::test]
@@ -227,10 +326,17 @@ async fn guests_get_no_arguments() {
     let dir = tempdir();
     let wat = abi_guest(
         r#"(import "wasi_snapshot_preview1" "args_sizes_get" (func $args (param i32 i32) (result i32)))"#,
-        &allow_if("(i32.and (i32.eqz (call $args (i32.const 2048) (i32.const 2052))) (i32.eqz (i32.load (i32.const 2048))))"),
+        &allow_if(
+            "(i32.and (i32.eqz (call $args (i32.const 2048) (i32.const 2052))) (i32.eqz (i32.load (i32.const 2048))))",
+        ),
     );
     let module = write(dir.path(), "m.wat", &wat);
-    let (e, _) = evaluate_once(dir.path(), &policy_toml(&module, "[policy.wasi]\nallow = [\"args\"]"), "{}").await;
+    let (e, _) = evaluate_once(
+        dir.path(),
+        &policy_toml(&module, "[policy.wasi]\nallow = [\"args\"]"),
+        "{}",
+    )
+    .await;
     assert!(e.decision.allow, "{:?}", e.decision);
 }
 
@@ -241,7 +347,9 @@ async fn fd_write_to_other_descriptors_is_refused_without_fs_write() {
         r#"(import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
   (data (i32.const 3000) "\b8\0b\00\00\02\00\00\00")
   (data (i32.const 3000) "\b8\0b\00\00\02\00\00\00")"#,
-        &allow_if(&format!("(i32.eq (call $fd_write (i32.const 7) (i32.const 3000) (i32.const 1) (i32.const 2000)) {NOTCAPABLE})")),
+        &allow_if(&format!(
+            "(i32.eq (call $fd_write (i32.const 7) (i32.const 3000) (i32.const 1) (i32.const 2000)) {NOTCAPABLE})"
+        )),
     );
     let module = write(dir.path(), "m.wat", &wat);
     let (e, audit) = evaluate_once(dir.path(), &policy_toml(&module, ""), "{}").await;

@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use envoy_types::ext_authz::v3::pb::{
     Address, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
     HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
@@ -381,7 +381,12 @@ impl Decoder for CheckCodec {
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Decoded>, Status> {
-        Ok(Some(CheckRequest::decode(src)))
+        let decoded = CheckRequest::decode(&mut *src);
+        // A message that fails to decode leaves bytes behind; consume them so
+        // the stream stays aligned and the handler answers with the code.
+        let rest = src.remaining();
+        src.advance(rest);
+        Ok(Some(decoded))
     }
 
     fn buffer_settings(&self) -> BufferSettings {

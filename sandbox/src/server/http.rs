@@ -100,7 +100,7 @@ async fn opa_data(
     };
     let status = json_status(&answer);
     let error = (status != StatusCode::OK)
-        .then(|| answer.decision.error.as_ref())
+        .then_some(answer.decision.error.as_ref())
         .flatten();
     let body = OpaBody {
         result: &answer.decision,

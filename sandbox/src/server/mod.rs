@@ -18,13 +18,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::{AuditTarget, Config, PolicySpec};
 use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
 use crate::engine::{Engine, EngineError};
-use crate::policy::{EvalOptions, Policy};
+use crate::policy::{EvalOptions, Evaluation, Policy};
 use crate::telemetry::{Metrics, PolicyMetrics};
 
 /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
@@ -218,7 +218,7 @@ impl Server {
 
 /// What the daemon shares between its listeners.
 pub(crate) struct State {
-    slots: HashMap<String, Slot>,
+    slots: HashMap<String, Arc<Slot>>,
     /// The policy the gRPC service uses without `context_extensions["policy"]`.
     only_policy: Option<String>,
     audit: AuditLog,
@@ -229,7 +229,7 @@ pub(crate) struct State {
 /// One configured policy: its load status, its evaluation gate and metrics.
 struct Slot {
     spec: PolicySpec,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     metrics: PolicyMetrics,
     status: RwLock<Status>,
 }
@@ -293,19 +293,19 @@ impl Answer {
 impl State {
     fn new(config: &Config, audit: AuditLog) -> State {
         let metrics = Metrics::new(&audit);
-        let slots: HashMap<String, Slot> = config
+        let slots: HashMap<String, Arc<Slot>> = config
             .policies
             .iter()
             .map(|spec| {
                 let policy_metrics = metrics.policy(&spec.name, &spec.version);
                 policy_metrics.set_ready(false);
                 let slot = Slot {
-                    permits: Semaphore::new(spec.max_in_flight as usize),
+                    permits: Arc::new(Semaphore::new(spec.max_in_flight as usize)),
                     metrics: policy_metrics,
                     spec: spec.clone(),
                     status: RwLock::new(Status::Loading),
                 };
-                (spec.name.clone(), slot)
+                (spec.name.clone(), Arc::new(slot))
             })
             .collect();
         let only_policy = match config.policies.as_slice() {
@@ -415,7 +415,7 @@ impl State {
         };
         // Excess load is refused at once, fail-closed whatever the fail_mode:
         // queueing would let one slow policy hold every worker.
-        let Ok(_permit) = slot.permits.try_acquire() else {
+        let Ok(permit) = Arc::clone(&slot.permits).try_acquire_owned() else {
             slot.metrics.refused();
             return self.refuse(
                 slot,
@@ -430,16 +430,40 @@ impl State {
                 trace_id,
             );
         };
-        let _in_flight = slot.metrics.in_flight();
-        let options = EvalOptions { trace_id };
-        let evaluation = policy.evaluate(&input, &options, &self.audit).await;
-        slot.metrics.evaluated(&evaluation);
-        Answer {
-            decision: evaluation.decision,
-            policy: evaluation.policy,
-            version: Some(evaluation.version),
-            decision_id: evaluation.decision_id,
-            outcome: Outcome::Evaluated,
+        let evaluation = run_isolated(
+            Arc::clone(slot),
+            policy,
+            input,
+            trace_id,
+            self.audit.clone(),
+            permit,
+        );
+        match evaluation.await {
+            Ok(evaluation) => Answer {
+                decision: evaluation.decision,
+                policy: evaluation.policy,
+                version: Some(evaluation.version),
+                decision_id: evaluation.decision_id,
+                outcome: Outcome::Evaluated,
+            },
+            Err(e) => {
+                // Only a host bug gets here: the guest runs under its deadline.
+                tracing::error!(policy = %name, error = %e, "evaluation task failed");
+                let decision = Decision::failed(
+                    ErrorCode::Internal,
+                    format!("evaluation task failed: {e}"),
+                    slot.spec.fail_mode,
+                );
+                slot.metrics
+                    .decision(decision.allow, Some(ErrorCode::Internal));
+                Answer {
+                    decision,
+                    policy: slot.spec.name.clone(),
+                    version: Some(slot.spec.version.clone()),
+                    decision_id: uuid::Uuid::new_v4().to_string(),
+                    outcome: Outcome::Evaluated,
+                }
+            }
         }
     }
 
@@ -647,6 +671,35 @@ impl State {
         let audit = self.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     }
+}
+
+/// Runs one evaluation on a blocking-pool thread, holding the policy's
+/// `max_in_flight` permit until it ends.
+///
+/// A guest runs without yielding until its epoch deadline, so on the async
+/// workers a spinning policy would hold them all (2 on a 2-core machine) and
+/// every other policy would wait behind it. On their own threads, evaluations
+/// of different policies share the CPU by the kernel's scheduling instead, and
+/// the I/O workers stay free. The evaluation also finishes (and is audited and
+/// counted) when the caller goes away.
+fn run_isolated(
+    slot: Arc<Slot>,
+    policy: Policy,
+    input: Bytes,
+    trace_id: Option<String>,
+    audit: AuditLog,
+    permit: OwnedSemaphorePermit,
+) -> tokio::task::JoinHandle<Evaluation> {
+    let runtime = tokio::runtime::Handle::current();
+    let _ = runtime;
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _in_flight = slot.metrics.in_flight();
+        let options = EvalOptions { trace_id };
+        let evaluation = policy.evaluate(&input, &options, &audit).await;
+        slot.metrics.evaluated(&evaluation);
+        evaluation
+    })
 }
 
 /// The body of `GET /readyz`.
