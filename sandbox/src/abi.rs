@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use opentelemetry::KeyValue;
 use wasmtime::{Caller, Extern, ExternType, Linker, Memory, Module, ValType};
 use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::{Access, Grants};
 use crate::engine::MemoryLimiter;
+use crate::telemetry::traces::Scope;
 use crate::wasi::{Denial, GuestOutput};
 
 /// The ABI version this host speaks.
@@ -55,6 +57,10 @@ pub struct Invocation {
     /// The response `http_read` will copy.
     pub pending: Option<Vec<u8>>,
     pub http_calls: Vec<crate::bridge::HttpCall>,
+    /// The span the guest runs in (its `evaluate` span once instantiated).
+    pub trace: Scope,
+    /// Epoch ticks the guest ran through (`wasm.fuel_or_epochs`).
+    pub epochs: u64,
 }
 
 impl Invocation {
@@ -68,6 +74,13 @@ impl Invocation {
             call = denial.call,
             detail = %denial.detail,
             "wasi call refused"
+        );
+        self.trace.event(
+            "wasi_denied",
+            vec![
+                KeyValue::new("wasi.call", denial.call),
+                KeyValue::new("wasi.detail", denial.detail.clone()),
+            ],
         );
         self.audit.record(
             &self.subject,
@@ -249,6 +262,7 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
             if inv.log_calls > MAX_LOG_CALLS {
                 return Ok(());
             }
+            inv.trace.guest_log(level, &message);
             let s = &inv.subject;
             macro_rules! emit {
                 ($lvl:expr) => {

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use url::{Host, Url};
@@ -21,6 +23,7 @@ use wasmtime::{Caller, Linker};
 use crate::abi::{self, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
+use crate::telemetry::traces::Scope;
 
 /// `http_send` results (DESIGN §2).
 pub const EGRESS_DENIED: i64 = -1;
@@ -29,6 +32,19 @@ pub const CONNECTION_ERROR: i64 = -3;
 pub const RESPONSE_TOO_LARGE: i64 = -4;
 pub const INVALID_REQUEST: i64 = -5;
 pub const BUDGET_EXHAUSTED: i64 = -6;
+
+/// The name of a negative bridge code, as spans report it in `error.type`.
+pub fn code_name(code: i64) -> &'static str {
+    match code {
+        EGRESS_DENIED => "egress_denied",
+        TIMEOUT => "timeout",
+        CONNECTION_ERROR => "connection_error",
+        RESPONSE_TOO_LARGE => "response_too_large",
+        INVALID_REQUEST => "invalid_request",
+        BUDGET_EXHAUSTED => "budget_exhausted",
+        _ => "unknown",
+    }
+}
 
 /// Largest request document a guest may hand the bridge.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
@@ -179,7 +195,7 @@ impl Bridge {
             None
         } else {
             // The process may already have a provider installed; either is fine.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+            crate::install_tls_provider();
             Some(
                 reqwest::Client::builder()
                     // Redirects are followed by hand, each hop checked.
@@ -228,9 +244,19 @@ impl Bridge {
         audit: &AuditLog,
         subject: &Subject,
         calls: &mut Vec<HttpCall>,
+        trace: &Scope,
     ) -> Result<Vec<u8>, i64> {
         let started = Instant::now();
         let request: GuestRequest = serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)?;
+        let method = request.method.to_ascii_uppercase();
+        let span = trace.child(
+            method.clone(),
+            SpanKind::Client,
+            vec![
+                KeyValue::new("http.request.method", method),
+                KeyValue::new("url.full", request.url.clone()),
+            ],
+        );
         let mut record = HttpCall {
             method: request.method.clone(),
             url: request.url.clone(),
@@ -239,9 +265,23 @@ impl Bridge {
             duration: Duration::ZERO,
         };
         let result = self
-            .send_checked(request, audit, subject, &mut record)
+            .send_checked(request, audit, subject, &mut record, &span)
             .await;
         record.duration = started.elapsed();
+        match &result {
+            Ok((status, _)) => span.set_attributes(vec![
+                KeyValue::new("http.response.status_code", i64::from(*status)),
+                KeyValue::new("sandgate.cached", record.cached),
+            ]),
+            Err(code) => {
+                span.set_attributes(vec![KeyValue::new("error.type", code_name(*code))]);
+                span.fail(
+                    code_name(*code),
+                    &format!("bridge returned {code} to the guest"),
+                );
+            }
+        }
+        span.end();
         record.outcome = match &result {
             Ok((status, _)) => Ok(*status),
             Err(code) => Err(*code),
@@ -256,11 +296,25 @@ impl Bridge {
         audit: &AuditLog,
         subject: &Subject,
         record: &mut HttpCall,
+        span: &Scope,
     ) -> Result<(u16, Vec<u8>), i64> {
         let mut url = Url::parse(&request.url).map_err(|_| INVALID_REQUEST)?;
         url.set_fragment(None);
+        if let Some(host) = url.host_str() {
+            span.set_attributes(vec![KeyValue::new("server.address", host.to_owned())]);
+        }
+        if let Some(port) = url.port_or_known_default() {
+            span.set_attributes(vec![KeyValue::new("server.port", i64::from(port))]);
+        }
         let deny = |url: &str, reason: String| {
             tracing::warn!(policy = %subject.policy, decision_id = %subject.decision_id, %url, "egress refused: {reason}");
+            span.event(
+                "egress_denied",
+                vec![
+                    KeyValue::new("url.full", url.to_owned()),
+                    KeyValue::new("reason", reason.clone()),
+                ],
+            );
             audit.record(
                 subject,
                 &AuditRecord::EgressDenied {
@@ -341,6 +395,8 @@ impl Bridge {
                     headers.insert(name, value);
                 }
             }
+            // The called service joins the decision's trace.
+            span.inject(&mut headers);
             let mut builder = client
                 .request(method.clone(), url.clone())
                 .headers(headers)
@@ -558,9 +614,9 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
                     return Ok(BUDGET_EXHAUSTED);
                 }
                 inv.egress_calls += 1;
-                let (bridge, audit, subject) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone());
+                let (bridge, audit, subject, trace) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone(), inv.trace.clone());
                 let mut calls = Vec::new();
-                let result = bridge.send(&raw, &audit, &subject, &mut calls).await;
+                let result = bridge.send(&raw, &audit, &subject, &mut calls, &trace).await;
                 let inv = caller.data_mut();
                 inv.http_calls.append(&mut calls);
                 Ok(match result {

@@ -93,6 +93,24 @@ pub enum OtlpProtocol {
 pub struct TelemetrySettings {
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
+    /// Share of new traces recorded (0.0 to 1.0); a caller's sampled flag wins.
+    pub sampling_ratio: f64,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
+    pub guest_log_level: i32,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::Grpc,
+            sampling_ratio: 1.0,
+            service_name: "sandgate".to_owned(),
+            guest_log_level: 2,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -375,6 +393,9 @@ struct RawAudit {
 struct RawTelemetry {
     otlp_endpoint: Option<Spanned<String>>,
     otlp_protocol: Option<OtlpProtocol>,
+    sampling_ratio: Option<Spanned<f64>>,
+    service_name: Option<Spanned<String>>,
+    guest_log_level: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -535,31 +556,8 @@ impl Resolver<'_> {
             },
         };
         let telemetry = match raw.telemetry {
-            None => TelemetrySettings {
-                otlp_endpoint: None,
-                otlp_protocol: OtlpProtocol::Grpc,
-            },
-            Some(t) => {
-                let otlp_endpoint = match t.otlp_endpoint {
-                    None => None,
-                    Some(e) => {
-                        let v = e.get_ref();
-                        if !(v.starts_with("http://") || v.starts_with("https://")) {
-                            return self.error(
-                                Some(e.span()),
-                                format!(
-                                    "telemetry.otlp_endpoint: `{v}` must be an http:// or https:// URL"
-                                ),
-                            );
-                        }
-                        Some(v.clone())
-                    }
-                };
-                TelemetrySettings {
-                    otlp_endpoint,
-                    otlp_protocol: t.otlp_protocol.unwrap_or(OtlpProtocol::Grpc),
-                }
-            }
+            None => TelemetrySettings::default(),
+            Some(t) => self.telemetry(t)?,
         };
         let ebpf = raw.ebpf.and_then(|e| e.mode).unwrap_or_default();
         let engine = self.engine(raw.engine)?;
@@ -628,6 +626,88 @@ impl Resolver<'_> {
             listen,
             grpc_listen,
             max_body_bytes,
+        })
+    }
+
+    fn telemetry(&self, t: RawTelemetry) -> Result<TelemetrySettings, ConfigError> {
+        let defaults = TelemetrySettings::default();
+        let otlp_protocol = t.otlp_protocol.unwrap_or(defaults.otlp_protocol);
+        let otlp_endpoint = match t.otlp_endpoint {
+            None => None,
+            Some(e) => {
+                let v = e.get_ref();
+                let scheme = match url::Url::parse(v) {
+                    Ok(url) if url.host_str().is_some() => url.scheme().to_owned(),
+                    _ => String::new(),
+                };
+                if scheme != "http" && scheme != "https" {
+                    return self.error(
+                        Some(e.span()),
+                        format!(
+                            "telemetry.otlp_endpoint: `{v}` must be an http:// or https:// URL"
+                        ),
+                    );
+                }
+                if scheme == "https" && otlp_protocol == OtlpProtocol::Grpc {
+                    return self.error(
+                        Some(e.span()),
+                        format!(
+                            "telemetry.otlp_endpoint: `{v}`: this build exports OTLP/gRPC over plain http:// only; \
+                             use otlp_protocol = \"http/protobuf\" for https:// or a local collector"
+                        ),
+                    );
+                }
+                Some(v.clone())
+            }
+        };
+        let sampling_ratio = match t.sampling_ratio {
+            None => defaults.sampling_ratio,
+            Some(r) if (0.0..=1.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return self.error(
+                    Some(r.span()),
+                    format!(
+                        "telemetry.sampling_ratio: {} must be between 0.0 and 1.0",
+                        r.get_ref()
+                    ),
+                );
+            }
+        };
+        let service_name = match t.service_name {
+            None => defaults.service_name,
+            Some(n) if n.get_ref().trim().is_empty() => {
+                return self.error(
+                    Some(n.span()),
+                    "telemetry.service_name: must not be empty".into(),
+                );
+            }
+            Some(n) => n.into_inner(),
+        };
+        let guest_log_level = match t.guest_log_level {
+            None => defaults.guest_log_level,
+            Some(l) => match l.get_ref().as_str() {
+                "trace" => 0,
+                "debug" => 1,
+                "info" => 2,
+                "warn" => 3,
+                "error" => 4,
+                "off" => i32::MAX,
+                other => {
+                    return self.error(
+                        Some(l.span()),
+                        format!(
+                            "telemetry.guest_log_level: `{other}` is not one of trace, debug, info, warn, error, off"
+                        ),
+                    );
+                }
+            },
+        };
+        Ok(TelemetrySettings {
+            otlp_endpoint,
+            otlp_protocol,
+            sampling_ratio,
+            service_name,
+            guest_log_level,
         })
     }
 

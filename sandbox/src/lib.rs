@@ -18,6 +18,12 @@ pub mod telemetry;
 pub mod wasi;
 
 pub use config::{Config, PolicySpec};
+
+/// Installs ring as the process's rustls provider; reqwest (the bridge, the
+/// OTLP/HTTP exporter) is built without one. Idempotent.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 pub use decision::{Decision, ErrorCode, FailMode};
 pub use engine::Engine;
 pub use policy::{EvalOptions, Evaluation, Policy, Registry};

@@ -58,6 +58,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Receive OTLP traces and print each trace's span tree (a terminal view
+    /// of what the daemon exports, for machines without Jaeger).
+    Trace {
+        /// OTLP/gRPC listen address (point `telemetry.otlp_endpoint` here).
+        #[arg(long, default_value = "127.0.0.1:4317")]
+        listen: std::net::SocketAddr,
+        /// Also receive OTLP/HTTP (`POST /v1/traces`) on this address.
+        #[arg(long)]
+        http_listen: Option<std::net::SocketAddr>,
+    },
     /// Show a module's imports, exports, ABI version and the WASI it needs.
     Inspect {
         #[arg(long)]
@@ -123,6 +133,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config, json } => check(&config, json).await,
         Command::Inspect { module, json } => inspect(&module, json).await,
         Command::Serve { config } => serve(&config).await,
+        Command::Trace {
+            listen,
+            http_listen,
+        } => {
+            sandgate::telemetry::view::serve(listen, http_listen).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -9,6 +9,8 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use serde::Serialize;
 use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 
@@ -18,6 +20,7 @@ use crate::bridge::{Bridge, CacheStats, HttpCall};
 use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::{Engine, MemoryLimiter};
+use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied};
 
 /// Extra time the async deadline allows past `timeout_ms`, so the epoch
@@ -81,8 +84,10 @@ pub struct ModuleFacts {
 /// Options of one evaluation beyond the input.
 #[derive(Clone, Debug, Default)]
 pub struct EvalOptions {
-    /// W3C trace id of the caller's trace, when tracing.
-    pub trace_id: Option<String>,
+    /// The caller's W3C trace context, if it sent one.
+    pub parent: Parent,
+    /// The daemon's tracer, when it exports traces.
+    pub tracing: Option<Tracing>,
 }
 
 /// The result of one evaluation.
@@ -93,6 +98,8 @@ pub struct Evaluation {
     pub version: String,
     pub digest: Digest,
     pub decision_id: String,
+    /// The trace of this decision (its own when tracing, else the caller's).
+    pub trace_id: Option<String>,
     pub duration: Duration,
     /// Time spent instantiating the module.
     pub instantiate: Duration,
@@ -218,7 +225,12 @@ impl Policy {
         &self.inner.facts.compiled_from
     }
 
-    fn store(&self, subject: Subject, audit: AuditLog) -> anyhow::Result<Store<Invocation>> {
+    fn store(
+        &self,
+        subject: Subject,
+        audit: AuditLog,
+        trace: Scope,
+    ) -> anyhow::Result<Store<Invocation>> {
         let loaded = &self.inner;
         let output = wasi::GuestOutput::new();
         let invocation = Invocation {
@@ -236,6 +248,8 @@ impl Policy {
             egress_denied: 0,
             pending: None,
             http_calls: Vec::new(),
+            trace,
+            epochs: 0,
         };
         let mut store = Store::new(loaded.engine.wasmtime(), invocation);
         store.limiter(|inv| &mut inv.limiter);
@@ -245,7 +259,8 @@ impl Policy {
         // the next tick interrupts it.
         let deadline = Instant::now() + loaded.spec.timeout;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
+        store.epoch_deadline_callback(move |mut store| {
+            store.data_mut().epochs += 1;
             if Instant::now() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
@@ -267,7 +282,7 @@ impl Policy {
             &self.inner.digest,
             String::new(),
         );
-        let mut store = self.store(subject, AuditLog::disabled())?;
+        let mut store = self.store(subject, AuditLog::disabled(), Scope::default())?;
         self.inner.pre.instantiate_async(&mut store).await?;
         Ok(())
     }
@@ -280,7 +295,7 @@ impl Policy {
             "load".into(),
         );
         let mut store = self
-            .store(subject, AuditLog::disabled())
+            .store(subject, AuditLog::disabled(), Scope::default())
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
         let instance = self
             .inner
@@ -321,7 +336,18 @@ impl Policy {
             &self.inner.digest,
             decision_id.clone(),
         );
-        subject.trace_id = options.trace_id.clone();
+        let trace = Scope::evaluation(
+            options.tracing.as_ref(),
+            &options.parent,
+            vec![
+                KeyValue::new("policy", spec.name.clone()),
+                KeyValue::new("version", spec.version.clone()),
+                KeyValue::new("digest", self.inner.digest.to_string()),
+                KeyValue::new("decision_id", decision_id.clone()),
+            ],
+        );
+        subject.trace_id = trace.trace_id();
+        let mut epochs = 0;
 
         let mut instantiate = Duration::ZERO;
         let mut denials = Vec::new();
@@ -329,13 +355,13 @@ impl Policy {
         let mut http_calls = Vec::new();
         let outcome = match self.input_document(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
-            Ok(document) => match self.store(subject.clone(), audit.clone()) {
+            Ok(document) => match self.store(subject.clone(), audit.clone(), trace.clone()) {
                 Err(e) => Err((
                     ErrorCode::Internal,
                     format!("cannot prepare an instance: {e:#}"),
                 )),
                 Ok(mut store) => {
-                    let run = self.run(&mut store, &document, &mut instantiate);
+                    let run = self.run(&mut store, &document, &mut instantiate, &trace);
                     let result =
                         match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
                             Ok(result) => result.map_err(|e| classify(&e, store.data())),
@@ -349,6 +375,7 @@ impl Policy {
                         };
                     let inv = store.into_data();
                     log_guest_output(&inv);
+                    epochs = inv.epochs;
                     denials = inv.denials;
                     egress_denied = inv.egress_denied;
                     http_calls = inv.http_calls;
@@ -366,10 +393,17 @@ impl Policy {
                     code = %code,
                     "evaluation failed: {message}"
                 );
+                trace.fail(code.as_str(), &message);
                 Decision::failed(code, message, spec.fail_mode)
             }
         };
         let duration = started.elapsed();
+        trace.set_attributes(vec![
+            KeyValue::new("decision.allow", decision.allow),
+            KeyValue::new("duration_us", duration.as_micros() as i64),
+            KeyValue::new("wasm.fuel_or_epochs", epochs as i64),
+        ]);
+        trace.end();
         audit.record(
             &subject,
             &AuditRecord::Decision {
@@ -384,6 +418,7 @@ impl Policy {
             version: spec.version.clone(),
             digest: self.inner.digest,
             decision_id,
+            trace_id: subject.trace_id.clone(),
             duration,
             instantiate,
             denials,
@@ -434,10 +469,27 @@ impl Policy {
         store: &mut Store<Invocation>,
         document: &[u8],
         instantiate: &mut Duration,
+        trace: &Scope,
     ) -> anyhow::Result<Decision> {
+        let span = trace.child("instantiate", SpanKind::Internal, Vec::new());
         let started = Instant::now();
-        let instance = self.inner.pre.instantiate_async(&mut *store).await?;
+        let instance = self.inner.pre.instantiate_async(&mut *store).await;
         *instantiate = started.elapsed();
+        span.end();
+        let span = trace.child("evaluate", SpanKind::Internal, Vec::new());
+        store.data_mut().trace = span.clone();
+        let decision = self.call_guest(store, instance?, document).await;
+        span.end();
+        decision
+    }
+
+    /// Hands the input to a fresh instance and reads its decision back.
+    async fn call_guest(
+        &self,
+        store: &mut Store<Invocation>,
+        instance: wasmtime::Instance,
+        document: &[u8],
+    ) -> anyhow::Result<Decision> {
         if self.inner.facts.has_initialize {
             instance
                 .get_typed_func::<(), ()>(&mut *store, "_initialize")?

@@ -1,11 +1,15 @@
-//! Telemetry: the Prometheus metrics of the daemon (served at `/metrics`) and
-//! W3C trace-context parsing. Every metric name is defined here, once, as a
-//! constant; `server` records into the handles this module hands out after
-//! each evaluation (the bridge's egress denials arrive in the `Evaluation`).
-//! OpenTelemetry export is added here later.
+//! Telemetry: the Prometheus metrics of the daemon (served at `/metrics`) and,
+//! in [`traces`], OpenTelemetry traces. Every metric name is defined here,
+//! once, as a constant; `server` records into the handles this module hands
+//! out after each evaluation (the bridge's egress denials arrive in the
+//! `Evaluation`).
+
+pub mod traces;
+pub mod view;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -19,6 +23,7 @@ use prometheus_client::registry::Registry;
 use crate::audit::AuditLog;
 use crate::decision::ErrorCode;
 use crate::policy::Evaluation;
+use traces::ExportStats;
 
 /// Metric names as registered. Counters are exposed with the `_total` suffix
 /// the exposition format adds (`sandgate_decisions_total`).
@@ -46,6 +51,10 @@ pub mod names {
     pub const AUDIT_DROPPED: &str = "sandgate_audit_lines_dropped";
     /// Counter: audit lines written.
     pub const AUDIT_WRITTEN: &str = "sandgate_audit_lines_written";
+    /// Counter: spans the OTLP exporter delivered (only when exporting traces).
+    pub const OTLP_SPANS_EXPORTED: &str = "sandgate_otlp_spans_exported";
+    /// Counter: OTLP export requests that failed (collector unreachable, refused, timed out).
+    pub const OTLP_EXPORT_FAILURES: &str = "sandgate_otlp_export_failures";
 }
 
 /// Label value of `error` for a decision without error.
@@ -113,8 +122,9 @@ fn instantiation_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Registers every metric; `audit` feeds the audit line counters at scrape time.
-    pub fn new(audit: &AuditLog) -> Metrics {
+    /// Registers every metric; `audit` (and the trace exporter's `export`
+    /// counters, when exporting) are read at scrape time.
+    pub fn new(audit: &AuditLog, export: Option<Arc<ExportStats>>) -> Metrics {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let evaluation: HistogramFamily<VersionLabels> =
@@ -175,6 +185,9 @@ impl Metrics {
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
         }));
+        if let Some(stats) = export {
+            registry.register_collector(Box::new(ExportCounters { stats }));
+        }
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -392,27 +405,32 @@ impl Collector for AuditCounters {
     }
 }
 
-/// The trace id of a W3C `traceparent` header (`00-<trace id>-<span id>-<flags>`),
-/// when it is well formed and not all zeros.
-pub fn trace_id(traceparent: &str) -> Option<String> {
-    let mut parts = traceparent.trim().split('-');
-    let version = parts.next()?;
-    let trace = parts.next()?;
-    let span = parts.next()?;
-    let flags = parts.next()?;
-    let hex = |s: &str, len: usize| {
-        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    };
-    if !hex(version, 2) || version == "ff" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
-        return None;
+/// Reads the OTLP exporter's counters at scrape time.
+#[derive(Debug)]
+struct ExportCounters {
+    stats: Arc<ExportStats>,
+}
+
+impl Collector for ExportCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, value) in [
+            (
+                names::OTLP_SPANS_EXPORTED,
+                "Spans delivered to the OTLP collector",
+                self.stats.spans_exported.load(Ordering::Relaxed),
+            ),
+            (
+                names::OTLP_EXPORT_FAILURES,
+                "OTLP span export requests that failed",
+                self.stats.export_failures.load(Ordering::Relaxed),
+            ),
+        ] {
+            let counter = ConstCounter::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
     }
-    if version == "00" && parts.next().is_some() {
-        return None;
-    }
-    if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
-        return None;
-    }
-    Some(trace.to_owned())
 }
 
 #[cfg(test)]
@@ -420,27 +438,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparent_yields_its_trace_id_only_when_well_formed() {
-        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
-        assert_eq!(
-            trace_id(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
-            Some(id)
-        );
-        for bad in [
-            "",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        ] {
-            assert_eq!(trace_id(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
     fn metrics_render_with_their_contract_labels() {
-        let metrics = Metrics::new(&AuditLog::disabled());
+        let metrics = Metrics::new(&AuditLog::disabled(), None);
         let policy = metrics.policy("orders", "v2");
         policy.decision(true, None);
         policy.decision(false, Some(ErrorCode::EvalTimeout));

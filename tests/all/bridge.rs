@@ -182,7 +182,7 @@ const BRIDGE_IMPORTS: &str = r#"(import "sandgate" "http_send" (func $send (para
   (import "sandgate" "http_read" (func $read (param i32 i32) (result i32)))"#;
 
 /// A guest that sends `requests` in order and allows when the last result is `expected`.
-fn code_guest(requests: &[String], expected: i64) -> String {
+pub fn code_guest(requests: &[String], expected: i64) -> String {
     let mut data = String::new();
     let mut calls = String::new();
     for (i, r) in requests.iter().enumerate() {
@@ -204,7 +204,7 @@ fn code_guest(requests: &[String], expected: i64) -> String {
 
 /// A guest that sends `request` and returns `{"allow":true,"obligations":<HttpResponse>}`,
 /// or denies when the call failed.
-fn response_guest(request: &str) -> String {
+pub fn response_guest(request: &str) -> String {
     abi_guest(
         &format!(
             "{BRIDGE_IMPORTS}\n(data (i32.const 3000) \"{}\")\n(data (i32.const 8192) \"{{\\\"allow\\\":true,\\\"obligations\\\":\")",

@@ -7,10 +7,12 @@ mod support;
 
 mod abi;
 mod bridge;
+mod bridge_examples;
 mod cli;
 mod config;
 mod engine;
 mod examples;
 mod nginx;
 mod server;
+mod tracing;
 mod wasi;

@@ -17,15 +17,15 @@ const NGINX: &str = "/usr/sbin/nginx";
 
 /// One request the backend received.
 #[derive(Clone, Debug)]
-struct Received {
-    method: String,
-    target: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+pub struct Received {
+    pub method: String,
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -34,13 +34,13 @@ impl Received {
 }
 
 /// A tiny HTTP/1.1 application that records every request and answers 200.
-struct Backend {
-    addr: SocketAddr,
+pub struct Backend {
+    pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
 }
 
 impl Backend {
-    fn start() -> Backend {
+    pub fn start() -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind backend");
         let addr = listener.local_addr().expect("backend address");
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -55,7 +55,7 @@ impl Backend {
         Backend { addr, received }
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub fn received(&self) -> Vec<Received> {
         self.received.lock().expect("backend log").clone()
     }
 }
@@ -114,9 +114,9 @@ fn serve_connection(stream: TcpStream, log: &Mutex<Vec<Received>>) {
 }
 
 /// nginx running in the foreground with its own prefix; killed when dropped.
-struct Nginx {
+pub struct Nginx {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
     dir: PathBuf,
 }
 
@@ -128,13 +128,13 @@ impl Drop for Nginx {
 }
 
 impl Nginx {
-    fn error_log(&self) -> String {
+    pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 }
 
 /// A loopback port nobody listens on right now.
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address")
 }
@@ -198,7 +198,7 @@ fn nginx_command(dir: &Path) -> Command {
 
 /// Renders the config into `dir`, checks it with `nginx -t`, starts nginx and
 /// waits until it accepts connections.
-fn start_nginx(dir: &Path, sandgate: SocketAddr, policy: &str, backend: SocketAddr) -> Nginx {
+pub fn start_nginx(dir: &Path, sandgate: SocketAddr, policy: &str, backend: SocketAddr) -> Nginx {
     let addr = free_port();
     write(
         dir,
@@ -243,12 +243,12 @@ fn start_nginx(dir: &Path, sandgate: SocketAddr, policy: &str, backend: SocketAd
     nginx
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_auth_request_lets_allowed_requests_through_with_decision_headers_and_blocks_denied_ones()
  {
     let dir = tempdir();
     let config = daemon_config(dir.path(), "", &rbac_policy("rbac"));
-    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
     let backend = Backend::start();
@@ -334,7 +334,7 @@ async fn nginx_auth_request_lets_allowed_requests_through_with_decision_headers_
 
     // The decision the application was told about is the one sandgate audited.
     drop(nginx);
-    drop(daemon);
+    tokio::task::block_in_place(|| daemon.stop());
     let audit = audit_lines(&dir.path().join("audit.jsonl"));
     let line = audit
         .iter()

@@ -168,6 +168,14 @@ impl Daemon {
         assert!(status.success(), "kill -s {name} failed");
     }
 
+    /// Stops the daemon as an operator would (SIGTERM), so everything it
+    /// answered is in the audit log, and asserts it exited cleanly.
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        let exit = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(exit.and_then(|s| s.code()), Some(0), "{}", self.logs());
+    }
+
     /// Waits for the daemon to exit, at most `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
@@ -214,7 +222,7 @@ pub fn rbac_policy(name: &str) -> String {
 }
 
 /// A `[[policy]]` table for a module file, with extra keys.
-fn wat_policy(dir: &Path, name: &str, wat: &str, extra: &str) -> String {
+pub fn wat_policy(dir: &Path, name: &str, wat: &str, extra: &str) -> String {
     let module = write(dir, &format!("{name}.wat"), wat);
     format!(
         "[[policy]]\nname = \"{name}\"\nmodule = \"{}\"\n{extra}\n",
@@ -232,7 +240,7 @@ pub fn daemon_config(dir: &Path, server: &str, policies: &str) -> PathBuf {
 }
 
 /// A guest that never returns; only its deadline stops it.
-fn spinning_guest() -> String {
+pub fn spinning_guest() -> String {
     abi_guest("", "(loop $spin (br $spin)) unreachable")
 }
 
@@ -271,11 +279,11 @@ async fn post(
     (status, headers, json)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_api_answers_allow_deny_unknown_policy_invalid_input_and_oversized_bodies() {
     let dir = tempdir();
     let config = daemon_config(dir.path(), "max_body_bytes = 4096", &rbac_policy("rbac"));
-    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
     let evaluate = |name: &str| daemon.url(&format!("/v1/policies/{name}/evaluate"));
@@ -333,7 +341,7 @@ async fn json_api_answers_allow_deny_unknown_policy_invalid_input_and_oversized_
     assert!(answer.contains("invalid_input"), "{answer}");
 
     // Every evaluation is in the audit log with its decision id.
-    drop(daemon);
+    tokio::task::block_in_place(|| daemon.stop());
     let audit = audit_lines(&dir.path().join("audit.jsonl"));
     let line = audit
         .iter()
@@ -991,7 +999,7 @@ async fn hostile_policy_times_out_while_a_healthy_one_keeps_answering_fast() {
             dir.path(),
             "hostile",
             &spinning_guest(),
-            "timeout_ms = 50\nmax_in_flight = 2"
+            "timeout_ms = 200\nmax_in_flight = 2"
         )
     );
     let config = daemon_config(dir.path(), "", &policies);
@@ -1073,14 +1081,16 @@ async fn hostile_policy_times_out_while_a_healthy_one_keeps_answering_fast() {
         p95(&loaded),
         loaded[loaded.len() - 1]
     );
-    // The hostile guest burns 50 ms per call; the healthy policy must not wait behind it.
+    // The hostile guest burns 200 ms per call; were the healthy policy queued
+    // behind it, it would wait that long. The bounds leave room for a machine
+    // busy with other tests.
     assert!(
-        median(&loaded) < Duration::from_millis(25),
+        median(&loaded) < Duration::from_millis(50),
         "healthy median {:?}",
         median(&loaded)
     );
     assert!(
-        p95(&loaded) < Duration::from_millis(60),
+        p95(&loaded) < Duration::from_millis(120),
         "healthy p95 {:?}",
         p95(&loaded)
     );

@@ -32,7 +32,7 @@ use tonic::{Code, Status};
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest, Source};
 use super::{Answer, Outcome, State};
 use crate::decision::ErrorCode;
-use crate::telemetry;
+use crate::telemetry::traces::Parent;
 
 const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
@@ -139,11 +139,7 @@ impl UnaryService<Decoded> for Check {
     fn call(&mut self, request: tonic::Request<Decoded>) -> Self::Future {
         let state = Arc::clone(&self.state);
         Box::pin(async move {
-            let trace = request
-                .metadata()
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .and_then(telemetry::trace_id);
+            let metadata = Parent::from_headers(&request.metadata().clone().into_headers());
             let check = match request.into_inner() {
                 Ok(check) => check,
                 Err(e) => {
@@ -154,13 +150,15 @@ impl UnaryService<Decoded> for Check {
                     ));
                 }
             };
-            let answer = check_answer(&state, check, trace).await;
+            let answer = check_answer(&state, check, metadata).await;
             Ok(tonic::Response::new(check_response(&answer)))
         })
     }
 }
 
-async fn check_answer(state: &State, check: CheckRequest, trace: Option<String>) -> Answer {
+/// `metadata` is the trace context of the gRPC call; the original request's
+/// own `traceparent` (in its attributes) wins when present.
+async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> Answer {
     let attributes = check.attributes.unwrap_or_default();
     let named = attributes
         .context_extensions
@@ -184,8 +182,12 @@ async fn check_answer(state: &State, check: CheckRequest, trace: Option<String>)
             &name,
             Outcome::BadRequest,
             "CheckRequest has no attributes.request.http".to_owned(),
-            trace,
+            metadata,
         );
+    };
+    let trace = match Parent::from_map(&http.headers) {
+        from_request if from_request.trace_id().is_some() => from_request,
+        _ => metadata,
     };
     let source = attributes
         .source
@@ -333,6 +335,9 @@ fn metadata(answer: &Answer) -> Struct {
     ]);
     if let Some(version) = &answer.version {
         fields.insert("version".to_owned(), text(version));
+    }
+    if let Some(trace_id) = &answer.trace_id {
+        fields.insert("trace_id".to_owned(), text(trace_id));
     }
     if let Some(code) = answer.error_code() {
         fields.insert("error_code".to_owned(), text(code.as_str()));

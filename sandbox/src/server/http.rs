@@ -24,6 +24,7 @@ use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest};
 use super::{Answer, Outcome, State};
 use crate::decision::{Decision, ErrorCode, FailMode};
 use crate::telemetry;
+use crate::telemetry::traces::Parent;
 
 /// Where forward-auth lives; the policy name is the next path segment.
 const AUTHZ_PREFIX: &str = "/v1/authz/";
@@ -105,6 +106,7 @@ async fn opa_data(
     let body = OpaBody {
         result: &answer.decision,
         decision_id: &answer.decision_id,
+        trace_id: answer.trace_id.as_deref(),
         code: error.map(|e| e.code),
         message: error.map(|e| e.message.as_str()),
     };
@@ -311,11 +313,8 @@ async fn read_input(
     }
 }
 
-fn trace_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(telemetry::trace_id)
+fn trace_id(headers: &HeaderMap) -> Parent {
+    Parent::from_headers(headers)
 }
 
 /// Status of a JSON answer: 200 for a decision (even a failed evaluation),
@@ -347,6 +346,8 @@ struct DecisionBody<'a> {
     version: Option<&'a str>,
     decision_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     refused: Option<&'static str>,
 }
 
@@ -357,6 +358,7 @@ impl<'a> DecisionBody<'a> {
             policy: &answer.policy,
             version: answer.version.as_deref(),
             decision_id: &answer.decision_id,
+            trace_id: answer.trace_id.as_deref(),
             refused: answer.outcome.refusal(),
         }
     }
@@ -366,6 +368,8 @@ impl<'a> DecisionBody<'a> {
 struct OpaBody<'a> {
     result: &'a Decision,
     decision_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     code: Option<ErrorCode>,
     #[serde(skip_serializing_if = "Option::is_none")]

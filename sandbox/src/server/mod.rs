@@ -25,6 +25,7 @@ use crate::config::{AuditTarget, Config, PolicySpec};
 use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
 use crate::engine::{Engine, EngineError};
 use crate::policy::{EvalOptions, Evaluation, Policy};
+use crate::telemetry::traces::{Parent, Tracing};
 use crate::telemetry::{Metrics, PolicyMetrics};
 
 /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
@@ -51,6 +52,8 @@ pub enum ServeError {
         signal: &'static str,
         source: std::io::Error,
     },
+    #[error("cannot set up trace export to {endpoint}: {message}")]
+    Telemetry { endpoint: String, message: String },
     #[error("the {what} server failed: {message}")]
     Serve { what: &'static str, message: String },
 }
@@ -86,7 +89,11 @@ impl Server {
             Some(addr) => Some(bind("grpc", addr).await?),
             None => None,
         };
-        let state = Arc::new(State::new(&config, audit));
+        let tracing = Tracing::start(&config.telemetry).map_err(|e| ServeError::Telemetry {
+            endpoint: config.telemetry.otlp_endpoint.clone().unwrap_or_default(),
+            message: format!("{e:#}"),
+        })?;
+        let state = Arc::new(State::new(&config, audit, tracing));
         Ok(Server {
             state,
             engine,
@@ -224,6 +231,8 @@ pub(crate) struct State {
     audit: AuditLog,
     metrics: Metrics,
     max_body_bytes: usize,
+    /// The OTLP trace exporter, when `[telemetry] otlp_endpoint` is set.
+    tracing: Option<Tracing>,
 }
 
 /// One configured policy: its load status, its evaluation gate and metrics.
@@ -281,6 +290,8 @@ pub(crate) struct Answer {
     pub policy: String,
     pub version: Option<String>,
     pub decision_id: String,
+    /// The trace the decision belongs to, when traced or the caller sent one.
+    pub trace_id: Option<String>,
     pub outcome: Outcome,
 }
 
@@ -291,8 +302,11 @@ impl Answer {
 }
 
 impl State {
-    fn new(config: &Config, audit: AuditLog) -> State {
-        let metrics = Metrics::new(&audit);
+    fn new(config: &Config, audit: AuditLog, tracing: Option<Tracing>) -> State {
+        let metrics = Metrics::new(
+            &audit,
+            tracing.as_ref().map(|t| std::sync::Arc::clone(t.stats())),
+        );
         let slots: HashMap<String, Arc<Slot>> = config
             .policies
             .iter()
@@ -318,6 +332,7 @@ impl State {
             audit,
             metrics,
             max_body_bytes: usize::try_from(config.server.max_body_bytes).unwrap_or(usize::MAX),
+            tracing,
         }
     }
 
@@ -379,12 +394,7 @@ impl State {
     /// Evaluates `input` (raw JSON) with policy `name`: the one path every
     /// endpoint takes. Never fails; every refusal is a fail-closed decision
     /// with its contract code, counted and (for loaded policies) audited.
-    pub(crate) async fn evaluate(
-        &self,
-        name: &str,
-        input: Bytes,
-        trace_id: Option<String>,
-    ) -> Answer {
+    pub(crate) async fn evaluate(&self, name: &str, input: Bytes, parent: Parent) -> Answer {
         let Some(slot) = self.slots.get(name) else {
             return self.not_found(name);
         };
@@ -398,7 +408,7 @@ impl State {
                     ErrorCode::Internal,
                     format!("policy `{name}` is still loading; retry when /readyz is ready"),
                     slot.spec.fail_mode,
-                    trace_id,
+                    parent,
                 );
             }
             Status::Failed(error) => {
@@ -409,7 +419,7 @@ impl State {
                     error.code,
                     error.message,
                     slot.spec.fail_mode,
-                    trace_id,
+                    parent,
                 );
             }
         };
@@ -427,14 +437,18 @@ impl State {
                     slot.spec.max_in_flight
                 ),
                 FailMode::Closed,
-                trace_id,
+                parent,
             );
+        };
+        let options = EvalOptions {
+            parent,
+            tracing: self.tracing.clone(),
         };
         let evaluation = run_isolated(
             Arc::clone(slot),
             policy,
             input,
-            trace_id,
+            options,
             self.audit.clone(),
             permit,
         );
@@ -444,6 +458,7 @@ impl State {
                 policy: evaluation.policy,
                 version: Some(evaluation.version),
                 decision_id: evaluation.decision_id,
+                trace_id: evaluation.trace_id,
                 outcome: Outcome::Evaluated,
             },
             Err(e) => {
@@ -461,6 +476,7 @@ impl State {
                     policy: slot.spec.name.clone(),
                     version: Some(slot.spec.version.clone()),
                     decision_id: uuid::Uuid::new_v4().to_string(),
+                    trace_id: None,
                     outcome: Outcome::Evaluated,
                 }
             }
@@ -473,7 +489,7 @@ impl State {
         name: &str,
         outcome: Outcome,
         message: String,
-        trace_id: Option<String>,
+        parent: Parent,
     ) -> Answer {
         let Some(slot) = self.slots.get(name) else {
             return self.not_found(name);
@@ -489,7 +505,7 @@ impl State {
             ErrorCode::InvalidInput,
             message,
             FailMode::Closed,
-            trace_id,
+            parent,
         )
     }
 
@@ -507,6 +523,7 @@ impl State {
             policy: policy.to_owned(),
             version: None,
             decision_id: uuid::Uuid::new_v4().to_string(),
+            trace_id: None,
             outcome,
         }
     }
@@ -538,10 +555,11 @@ impl State {
         code: ErrorCode,
         message: String,
         fail_mode: FailMode,
-        trace_id: Option<String>,
+        parent: Parent,
     ) -> Answer {
         let spec = &slot.spec;
         let decision_id = uuid::Uuid::new_v4().to_string();
+        let trace_id = parent.trace_id();
         let decision = Decision::failed(code, message, fail_mode);
         slot.metrics.decision(decision.allow, Some(code));
         // Only a loaded policy has the digest every audit line carries; load
@@ -553,7 +571,7 @@ impl State {
                 &policy.digest(),
                 decision_id.clone(),
             );
-            subject.trace_id = trace_id;
+            subject.trace_id = trace_id.clone();
             self.audit.record(
                 &subject,
                 &AuditRecord::Decision {
@@ -569,6 +587,7 @@ impl State {
             policy: spec.name.clone(),
             version: Some(spec.version.clone()),
             decision_id,
+            trace_id,
             outcome,
         }
     }
@@ -667,35 +686,32 @@ impl State {
         )
     }
 
+    /// Flushes the audit log and exports the spans still buffered.
     async fn flush_audit(&self) {
         let audit = self.audit.clone();
         let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
+        if let Some(tracing) = self.tracing.clone() {
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
     }
 }
 
-/// Runs one evaluation on a blocking-pool thread, holding the policy's
-/// `max_in_flight` permit until it ends.
-///
-/// A guest runs without yielding until its epoch deadline, so on the async
-/// workers a spinning policy would hold them all (2 on a 2-core machine) and
-/// every other policy would wait behind it. On their own threads, evaluations
-/// of different policies share the CPU by the kernel's scheduling instead, and
-/// the I/O workers stay free. The evaluation also finishes (and is audited and
-/// counted) when the caller goes away.
+/// Runs one evaluation in its own task, holding the policy's `max_in_flight`
+/// permit until it ends. The guest yields to the executor at every epoch tick,
+/// so a spinning policy shares the workers instead of holding one; the
+/// evaluation also finishes (and is audited and counted) when the caller goes
+/// away.
 fn run_isolated(
     slot: Arc<Slot>,
     policy: Policy,
     input: Bytes,
-    trace_id: Option<String>,
+    options: EvalOptions,
     audit: AuditLog,
     permit: OwnedSemaphorePermit,
 ) -> tokio::task::JoinHandle<Evaluation> {
-    let runtime = tokio::runtime::Handle::current();
-    let _ = runtime;
     tokio::spawn(async move {
         let _permit = permit;
         let _in_flight = slot.metrics.in_flight();
-        let options = EvalOptions { trace_id };
         let evaluation = policy.evaluate(&input, &options, &audit).await;
         slot.metrics.evaluated(&evaluation);
         evaluation

@@ -1,0 +1,471 @@
+//! OpenTelemetry traces (DESIGN §8): one `sandgate.evaluate` span per
+//! decision with `instantiate` and `evaluate` children, a client span per
+//! bridged HTTP call, and span events for refused WASI and egress calls and
+//! for guest log lines. Spans leave the process through a batch processor on
+//! the tokio runtime, so a slow or unreachable collector never delays a
+//! decision; export failures are counted and reported in the log at most once
+//! per [`REPORT_EVERY`].
+//!
+//! [`Scope`] is what the evaluation path carries: the context of the span now
+//! open, plus the tracer that makes children. Without a tracer (`[telemetry]`
+//! has no endpoint, or `sandgate eval`) a scope still carries the caller's W3C
+//! trace context, so decisions name the caller's trace id and bridged calls
+//! propagate it.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{
+    SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+};
+
+use crate::config::{OtlpProtocol, TelemetrySettings};
+
+/// How often a failing exporter may say so in the log.
+pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// How long spans wait in the batch before export.
+const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
+/// Deadline of one export request.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Spans held while the collector is slow; beyond this they are dropped.
+const MAX_QUEUE: usize = 16_384;
+
+/// The daemon's tracer: an OTLP exporter behind a batch processor. Cheap to clone.
+#[derive(Clone)]
+pub struct Tracing {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Tracing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracing")
+            .field("guest_log_level", &self.inner.guest_log_level)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
+    guest_log_level: i32,
+    stats: Arc<ExportStats>,
+}
+
+/// Counters of the OTLP exporter, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub spans_exported: AtomicU64,
+    pub export_failures: AtomicU64,
+    /// Failures not yet reported in the log, and when the log last heard of them.
+    unreported: AtomicU64,
+    last_report: Mutex<Option<Instant>>,
+}
+
+impl Tracing {
+    /// Starts exporting per `settings`; `None` when no `otlp_endpoint` is set.
+    /// Must run inside the tokio runtime that will carry the exports.
+    pub fn start(settings: &TelemetrySettings) -> anyhow::Result<Option<Tracing>> {
+        let Some(endpoint) = &settings.otlp_endpoint else {
+            return Ok(None);
+        };
+        let stats = Arc::new(ExportStats::default());
+        let processor = match settings.otlp_protocol {
+            OtlpProtocol::Grpc => {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint.clone())
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()?;
+                batch(Counting::new(exporter, endpoint, &stats))
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let url = http_traces_url(endpoint);
+                crate::install_tls_provider();
+                let client = reqwest::Client::builder().timeout(EXPORT_TIMEOUT).build()?;
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(url.clone())
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()?;
+                batch(Counting::new(exporter, &url, &stats))
+            }
+        };
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            settings.sampling_ratio,
+        )));
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(sampler)
+            .with_resource(resource(&settings.service_name))
+            .build();
+        let tracer = provider.tracer("sandgate");
+        tracing::info!(
+            endpoint = %endpoint,
+            protocol = ?settings.otlp_protocol,
+            sampling_ratio = settings.sampling_ratio,
+            "exporting traces over OTLP"
+        );
+        Ok(Some(Tracing {
+            inner: Arc::new(Inner {
+                provider,
+                tracer,
+                guest_log_level: settings.guest_log_level,
+                stats,
+            }),
+        }))
+    }
+
+    pub fn stats(&self) -> &Arc<ExportStats> {
+        &self.inner.stats
+    }
+
+    /// Exports what is buffered and stops the exporter (at daemon shutdown).
+    pub fn shutdown(&self) {
+        if let Err(e) = self.inner.provider.shutdown() {
+            tracing::warn!("trace exporter shutdown: {e}");
+        }
+    }
+}
+
+fn batch<E: SpanExporter + 'static>(
+    exporter: E,
+) -> BatchSpanProcessor<opentelemetry_sdk::runtime::Tokio> {
+    let config = BatchConfigBuilder::default()
+        .with_scheduled_delay(SCHEDULED_DELAY)
+        .with_max_queue_size(MAX_QUEUE)
+        .with_max_export_timeout(EXPORT_TIMEOUT)
+        .build();
+    BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+        .with_batch_config(config)
+        .build()
+}
+
+/// OTLP/HTTP sends traces to `<base>/v1/traces`; an endpoint given with a
+/// path is used as it is.
+fn http_traces_url(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(url) if url.path() == "/" || url.path().is_empty() => {
+            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+        }
+        _ => endpoint.to_owned(),
+    }
+}
+
+fn resource(service_name: &str) -> Resource {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default();
+    let mut attributes = vec![
+        KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        KeyValue::new("service.instance.id", uuid::Uuid::new_v4().to_string()),
+    ];
+    if !host.is_empty() {
+        attributes.push(KeyValue::new("host.name", host));
+    }
+    Resource::builder()
+        .with_service_name(service_name.to_owned())
+        .with_attributes(attributes)
+        .build()
+}
+
+/// Wraps the OTLP exporter to count what it exports and fails, and to report
+/// failures in the log without flooding it.
+#[derive(Debug)]
+struct Counting<E> {
+    inner: E,
+    endpoint: String,
+    stats: Arc<ExportStats>,
+}
+
+impl<E> Counting<E> {
+    fn new(inner: E, endpoint: &str, stats: &Arc<ExportStats>) -> Self {
+        Counting {
+            inner,
+            endpoint: endpoint.to_owned(),
+            stats: Arc::clone(stats),
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Counting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Ok(()) => {
+                self.stats
+                    .spans_exported
+                    .fetch_add(spans, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.stats.export_failures.fetch_add(1, Ordering::Relaxed);
+                let unreported = self.stats.unreported.fetch_add(1, Ordering::Relaxed) + 1;
+                let mut last = self
+                    .stats
+                    .last_report
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+                    *last = Some(Instant::now());
+                    self.stats.unreported.store(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        endpoint = %self.endpoint,
+                        failures = unreported,
+                        "OTLP trace export failed ({spans} spans dropped); decisions are unaffected: {e}"
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// The caller's W3C trace context (`traceparent`, `tracestate`), if it sent a valid one.
+#[derive(Clone, Debug, Default)]
+pub struct Parent(Option<SpanContext>);
+
+impl Parent {
+    pub fn from_headers(headers: &http::HeaderMap) -> Parent {
+        Self::extracted(&TraceContextPropagator::new().extract(&HeaderExtractor(headers)))
+    }
+
+    /// From a map with lower-case header names (the ext_authz request's headers).
+    pub fn from_map(headers: &HashMap<String, String>) -> Parent {
+        Self::extracted(&TraceContextPropagator::new().extract(headers))
+    }
+
+    fn extracted(cx: &Context) -> Parent {
+        let span = cx.span().span_context().clone();
+        Parent(span.is_valid().then_some(span))
+    }
+
+    pub fn trace_id(&self) -> Option<String> {
+        self.0.as_ref().map(|s| s.trace_id().to_string())
+    }
+
+    fn context(&self) -> Context {
+        match &self.0 {
+            Some(span) => Context::new().with_remote_span_context(span.clone()),
+            None => Context::new(),
+        }
+    }
+}
+
+/// The span an evaluation is in now. Cheap to clone; every method is a no-op
+/// on spans that are not recorded (no tracer, or not sampled).
+#[derive(Clone)]
+pub struct Scope {
+    tracing: Option<Tracing>,
+    cx: Context,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            tracing: None,
+            cx: Context::new(),
+        }
+    }
+}
+
+impl Scope {
+    /// Opens the `sandgate.evaluate` span of one decision under `parent`.
+    pub fn evaluation(
+        tracing: Option<&Tracing>,
+        parent: &Parent,
+        attributes: Vec<KeyValue>,
+    ) -> Scope {
+        let parent_cx = parent.context();
+        let Some(tracing) = tracing else {
+            return Scope {
+                tracing: None,
+                cx: parent_cx,
+            };
+        };
+        let tracer = &tracing.inner.tracer;
+        let span = tracer
+            .span_builder("sandgate.evaluate")
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &parent_cx);
+        Scope {
+            tracing: Some(tracing.clone()),
+            cx: parent_cx.with_span(span),
+        }
+    }
+
+    /// Opens a child span; without a tracer the child is this scope itself.
+    pub fn child(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+    ) -> Scope {
+        let Some(tracing) = &self.tracing else {
+            return self.clone();
+        };
+        let tracer = &tracing.inner.tracer;
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &self.cx);
+        Scope {
+            tracing: Some(tracing.clone()),
+            cx: self.cx.with_span(span),
+        }
+    }
+
+    /// The trace id decisions and audit lines carry: this trace's when
+    /// tracing, else the caller's.
+    pub fn trace_id(&self) -> Option<String> {
+        let span = self.cx.span().span_context().clone();
+        span.is_valid().then(|| span.trace_id().to_string())
+    }
+
+    pub fn is_recording(&self) -> bool {
+        self.cx.span().is_recording()
+    }
+
+    pub fn event(&self, name: &'static str, attributes: Vec<KeyValue>) {
+        self.cx.span().add_event(name, attributes);
+    }
+
+    /// A guest `log` call, as an event when at or above the configured level.
+    pub fn guest_log(&self, level: i32, message: &str) {
+        let Some(tracing) = &self.tracing else {
+            return;
+        };
+        if level < tracing.inner.guest_log_level || !self.is_recording() {
+            return;
+        }
+        let name = match level {
+            i32::MIN..=0 => "trace",
+            1 => "debug",
+            2 => "info",
+            3 => "warn",
+            _ => "error",
+        };
+        self.event(
+            "guest.log",
+            vec![
+                KeyValue::new("log.severity", name),
+                KeyValue::new("log.message", message.to_owned()),
+            ],
+        );
+    }
+
+    pub fn set_attributes(&self, attributes: Vec<KeyValue>) {
+        self.cx.span().set_attributes(attributes);
+    }
+
+    /// Marks the span failed with a DESIGN §3 error code.
+    pub fn fail(&self, code: &str, message: &str) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("error.code", code.to_owned()));
+        span.set_status(Status::error(format!("{code}: {message}")));
+    }
+
+    /// Ends this scope's own span (never the caller's remote span).
+    pub fn end(&self) {
+        if self.tracing.is_some() {
+            self.cx.span().end();
+        }
+    }
+
+    /// Adds `traceparent` (and `tracestate`) naming this span, replacing any
+    /// the guest set, so the called service joins the trace.
+    pub fn inject(&self, headers: &mut http::HeaderMap) {
+        if self.cx.span().span_context().is_valid() {
+            TraceContextPropagator::new().inject_context(&self.cx, &mut HeaderInjector(headers));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_endpoints_get_the_traces_path_unless_they_name_one() {
+        assert_eq!(
+            http_traces_url("http://127.0.0.1:4318"),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            http_traces_url("http://127.0.0.1:4318/"),
+            "http://127.0.0.1:4318/v1/traces"
+        );
+        assert_eq!(
+            http_traces_url("http://collector/otlp/v1/traces"),
+            "http://collector/otlp/v1/traces"
+        );
+    }
+
+    #[test]
+    fn the_callers_traceparent_is_propagated_without_a_tracer() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        let parent = Parent::from_headers(&headers);
+        assert_eq!(
+            parent.trace_id().as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        let scope = Scope::evaluation(None, &parent, Vec::new());
+        let child = scope.child("evaluate", SpanKind::Internal, Vec::new());
+        let mut out = http::HeaderMap::new();
+        child.inject(&mut out);
+        assert_eq!(
+            out.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "zz-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("traceparent", http::HeaderValue::from_static(bad));
+            assert_eq!(Parent::from_headers(&headers).trace_id(), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! `sandgate trace`: a small OTLP receiver (gRPC and HTTP/protobuf, the
+//! official OpenTelemetry protobuf definitions) that prints the span tree of
+//! every trace it receives. It lets a user without Jaeger see what the daemon
+//! exports: point `[telemetry] otlp_endpoint` at it.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{Span, status};
+use prost::Message as _;
+use tonic::transport::server::TcpIncoming;
+
+/// Serves OTLP/gRPC on `grpc` and, when given, OTLP/HTTP on `http`
+/// (`POST /v1/traces`), printing each received trace to stdout. Runs until
+/// the process is stopped.
+pub async fn serve(grpc: SocketAddr, http: Option<SocketAddr>) -> anyhow::Result<()> {
+    let grpc_listener = tokio::net::TcpListener::bind(grpc)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {grpc} (OTLP/gRPC): {e}"))?;
+    eprintln!(
+        "sandgate trace: OTLP/gRPC on {}",
+        grpc_listener.local_addr()?
+    );
+    let grpc_server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+        TraceServiceServer::new(Printer),
+        TcpIncoming::from(grpc_listener),
+        std::future::pending::<()>(),
+    );
+    match http {
+        None => grpc_server.await?,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (OTLP/HTTP): {e}"))?;
+            eprintln!(
+                "sandgate trace: OTLP/HTTP on http://{}/v1/traces",
+                listener.local_addr()?
+            );
+            let app = axum::Router::new().route("/v1/traces", axum::routing::post(http_export));
+            tokio::try_join!(
+                async { grpc_server.await.map_err(anyhow::Error::from) },
+                async {
+                    axum::serve(listener, app)
+                        .await
+                        .map_err(anyhow::Error::from)
+                },
+            )?;
+        }
+    }
+    Ok(())
+}
+
+struct Printer;
+
+#[tonic::async_trait]
+impl TraceService for Printer {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        print(&request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn http_export(body: Bytes) -> (StatusCode, Vec<u8>) {
+    match ExportTraceServiceRequest::decode(body) {
+        Ok(request) => {
+            print(&request);
+            (
+                StatusCode::OK,
+                ExportTraceServiceResponse::default().encode_to_vec(),
+            )
+        }
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            format!("not an ExportTraceServiceRequest: {e}").into_bytes(),
+        ),
+    }
+}
+
+fn print(request: &ExportTraceServiceRequest) {
+    let text = render(request);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// The span trees of `request`, one block per trace: each span with its
+/// duration and attributes, its events (`•`) and, on error, its status (`✗`).
+pub fn render(request: &ExportTraceServiceRequest) -> String {
+    let mut spans: Vec<(&str, &Span)> = Vec::new();
+    for resource in &request.resource_spans {
+        let service = resource
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|a| a.key == "service.name"))
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(any_value::Value::StringValue(s)) => Some(s.as_str()),
+                _ => None,
+            })
+            .unwrap_or("?");
+        for scope in &resource.scope_spans {
+            spans.extend(scope.spans.iter().map(|s| (service, s)));
+        }
+    }
+    let mut traces: Vec<Vec<u8>> = Vec::new();
+    for (_, span) in &spans {
+        if !traces.contains(&span.trace_id) {
+            traces.push(span.trace_id.clone());
+        }
+    }
+    let mut out = String::new();
+    for trace in traces {
+        let members: Vec<&(&str, &Span)> =
+            spans.iter().filter(|(_, s)| s.trace_id == trace).collect();
+        let ids: Vec<&[u8]> = members.iter().map(|(_, s)| s.span_id.as_slice()).collect();
+        let mut children: HashMap<&[u8], Vec<&Span>> = HashMap::new();
+        let mut roots = Vec::new();
+        for (_, span) in &members {
+            if ids.contains(&span.parent_span_id.as_slice()) {
+                children
+                    .entry(span.parent_span_id.as_slice())
+                    .or_default()
+                    .push(span);
+            } else {
+                roots.push(*span);
+            }
+        }
+        for list in children.values_mut() {
+            list.sort_by_key(|s| s.start_time_unix_nano);
+        }
+        roots.sort_by_key(|s| s.start_time_unix_nano);
+        let service = members.first().map(|(s, _)| *s).unwrap_or("?");
+        let _ = writeln!(
+            out,
+            "trace {} ({service}, {} spans)",
+            hex(&trace),
+            members.len()
+        );
+        for root in roots {
+            let remote = (!root.parent_span_id.is_empty())
+                .then(|| format!(" (child of remote span {})", hex(&root.parent_span_id)));
+            write_span(
+                &mut out,
+                root,
+                &children,
+                1,
+                remote.as_deref().unwrap_or(""),
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn write_span(
+    out: &mut String,
+    span: &Span,
+    children: &HashMap<&[u8], Vec<&Span>>,
+    depth: usize,
+    note: &str,
+) {
+    let indent = "  ".repeat(depth);
+    let micros = span
+        .end_time_unix_nano
+        .saturating_sub(span.start_time_unix_nano)
+        / 1_000;
+    let _ = writeln!(
+        out,
+        "{indent}{} {micros}µs{note}{}",
+        span.name,
+        attributes(&span.attributes)
+    );
+    if let Some(status) = &span.status
+        && status.code == status::StatusCode::Error as i32
+    {
+        let _ = writeln!(out, "{indent}  ✗ {}", status.message);
+    }
+    for event in &span.events {
+        let _ = writeln!(
+            out,
+            "{indent}  • {}{}",
+            event.name,
+            attributes(&event.attributes)
+        );
+    }
+    for child in children.get(span.span_id.as_slice()).into_iter().flatten() {
+        write_span(out, child, children, depth + 1, "");
+    }
+}
+
+fn attributes(list: &[KeyValue]) -> String {
+    let mut text = String::new();
+    for kv in list {
+        let _ = write!(text, " {}={}", kv.key, value(kv.value.as_ref()));
+    }
+    text
+}
+
+fn value(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::trace::v1::span::Event;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Status};
+
+    fn string(key: &str, v: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(v.into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn span(id: u8, parent: Option<u8>, name: &str, start: u64) -> Span {
+        Span {
+            trace_id: vec![0xab; 16],
+            span_id: vec![id; 8],
+            parent_span_id: parent.map(|p| vec![p; 8]).unwrap_or_default(),
+            name: name.into(),
+            start_time_unix_nano: start,
+            end_time_unix_nano: start + 2_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spans_print_as_a_tree_with_events_and_errors() {
+        let mut root = span(1, None, "sandgate.evaluate", 0);
+        root.attributes.push(string("policy", "snoop"));
+        root.status = Some(Status {
+            message: "wasi_denied: path_open".into(),
+            code: status::StatusCode::Error as i32,
+        });
+        let mut guest = span(3, Some(1), "evaluate", 1_000);
+        guest.events.push(Event {
+            name: "wasi_denied".into(),
+            attributes: vec![string("wasi.call", "path_open")],
+            ..Default::default()
+        });
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                    attributes: vec![string("service.name", "sandgate")],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![guest, span(2, Some(1), "instantiate", 500), root],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let text = render(&request);
+        assert_eq!(
+            text,
+            format!(
+                "trace {} (sandgate, 3 spans)\n  sandgate.evaluate 2µs policy=snoop\n    ✗ wasi_denied: path_open\n    instantiate 2µs\n    evaluate 2µs\n      • wasi_denied wasi.call=path_open\n\n",
+                "ab".repeat(16)
+            )
+        );
+    }
+}

@@ -1,0 +1,581 @@
+//! OpenTelemetry traces of the real daemon, received by OTLP receivers the
+//! tests start, built on the official protobuf definitions (gRPC with the
+//! `opentelemetry-proto` tonic stubs, HTTP/protobuf decoded with prost): the
+//! span tree of a forward-auth request through real nginx in the client's
+//! trace, a bridged call that carries the decision's trace to the service it
+//! calls, a hostile guest's refused calls as events, resource attributes and
+//! sampling, and a collector that is down.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::{Span, span, status};
+use prost::Message as _;
+use serde_json::{Value, json};
+
+use crate::bridge::response_guest;
+use crate::nginx::{Backend, free_port, start_nginx};
+use crate::server::{Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
+use crate::support::*;
+
+/// Every export request a receiver got.
+#[derive(Clone, Default)]
+struct Received(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+/// One received span with the resource it came from.
+#[derive(Clone, Debug)]
+struct Got {
+    resource: HashMap<String, String>,
+    span: Span,
+}
+
+impl Got {
+    fn attr(&self, key: &str) -> Option<String> {
+        attr(&self.span.attributes, key)
+    }
+    fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+    fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+    fn parent_id(&self) -> String {
+        hex(&self.span.parent_span_id)
+    }
+}
+
+fn attr(list: &[KeyValue], key: &str) -> Option<String> {
+    list.iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+        .map(|v| match v {
+            any_value::Value::StringValue(s) => s.clone(),
+            any_value::Value::BoolValue(b) => b.to_string(),
+            any_value::Value::IntValue(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Received {
+    fn spans(&self) -> Vec<Got> {
+        let requests = self.0.lock().expect("received");
+        let mut out = Vec::new();
+        for request in requests.iter() {
+            for resource in &request.resource_spans {
+                let attributes: HashMap<String, String> = resource
+                    .resource
+                    .iter()
+                    .flat_map(|r| r.attributes.iter())
+                    .filter_map(|kv| {
+                        Some((kv.key.clone(), attr(std::slice::from_ref(kv), &kv.key)?))
+                    })
+                    .collect();
+                for scope in &resource.scope_spans {
+                    for span in &scope.spans {
+                        out.push(Got {
+                            resource: attributes.clone(),
+                            span: span.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until the spans of `trace_id` include a finished `sandgate.evaluate`
+    /// and `want` spans in all, then returns them.
+    async fn trace(&self, trace_id: &str, want: usize) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans: Vec<Got> = self
+                .spans()
+                .into_iter()
+                .filter(|g| g.trace_id() == trace_id)
+                .collect();
+            if spans.len() >= want && spans.iter().any(|g| g.span.name == "sandgate.evaluate") {
+                return spans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "trace {trace_id} never arrived complete; got {spans:#?}\nall: {:#?}",
+                self.spans()
+                    .iter()
+                    .map(|g| (g.trace_id(), g.span.name.clone()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0
+            .0
+            .lock()
+            .expect("received")
+            .push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC receiver on loopback.
+async fn grpc_receiver() -> (SocketAddr, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Received::default();
+    let service = TraceServiceServer::new(Collector(received.clone()));
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .serve_with_incoming_shutdown(
+                service,
+                tonic::transport::server::TcpIncoming::from(listener),
+                std::future::pending::<()>(),
+            )
+            .await;
+    });
+    (addr, received)
+}
+
+/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, binary protobuf).
+async fn http_receiver() -> (SocketAddr, Received) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let received = Received::default();
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let store = store.clone();
+            async move {
+                assert_eq!(
+                    headers.get("content-type").and_then(|v| v.to_str().ok()),
+                    Some("application/x-protobuf")
+                );
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP request");
+                store.0.lock().expect("received").push(request);
+                ExportTraceServiceResponse::default().encode_to_vec()
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, received)
+}
+
+fn telemetry(endpoint: &str, extra: &str) -> String {
+    format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n{extra}\n")
+}
+
+fn named<'a>(spans: &'a [Got], name: &str) -> &'a Got {
+    spans
+        .iter()
+        .find(|g| g.span.name == name)
+        .unwrap_or_else(|| panic!("no `{name}` span in {spans:#?}"))
+}
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_auth_request_through_nginx_joins_the_clients_trace() {
+    let (collector, received) = grpc_receiver().await;
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{collector}"), ""),
+        &rbac_policy("rbac"),
+    );
+    let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let backend = Backend::start();
+    let nginx_dir = dir.path().join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+    let nginx = start_nginx(&nginx_dir, daemon.http, "rbac", backend.addr);
+
+    let allowed = client
+        .get(format!("http://{}/api/orders/7", nginx.addr))
+        .header("x-user", "alice")
+        .header("x-roles", "viewer")
+        .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+        .send()
+        .await
+        .expect("through nginx");
+    assert_eq!(allowed.status(), 200, "{}", nginx.error_log());
+
+    let spans = received.trace(CLIENT_TRACE, 3).await;
+    let root = named(&spans, "sandgate.evaluate");
+    assert_eq!(
+        root.parent_id(),
+        CLIENT_SPAN,
+        "the client's span is the parent"
+    );
+    assert_eq!(root.span.kind, span::SpanKind::Server as i32);
+    assert_eq!(root.attr("policy").as_deref(), Some("rbac"));
+    assert_eq!(root.attr("version").as_deref(), Some("v1"));
+    assert!(
+        root.attr("digest")
+            .is_some_and(|d| d.starts_with("sha256:"))
+    );
+    assert_eq!(root.attr("decision.allow").as_deref(), Some("true"));
+    assert!(
+        root.attr("duration_us")
+            .is_some_and(|d| d.parse::<u64>().is_ok())
+    );
+    assert!(root.attr("wasm.fuel_or_epochs").is_some());
+    for child in ["instantiate", "evaluate"] {
+        let child = named(&spans, child);
+        assert_eq!(child.parent_id(), root.span_id());
+        assert!(child.span.start_time_unix_nano >= root.span.start_time_unix_nano);
+        assert!(child.span.end_time_unix_nano <= root.span.end_time_unix_nano);
+    }
+    // The decision the backend was told about is the traced one, and its
+    // audit line names the same trace.
+    let decision_id = backend.received()[0]
+        .header("x-sandgate-decision-id")
+        .expect("decision id")
+        .to_owned();
+    assert_eq!(root.attr("decision_id"), Some(decision_id.clone()));
+    drop(nginx);
+    tokio::task::block_in_place(|| daemon.stop());
+    let audit = audit_lines(&dir.path().join("audit.jsonl"));
+    let line = audit
+        .iter()
+        .find(|l| l["decision_id"] == decision_id.as_str())
+        .expect("audited");
+    assert_eq!(line["trace_id"], CLIENT_TRACE);
+}
+
+#[tokio::test]
+async fn a_bridged_call_carries_the_decisions_trace_to_the_service_it_calls() {
+    let (collector, received) = grpc_receiver().await;
+    // The introspection endpoint records the traceparent it is sent.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    let app = axum::Router::new().route(
+        "/introspect",
+        post(move |headers: HeaderMap| {
+            let record = Arc::clone(&record);
+            async move {
+                let traceparent = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record.lock().expect("seen").push(traceparent);
+                ([("content-type", "application/json")], r#"{"active":true}"#)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let auth = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let dir = tempdir();
+    let url = format!("http://{auth}/introspect");
+    // The guest tries to forge its own traceparent; the bridge replaces it.
+    let request = json!({
+        "method": "POST",
+        "url": url,
+        "headers": [["traceparent", format!("00-{}-{}-01", "1".repeat(32), "2".repeat(16))]],
+        "body": "dG9rZW49Z29vZA=="
+    })
+    .to_string();
+    let policy = wat_policy(
+        dir.path(),
+        "bridged",
+        &response_guest(&request),
+        &format!("timeout_ms = 2000\n[policy.egress]\nallow = [\"{url}\"]"),
+    );
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{collector}"), ""),
+        &policy,
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let answer = json_body(
+        client
+            .post(daemon.url("/v1/policies/bridged/evaluate"))
+            .body("{}")
+            .send()
+            .await
+            .expect("evaluate"),
+    )
+    .await;
+    let trace_id = answer["trace_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the decision names its trace: {answer}"))
+        .to_owned();
+
+    let spans = received.trace(&trace_id, 4).await;
+    let root = named(&spans, "sandgate.evaluate");
+    assert!(
+        root.span.parent_span_id.is_empty(),
+        "a new trace starts here"
+    );
+    let guest = named(&spans, "evaluate");
+    let call = named(&spans, "POST");
+    assert_eq!(
+        call.parent_id(),
+        guest.span_id(),
+        "the call happens inside the guest"
+    );
+    assert_eq!(call.span.kind, span::SpanKind::Client as i32);
+    assert_eq!(call.attr("http.request.method").as_deref(), Some("POST"));
+    assert_eq!(call.attr("url.full"), Some(url.clone()));
+    assert_eq!(
+        call.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(call.attr("server.port"), Some(auth.port().to_string()));
+
+    let sent = seen.lock().expect("seen").clone();
+    assert_eq!(
+        sent,
+        vec![format!("00-{trace_id}-{}-01", call.span_id())],
+        "the service is called as a child of the bridged call's span"
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_guests_refused_calls_are_span_events_and_failures_set_error_status() {
+    let (collector, received) = grpc_receiver().await;
+    let dir = tempdir();
+    let snoop = |name: &str, on_denied: &str| {
+        format!(
+            "[[policy]]\nname = \"{name}\"\nmodule = \"{}\"\ntimeout_ms = 500\n[policy.wasi]\nallow = [\"fs_read\"]\non_denied = \"{on_denied}\"\npreopens = [{{ host = \"{}\", guest = \"/data\", mode = \"ro\" }}]\n",
+            guest("snoop").display(),
+            repo_root().join("examples/snoop/data").display()
+        )
+    };
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(
+            &format!("http://{collector}"),
+            "guest_log_level = \"debug\"",
+        ),
+        &format!("{}{}", snoop("snoop", "errno"), snoop("snoop-trap", "trap")),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+
+    let mut trace_ids = Vec::new();
+    for policy in ["snoop", "snoop-trap"] {
+        let answer = json_body(
+            client
+                .post(daemon.url(&format!("/v1/policies/{policy}/evaluate")))
+                .body("{}")
+                .send()
+                .await
+                .expect("evaluate"),
+        )
+        .await;
+        assert_eq!(answer["allow"], false, "{answer}");
+        trace_ids.push(answer["trace_id"].as_str().expect("trace id").to_owned());
+    }
+
+    // errno mode: every refused call is an event on the guest's span.
+    let spans = received.trace(&trace_ids[0], 3).await;
+    let guest = named(&spans, "evaluate");
+    let denied: Vec<(Option<String>, Option<String>)> = guest
+        .span
+        .events
+        .iter()
+        .filter(|e| e.name == "wasi_denied")
+        .map(|e| {
+            (
+                attr(&e.attributes, "wasi.call"),
+                attr(&e.attributes, "wasi.detail"),
+            )
+        })
+        .collect();
+    assert!(
+        denied.contains(&(Some("path_open".into()), Some("/etc/passwd".into()))),
+        "{denied:?}"
+    );
+    for call in ["environ_sizes_get", "random_get", "path_unlink_file"] {
+        assert!(
+            denied.iter().any(|(c, _)| c.as_deref() == Some(call)),
+            "{call} missing from {denied:?}"
+        );
+    }
+    let root = named(&spans, "sandgate.evaluate");
+    assert_eq!(root.attr("decision.allow").as_deref(), Some("false"));
+
+    // trap mode: the first refusal ends the evaluation; the span says why.
+    let spans = received.trace(&trace_ids[1], 3).await;
+    let root = named(&spans, "sandgate.evaluate");
+    let status = root.span.status.clone().expect("status");
+    assert_eq!(status.code, status::StatusCode::Error as i32);
+    assert!(
+        status.message.starts_with("wasi_denied:"),
+        "{}",
+        status.message
+    );
+    assert_eq!(root.attr("error.code").as_deref(), Some("wasi_denied"));
+    assert_eq!(named(&spans, "evaluate").span.events.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller() {
+    let (collector, received) = http_receiver().await;
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(
+            &format!("http://{collector}"),
+            "otlp_protocol = \"http/protobuf\"\nsampling_ratio = 0.0\nservice_name = \"orders-authz\"",
+        ),
+        &rbac_policy("rbac"),
+    );
+    let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    // Sampled by the caller: recorded although the ratio is 0.
+    let sampled = json_body(
+        client
+            .post(daemon.url("/v1/policies/rbac/evaluate"))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(input)
+            .send()
+            .await
+            .expect("evaluate"),
+    )
+    .await;
+    assert_eq!(sampled["trace_id"], CLIENT_TRACE);
+    // No caller context: a new trace, not sampled at ratio 0, but still named.
+    let unsampled = json_body(
+        client
+            .post(daemon.url("/v1/policies/rbac/evaluate"))
+            .body(input)
+            .send()
+            .await
+            .expect("evaluate"),
+    )
+    .await;
+    let other = unsampled["trace_id"].as_str().expect("trace id").to_owned();
+    assert_ne!(other, CLIENT_TRACE);
+
+    // Shutdown exports what is buffered.
+    daemon.signal("TERM");
+    let exit = tokio::task::block_in_place(|| daemon.wait_exit(Duration::from_secs(20)));
+    assert_eq!(exit.and_then(|s| s.code()), Some(0), "{}", daemon.logs());
+    let spans = received.spans();
+    let root = named(&spans, "sandgate.evaluate");
+    assert_eq!(root.trace_id(), CLIENT_TRACE);
+    assert!(spans.iter().all(|g| g.trace_id() != other), "{spans:#?}");
+    assert_eq!(
+        root.resource.get("service.name").map(String::as_str),
+        Some("orders-authz")
+    );
+    assert_eq!(
+        root.resource.get("service.version").map(String::as_str),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert!(
+        root.resource
+            .get("service.instance.id")
+            .is_some_and(|i| i.len() == 36)
+    );
+    assert!(
+        root.resource
+            .get("host.name")
+            .is_some_and(|h| !h.is_empty())
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
+    let dead = free_port();
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{dead}"), ""),
+        &rbac_policy("rbac"),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    for _ in 0..50 {
+        let started = Instant::now();
+        let answer: Value = json_body(
+            client
+                .post(daemon.url("/v1/policies/rbac/evaluate"))
+                .body(input)
+                .send()
+                .await
+                .expect("evaluate"),
+        )
+        .await;
+        assert_eq!(answer["allow"], true, "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = client
+            .get(daemon.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let failures = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("sandgate_otlp_export_failures_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if failures.is_some_and(|f| f > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no export failure counted:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = daemon.logs();
+    assert!(logs.contains("OTLP trace export failed"), "{logs}");
+    assert!(
+        logs.contains(&dead.to_string()),
+        "the log names the endpoint:\n{logs}"
+    );
+}
