@@ -255,10 +255,11 @@ fn introspection_endpoint() -> Peer {
 }
 
 /// A decision service at `/v1/decide`. A plain question
-/// `{"subject","object","action"}` is answered Casbin-server style
-/// (`{"allow": bool, "reason": …}`), one wrapped as OPA's `{"input": …}` OPA
-/// style (`{"result": {"allow": bool}}`). Alice may read (`read`, `get`),
-/// nobody else may do anything. Subjects named `svc-…` get a broken answer:
+/// `{"subject","object","action"}` gets a Casbin-server style answer
+/// (`{"allow": bool, "reason": …}`); a question wrapped as OPA's
+/// `{"input": …}` gets OPA's (`{"result": {"allow": bool}}`). Alice may read
+/// (`read`, `get`), nobody else may do anything. Subjects named `svc-…` get a
+/// broken answer:
 ///
 /// | subject | answer |
 /// | --- | --- |
