@@ -30,6 +30,12 @@ pub mod defaults {
     pub const EGRESS_MAX_CALLS: u32 = 8;
     pub const VERSION: &str = "default";
     pub const MAX_IN_FLIGHT: u32 = 256;
+    pub const RELOAD_DEBOUNCE_MS: u64 = 200;
+    pub const VERSION_WEIGHT: u32 = 100;
+    pub const VERSION_HEADER: &str = "x-sandgate-version";
+    pub const FETCH_TIMEOUT_MS: u64 = 30_000;
+    pub const MAX_MODULE_MB: u64 = 64;
+    pub const DECISION_CACHE_MAX_ENTRIES: u64 = 10_000;
 }
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -60,10 +66,30 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub ebpf: EbpfMode,
     pub engine: EngineSettings,
+    pub reload: ReloadSettings,
     pub policies: Vec<PolicySpec>,
 }
 
-#[derive(Clone, Debug)]
+/// `[reload]`: how the daemon notices a changed config or module file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReloadSettings {
+    /// Watch the config file and every module file, and reload when one changes.
+    pub watch: bool,
+    /// Quiet time after a change before reloading, so an editor's or a deploy
+    /// tool's burst of writes becomes one reload.
+    pub debounce: Duration,
+}
+
+impl Default for ReloadSettings {
+    fn default() -> Self {
+        ReloadSettings {
+            watch: true,
+            debounce: Duration::from_millis(defaults::RELOAD_DEBOUNCE_MS),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub grpc_listen: Option<SocketAddr>,
@@ -76,7 +102,7 @@ pub enum AuditTarget {
     File(PathBuf),
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditSettings {
     pub target: AuditTarget,
 }
@@ -89,7 +115,7 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TelemetrySettings {
     pub otlp_endpoint: Option<String>,
     pub otlp_protocol: OtlpProtocol,
@@ -122,26 +148,43 @@ pub enum EbpfMode {
     Off,
 }
 
-/// Settings of the shared wasmtime engine.
-#[derive(Clone, Debug)]
+/// Settings of the shared wasmtime engine and of how it obtains modules.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineSettings {
     /// Where compiled modules are cached; `None` disables the disk cache.
     pub cache_dir: Option<PathBuf>,
+    /// Where modules downloaded from URLs are kept (by digest), so later
+    /// starts need no network; `None` keeps them in memory only.
+    pub download_dir: Option<PathBuf>,
     /// The largest linear memory any policy may be given (pool slot size).
     pub max_memory_bytes: u64,
     /// Instances that may be live at once across all policies.
     pub max_instances: u32,
+    /// Plain `http://` module URLs are accepted (loopback hosts only).
+    pub allow_insecure_http: bool,
+    /// Deadline of one module download, connection to last byte.
+    pub fetch_timeout: Duration,
+    /// The largest module a download may deliver.
+    pub max_module_bytes: u64,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
+        let cache_dir = default_cache_dir();
         EngineSettings {
-            cache_dir: default_cache_dir(),
+            download_dir: cache_dir.as_ref().map(|d| d.join(DOWNLOADS_SUBDIR)),
+            cache_dir,
             max_memory_bytes: defaults::ENGINE_MAX_MEMORY_MB << 20,
             max_instances: defaults::ENGINE_MAX_INSTANCES,
+            allow_insecure_http: false,
+            fetch_timeout: Duration::from_millis(defaults::FETCH_TIMEOUT_MS),
+            max_module_bytes: defaults::MAX_MODULE_MB << 20,
         }
     }
 }
+
+/// Downloaded modules live in this directory under the cache directory.
+pub const DOWNLOADS_SUBDIR: &str = "modules";
 
 /// `$SANDGATE_CACHE_DIR`, else `$XDG_CACHE_HOME/sandgate`, else `~/.cache/sandgate`.
 pub fn default_cache_dir() -> Option<PathBuf> {
@@ -206,13 +249,22 @@ impl fmt::Debug for Digest {
     }
 }
 
-/// One policy, validated.
+/// One policy, validated. `version`, `module` and `sha256` describe the
+/// version this spec loads (the first of `versions`); [`PolicySpec::for_version`]
+/// gives the spec of any other.
 #[derive(Clone, Debug)]
 pub struct PolicySpec {
     pub name: String,
     pub version: String,
     pub module: ModuleSource,
     pub sha256: Option<Digest>,
+    /// Every version, in config order: the `[[policy.version]]` tables, or the
+    /// one version `version`/`module`/`sha256` describe (weight 100).
+    pub versions: Vec<VersionSpec>,
+    /// How a request picks among `versions`.
+    pub routing: Routing,
+    /// Decisions reused for an identical input, when enabled.
+    pub decision_cache: Option<DecisionCacheSettings>,
     pub timeout: Duration,
     pub memory_limit_bytes: u64,
     pub max_input_bytes: u64,
@@ -231,11 +283,20 @@ impl PolicySpec {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "module".to_owned());
+        let module = ModuleSource::File(path.to_path_buf());
         PolicySpec {
             name,
             version: defaults::VERSION.to_owned(),
-            module: ModuleSource::File(path.to_path_buf()),
+            versions: vec![VersionSpec {
+                name: defaults::VERSION.to_owned(),
+                module: module.clone(),
+                sha256: None,
+                weight: defaults::VERSION_WEIGHT,
+            }],
+            module,
             sha256: None,
+            routing: Routing::default(),
+            decision_cache: None,
             timeout: Duration::from_millis(defaults::TIMEOUT_MS),
             memory_limit_bytes: defaults::MEMORY_LIMIT_MB << 20,
             max_input_bytes: defaults::MAX_INPUT_BYTES,
@@ -246,6 +307,87 @@ impl PolicySpec {
             egress: EgressSettings::default(),
         }
     }
+}
+
+impl PolicySpec {
+    /// The spec that loads `version` of this policy (every other setting shared).
+    pub fn for_version(&self, version: &VersionSpec) -> PolicySpec {
+        PolicySpec {
+            version: version.name.clone(),
+            module: version.module.clone(),
+            sha256: version.sha256,
+            ..self.clone()
+        }
+    }
+
+    /// Replaces the module of every version (`sandgate eval --module` with a config).
+    pub fn with_module(&self, module: ModuleSource) -> PolicySpec {
+        let mut spec = self.clone();
+        spec.module = module.clone();
+        spec.sha256 = None;
+        spec.versions = vec![VersionSpec {
+            name: spec.version.clone(),
+            module,
+            sha256: None,
+            weight: defaults::VERSION_WEIGHT,
+        }];
+        spec
+    }
+}
+
+/// One version of a policy: `[[policy.version]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionSpec {
+    pub name: String,
+    pub module: ModuleSource,
+    pub sha256: Option<Digest>,
+    /// Share of the traffic not routed by header, relative to the other
+    /// versions' weights; 0 = reachable only by the version header.
+    pub weight: u32,
+}
+
+/// How a request picks the version that answers it: the version header when
+/// enabled and present, else the sticky key's hash when configured and
+/// present, else a weighted random draw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// Honour `x-sandgate-version` (`version_header = false` turns it off).
+    pub version_header: bool,
+    pub sticky: Option<StickyKey>,
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Routing {
+            version_header: true,
+            sticky: None,
+        }
+    }
+}
+
+/// What keeps one user on one version: `sticky = "header:NAME"` or `"input:a.b.c"`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StickyKey {
+    /// A request header (lower-case name).
+    Header(String),
+    /// A field of the caller's input, by its path of object keys (or array indices).
+    Input(Vec<String>),
+}
+
+impl fmt::Display for StickyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StickyKey::Header(h) => write!(f, "header:{h}"),
+            StickyKey::Input(path) => write!(f, "input:{}", path.join(".")),
+        }
+    }
+}
+
+/// `decision_cache_ttl_ms`: decisions reused for an identical canonical input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecisionCacheSettings {
+    pub ttl: Duration,
+    pub max_entries: u64,
 }
 
 /// What a denied WASI call does.
@@ -370,8 +512,16 @@ struct RawConfig {
     telemetry: Option<RawTelemetry>,
     ebpf: Option<RawEbpf>,
     engine: Option<RawEngine>,
+    reload: Option<RawReload>,
     #[serde(default)]
     policy: Vec<RawPolicy>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    debounce_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -411,15 +561,24 @@ struct RawEngine {
     cache: Option<bool>,
     max_memory_mb: Option<Spanned<u64>>,
     max_instances: Option<Spanned<u32>>,
+    allow_insecure_http: Option<bool>,
+    fetch_timeout_ms: Option<Spanned<u64>>,
+    max_module_mb: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
     name: Spanned<String>,
-    version: Option<Spanned<String>>,
-    module: Spanned<String>,
+    /// `version = "v1"`, or the `[[policy.version]]` tables.
+    version: Option<Spanned<RawVersions>>,
+    module: Option<Spanned<String>>,
     sha256: Option<Spanned<String>>,
+    sticky: Option<Spanned<String>>,
+    version_header: Option<bool>,
+    decision_cache_ttl_ms: Option<Spanned<u64>>,
+    decision_cache_max_entries: Option<Spanned<u64>>,
+    decision_cache_force: Option<bool>,
     timeout_ms: Option<Spanned<u64>>,
     memory_limit_mb: Option<Spanned<u64>>,
     max_input_bytes: Option<Spanned<u64>>,
@@ -428,6 +587,52 @@ struct RawPolicy {
     fail_mode: Option<FailMode>,
     wasi: Option<RawWasi>,
     egress: Option<RawEgress>,
+}
+
+/// The `version` key of a policy: a name, or an array of `[[policy.version]]`
+/// tables. Written by hand (not `untagged`) so that an unknown key inside a
+/// version table is still reported with its name and line.
+enum RawVersions {
+    Name(String),
+    Tables(Vec<Spanned<RawVersion>>),
+}
+
+impl<'de> Deserialize<'de> for RawVersions {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawVersions;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a version name or [[policy.version]] tables")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawVersions, E> {
+                Ok(RawVersions::Name(v.to_owned()))
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<RawVersions, A::Error> {
+                let mut tables = Vec::new();
+                while let Some(table) = seq.next_element()? {
+                    tables.push(table);
+                }
+                Ok(RawVersions::Tables(tables))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVersion {
+    name: Spanned<String>,
+    module: Spanned<String>,
+    sha256: Option<Spanned<String>>,
+    weight: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -561,6 +766,7 @@ impl Resolver<'_> {
         };
         let ebpf = raw.ebpf.and_then(|e| e.mode).unwrap_or_default();
         let engine = self.engine(raw.engine)?;
+        let reload = self.reload(raw.reload)?;
 
         let mut policies = Vec::with_capacity(raw.policy.len());
         let mut seen = BTreeSet::new();
@@ -583,8 +789,22 @@ impl Resolver<'_> {
             telemetry,
             ebpf,
             engine,
+            reload,
             policies,
         })
+    }
+
+    fn reload(&self, raw: Option<RawReload>) -> Result<ReloadSettings, ConfigError> {
+        let mut settings = ReloadSettings::default();
+        let Some(raw) = raw else {
+            return Ok(settings);
+        };
+        settings.watch = raw.watch.unwrap_or(settings.watch);
+        if let Some(ms) = &raw.debounce_ms {
+            settings.debounce =
+                Duration::from_millis(self.ranged("reload.debounce_ms", ms, 0, 60_000)?);
+        }
+        Ok(settings)
     }
 
     fn socket_addr(&self, key: &str, value: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
@@ -717,10 +937,22 @@ impl Resolver<'_> {
             return Ok(settings);
         };
         if let Some(dir) = &raw.cache_dir {
-            settings.cache_dir = Some(self.relative(dir.get_ref()));
+            let dir = self.relative(dir.get_ref());
+            settings.download_dir = Some(dir.join(DOWNLOADS_SUBDIR));
+            settings.cache_dir = Some(dir);
         }
+        // Only compiled modules: downloads are still kept, so a start
+        // without network can use them.
         if raw.cache == Some(false) {
             settings.cache_dir = None;
+        }
+        settings.allow_insecure_http = raw.allow_insecure_http.unwrap_or(false);
+        if let Some(ms) = &raw.fetch_timeout_ms {
+            settings.fetch_timeout =
+                Duration::from_millis(self.ranged("engine.fetch_timeout_ms", ms, 1, 600_000)?);
+        }
+        if let Some(mb) = &raw.max_module_mb {
+            settings.max_module_bytes = self.ranged("engine.max_module_mb", mb, 1, 1024)? << 20;
         }
         if let Some(mb) = raw.max_memory_mb {
             settings.max_memory_bytes = self.ranged("engine.max_memory_mb", &mb, 1, 4096)? << 20;
@@ -765,43 +997,8 @@ impl Resolver<'_> {
             );
         }
         let key = |k: &str| format!("policy[{index}].{k} (policy `{name}`)");
-        let version = match &raw.version {
-            Some(v) if v.get_ref().is_empty() => {
-                return self.error(
-                    Some(v.span()),
-                    format!("{}: must not be empty", key("version")),
-                );
-            }
-            Some(v) => v.get_ref().clone(),
-            None => defaults::VERSION.to_owned(),
-        };
-        let sha256 = match &raw.sha256 {
-            Some(s) => Some(
-                Digest::parse(s.get_ref())
-                    .or_else(|m| self.error(Some(s.span()), format!("{}: {m}", key("sha256"))))?,
-            ),
-            None => None,
-        };
-        let module_text = raw.module.get_ref();
-        let module = if module_text.starts_with("https://") || module_text.starts_with("http://") {
-            if sha256.is_none() {
-                return self.error(
-                    Some(raw.module.span()),
-                    format!(
-                        "{}: a module fetched from a URL must be pinned with `sha256`",
-                        key("module")
-                    ),
-                );
-            }
-            ModuleSource::Url(module_text.clone())
-        } else if module_text.is_empty() {
-            return self.error(
-                Some(raw.module.span()),
-                format!("{}: must not be empty", key("module")),
-            );
-        } else {
-            ModuleSource::File(self.relative(module_text))
-        };
+        let versions = self.versions(&key, &raw, engine)?;
+        let routing = self.routing(&key, &raw)?;
         let timeout_ms = match &raw.timeout_ms {
             Some(v) => self.ranged(&key("timeout_ms"), v, 1, MAX_TIMEOUT_MS)?,
             None => defaults::TIMEOUT_MS,
@@ -825,11 +1022,23 @@ impl Resolver<'_> {
         };
         let grants = self.grants(&key, raw.wasi)?;
         let egress = self.egress(&key, raw.egress)?;
+        let decision_cache = self.decision_cache(
+            &key,
+            &raw.decision_cache_ttl_ms,
+            &raw.decision_cache_max_entries,
+            raw.decision_cache_force,
+            &egress,
+            raw.name.span(),
+        )?;
+        let first = versions[0].clone();
         Ok(PolicySpec {
             name,
-            version,
-            module,
-            sha256,
+            version: first.name,
+            module: first.module,
+            sha256: first.sha256,
+            versions,
+            routing,
+            decision_cache,
             timeout: Duration::from_millis(timeout_ms),
             memory_limit_bytes: memory_limit_mb << 20,
             max_input_bytes,
@@ -839,6 +1048,261 @@ impl Resolver<'_> {
             grants,
             egress,
         })
+    }
+
+    /// The versions of a policy: its `[[policy.version]]` tables, or the one
+    /// its `version`/`module`/`sha256` keys describe.
+    fn versions(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        raw: &RawPolicy,
+        engine: &EngineSettings,
+    ) -> Result<Vec<VersionSpec>, ConfigError> {
+        let tables = match raw.version.as_ref().map(|v| (v.span(), v.get_ref())) {
+            Some((span, RawVersions::Tables(tables))) => {
+                for (given, k) in [
+                    (raw.module.as_ref().map(Spanned::span), "module"),
+                    (raw.sha256.as_ref().map(Spanned::span), "sha256"),
+                ] {
+                    if let Some(given) = given {
+                        return self.error(
+                            Some(given),
+                            format!(
+                                "{}: the policy defines [[policy.version]] tables; give each version its own `{k}` instead",
+                                key(k)
+                            ),
+                        );
+                    }
+                }
+                if tables.is_empty() {
+                    return self.error(
+                        Some(span),
+                        format!("{}: define at least one version", key("version")),
+                    );
+                }
+                tables
+            }
+            other => {
+                let name = match other {
+                    Some((span, RawVersions::Name(n))) => {
+                        self.version_name(&key("version"), n, span)?;
+                        n.clone()
+                    }
+                    _ => defaults::VERSION.to_owned(),
+                };
+                let Some(module) = &raw.module else {
+                    return self.error(
+                        Some(raw.name.span()),
+                        format!(
+                            "{}: missing; give the policy a `module` or [[policy.version]] tables",
+                            key("module")
+                        ),
+                    );
+                };
+                let sha256 = self.digest(&key("sha256"), raw.sha256.as_ref())?;
+                let module = self.module_source(&key("module"), module, sha256, engine)?;
+                return Ok(vec![VersionSpec {
+                    name,
+                    module,
+                    sha256,
+                    weight: defaults::VERSION_WEIGHT,
+                }]);
+            }
+        };
+        let mut versions: Vec<VersionSpec> = Vec::with_capacity(tables.len());
+        for (i, table) in tables.iter().enumerate() {
+            let table = table.get_ref();
+            let vkey = |k: &str| key(&format!("version[{i}].{k}"));
+            let name = table.name.get_ref();
+            self.version_name(&vkey("name"), name, table.name.span())?;
+            if versions.iter().any(|v| &v.name == name) {
+                return self.error(
+                    Some(table.name.span()),
+                    format!("{}: duplicate version name `{name}`", vkey("name")),
+                );
+            }
+            let sha256 = self.digest(&vkey("sha256"), table.sha256.as_ref())?;
+            let module = self.module_source(&vkey("module"), &table.module, sha256, engine)?;
+            let weight = match &table.weight {
+                Some(w) => self.ranged(&vkey("weight"), w, 0, 1_000_000)? as u32,
+                None => defaults::VERSION_WEIGHT,
+            };
+            versions.push(VersionSpec {
+                name: name.clone(),
+                module,
+                sha256,
+                weight,
+            });
+        }
+        if versions.iter().all(|v| v.weight == 0) {
+            let span = raw.version.as_ref().map(Spanned::span);
+            return self.error(
+                span,
+                format!(
+                    "{}: every version has weight 0, so a request without the version header could not be answered; give at least one a weight",
+                    key("version")
+                ),
+            );
+        }
+        Ok(versions)
+    }
+
+    fn version_name(
+        &self,
+        key: &str,
+        name: &str,
+        span: std::ops::Range<usize>,
+    ) -> Result<(), ConfigError> {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return self.error(
+                Some(span),
+                format!(
+                    "{key}: `{name}` must be non-empty and use only letters, digits, '-', '_' and '.'"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn digest(
+        &self,
+        key: &str,
+        raw: Option<&Spanned<String>>,
+    ) -> Result<Option<Digest>, ConfigError> {
+        match raw {
+            Some(s) => Digest::parse(s.get_ref())
+                .map(Some)
+                .or_else(|m| self.error(Some(s.span()), format!("{key}: {m}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// A module path (relative to the config file) or a pinned URL:
+    /// `https://`, or `http://` to a loopback host when
+    /// `engine.allow_insecure_http` is set.
+    fn module_source(
+        &self,
+        key: &str,
+        raw: &Spanned<String>,
+        sha256: Option<Digest>,
+        engine: &EngineSettings,
+    ) -> Result<ModuleSource, ConfigError> {
+        let text = raw.get_ref();
+        let span = Some(raw.span());
+        let insecure = text.starts_with("http://");
+        if !(insecure || text.starts_with("https://")) {
+            if text.is_empty() {
+                return self.error(span, format!("{key}: must not be empty"));
+            }
+            return Ok(ModuleSource::File(self.relative(text)));
+        }
+        if sha256.is_none() {
+            return self.error(
+                span,
+                format!("{key}: a module fetched from a URL must be pinned with `sha256`"),
+            );
+        }
+        let url = match url::Url::parse(text) {
+            Ok(url) if url.host().is_some() => url,
+            _ => return self.error(span, format!("{key}: `{text}` is not a valid URL")),
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            return self.error(
+                span,
+                format!("{key}: `{text}` carries user information; module URLs must not"),
+            );
+        }
+        if insecure {
+            if !is_loopback(&url) {
+                return self.error(
+                    span,
+                    format!(
+                        "{key}: `{text}` is plain http:// to a host that is not loopback; modules are fetched over https://"
+                    ),
+                );
+            }
+            if !engine.allow_insecure_http {
+                return self.error(
+                    span,
+                    format!(
+                        "{key}: `{text}` is plain http://; set `allow_insecure_http = true` in [engine] to fetch modules from a loopback host without TLS"
+                    ),
+                );
+            }
+        }
+        Ok(ModuleSource::Url(text.clone()))
+    }
+
+    fn routing(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        raw: &RawPolicy,
+    ) -> Result<Routing, ConfigError> {
+        let sticky =
+            match &raw.sticky {
+                None => None,
+                Some(text) => Some(parse_sticky(text.get_ref()).or_else(|m| {
+                    self.error(Some(text.span()), format!("{}: {m}", key("sticky")))
+                })?),
+            };
+        Ok(Routing {
+            version_header: raw.version_header.unwrap_or(true),
+            sticky,
+        })
+    }
+
+    fn decision_cache(
+        &self,
+        key: &dyn Fn(&str) -> String,
+        ttl: &Option<Spanned<u64>>,
+        max_entries: &Option<Spanned<u64>>,
+        force: Option<bool>,
+        egress: &EgressSettings,
+        policy_span: std::ops::Range<usize>,
+    ) -> Result<Option<DecisionCacheSettings>, ConfigError> {
+        let Some(ttl) = ttl else {
+            if let Some(m) = max_entries {
+                return self.error(
+                    Some(m.span()),
+                    format!(
+                        "{}: has no effect without decision_cache_ttl_ms",
+                        key("decision_cache_max_entries")
+                    ),
+                );
+            }
+            if force.is_some() {
+                return self.error(
+                    Some(policy_span),
+                    format!(
+                        "{}: has no effect without decision_cache_ttl_ms",
+                        key("decision_cache_force")
+                    ),
+                );
+            }
+            return Ok(None);
+        };
+        let ttl_ms = self.ranged(&key("decision_cache_ttl_ms"), ttl, 1, 86_400_000)?;
+        if !egress.allow.is_empty() && force != Some(true) {
+            return self.error(
+                Some(ttl.span()),
+                format!(
+                    "{}: the policy calls external services ([policy.egress]), whose answers can change while a cached decision is reused; set decision_cache_force = true to cache anyway",
+                    key("decision_cache_ttl_ms")
+                ),
+            );
+        }
+        let max_entries = match max_entries {
+            Some(m) => self.ranged(&key("decision_cache_max_entries"), m, 1, 10_000_000)?,
+            None => defaults::DECISION_CACHE_MAX_ENTRIES,
+        };
+        Ok(Some(DecisionCacheSettings {
+            ttl: Duration::from_millis(ttl_ms),
+            max_entries,
+        }))
     }
 
     fn grants(
@@ -1102,6 +1566,43 @@ impl Resolver<'_> {
             egress.max_calls = self.ranged(&key("egress.max_calls"), &v.map_u64(), 0, 1000)? as u32;
         }
         Ok(egress)
+    }
+}
+
+/// `header:NAME` or `input:a.b.c`.
+fn parse_sticky(text: &str) -> Result<StickyKey, String> {
+    if let Some(header) = text.strip_prefix("header:") {
+        let header = header.to_ascii_lowercase();
+        if header.is_empty()
+            || !header
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        {
+            return Err(format!("`{text}`: `{header}` is not a header name"));
+        }
+        return Ok(StickyKey::Header(header));
+    }
+    if let Some(path) = text.strip_prefix("input:") {
+        let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+        if segments.iter().any(String::is_empty) {
+            return Err(format!(
+                "`{text}`: the input path must be field names separated by '.', like input:subject.id"
+            ));
+        }
+        return Ok(StickyKey::Input(segments));
+    }
+    Err(format!(
+        "`{text}` must be \"header:NAME\" or \"input:FIELD.PATH\""
+    ))
+}
+
+/// Whether a URL's host is a loopback address (`localhost` included).
+fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        None => false,
     }
 }
 

@@ -1,22 +1,30 @@
 //! The wasmtime engine shared by every policy: pooling allocation, epoch
-//! deadlines (one ticker thread), the memory limiter, and the on-disk cache of
-//! compiled modules. `policy` asks it to compile modules and to create a
-//! `Store` holding one evaluation's host state (`Invocation`).
+//! deadlines (one ticker thread), the memory limiter, and the caches of
+//! compiled modules (memory, then disk; modules pinned by URL are downloaded
+//! through `fetch` only when neither has them). `policy` asks it for compiled
+//! modules and creates a `Store` holding one evaluation's host state
+//! (`Invocation`).
 
+use std::collections::HashMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::Digest as _;
 use wasmtime::{
-    Config, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter,
+    Config, Enabled, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter,
 };
 
 use crate::config::{Digest, EngineSettings};
+use crate::fetch::Fetcher;
+
+/// Bytes of each linear memory slot kept resident between instances (the
+/// 1 MiB default guest stack of Rust guests sits below their data and heap).
+const KEEP_RESIDENT: usize = 4 << 20;
 
 /// How often the epoch advances: the granularity of evaluation deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -26,6 +34,10 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Format tag of a cache entry; bump when the layout changes.
 const CACHE_MAGIC: &[u8; 8] = b"SGMOD\x00\x00\x01";
+
+/// Compiled modules kept in memory, so a reload (or a rollback to a version
+/// loaded earlier) neither recompiles nor reads the disk cache.
+const MEMORY_CACHE_ENTRIES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -42,6 +54,8 @@ pub enum CompiledFrom {
     Compiler,
     /// Loaded from the disk cache.
     DiskCache,
+    /// Already compiled by this process (an earlier load or reload).
+    MemoryCache,
 }
 
 impl std::fmt::Display for CompiledFrom {
@@ -49,6 +63,7 @@ impl std::fmt::Display for CompiledFrom {
         f.write_str(match self {
             CompiledFrom::Compiler => "compiled",
             CompiledFrom::DiskCache => "disk cache",
+            CompiledFrom::MemoryCache => "memory cache",
         })
     }
 }
@@ -58,6 +73,8 @@ impl std::fmt::Display for CompiledFrom {
 pub struct Engine {
     wasmtime: wasmtime::Engine,
     cache: Option<Arc<ModuleCache>>,
+    memory: Arc<Mutex<MemoryCache>>,
+    fetcher: Arc<Fetcher>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -73,8 +90,12 @@ impl Engine {
             .total_tables(settings.max_instances)
             .total_stacks(settings.max_instances)
             .max_memory_size(settings.max_memory_bytes as usize)
-            // Keep a little of each slot resident so reuse avoids page faults.
-            .linear_memory_keep_resident(64 * 1024)
+            // A fresh instance per evaluation makes slot reuse the hot path:
+            // reset only the pages the last guest dirtied (PAGEMAP_SCAN, Linux
+            // 6.7+) and keep them resident, so the next guest takes no page
+            // faults on its stack, data and heap.
+            .pagemap_scan(Enabled::Auto)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(16 * 1024);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let wasmtime =
@@ -87,8 +108,15 @@ impl Engine {
         Ok(Engine {
             wasmtime,
             cache,
+            memory: Arc::new(Mutex::new(MemoryCache::default())),
+            fetcher: Arc::new(Fetcher::new(settings)),
             _ticker: ticker,
         })
+    }
+
+    /// Downloads modules pinned by URL (through the download cache).
+    pub fn fetcher(&self) -> &Fetcher {
+        &self.fetcher
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
@@ -107,17 +135,67 @@ impl Engine {
         bytes: &[u8],
         digest: &Digest,
     ) -> Result<(Module, CompiledFrom), EngineError> {
-        if let Some(cache) = &self.cache
-            && let Some(module) = cache.load(&self.wasmtime, digest)
-        {
-            return Ok((module, CompiledFrom::DiskCache));
+        if let Some(found) = self.cached(digest) {
+            return Ok(found);
         }
         let module = Module::new(&self.wasmtime, bytes)
             .map_err(|e| EngineError::Compile(format!("{e:#}")))?;
         if let Some(cache) = &self.cache {
             cache.store(digest, &module);
         }
+        self.remember(digest, &module);
         Ok((module, CompiledFrom::Compiler))
+    }
+
+    /// The compiled module of `digest` when this process or the disk cache
+    /// has it, without its source. May block (disk): call it off the request path.
+    pub fn cached(&self, digest: &Digest) -> Option<(Module, CompiledFrom)> {
+        let in_memory = self.memory.lock().ok().and_then(|mut m| m.get(digest));
+        if let Some(module) = in_memory {
+            return Some((module, CompiledFrom::MemoryCache));
+        }
+        let module = self.cache.as_ref()?.load(&self.wasmtime, digest)?;
+        self.remember(digest, &module);
+        Some((module, CompiledFrom::DiskCache))
+    }
+
+    fn remember(&self, digest: &Digest, module: &Module) {
+        if let Ok(mut memory) = self.memory.lock() {
+            memory.insert(*digest, module.clone());
+        }
+    }
+}
+
+/// The compiled modules of this process, least recently used evicted first.
+#[derive(Default)]
+struct MemoryCache {
+    entries: HashMap<Digest, (Module, u64)>,
+    clock: u64,
+}
+
+impl MemoryCache {
+    fn get(&mut self, digest: &Digest) -> Option<Module> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(digest).map(|(module, used)| {
+            *used = clock;
+            module.clone()
+        })
+    }
+
+    fn insert(&mut self, digest: Digest, module: Module) {
+        self.clock += 1;
+        if self.entries.len() >= MEMORY_CACHE_ENTRIES
+            && !self.entries.contains_key(&digest)
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(d, _)| *d)
+        {
+            self.entries.remove(&oldest);
+        }
+        self.entries.insert(digest, (module, self.clock));
     }
 }
 

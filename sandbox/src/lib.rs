@@ -12,6 +12,7 @@ pub mod bridge;
 pub mod config;
 pub mod decision;
 pub mod engine;
+pub mod fetch;
 pub mod policy;
 pub mod server;
 pub mod telemetry;

@@ -177,8 +177,7 @@ async fn eval(
         }
     };
     if let Some(module) = module {
-        spec.module = config::ModuleSource::File(module);
-        spec.sha256 = None;
+        spec = spec.with_module(config::ModuleSource::File(module));
     }
     let input = read_input(input)?;
     let audit = match &audit_path {
@@ -230,8 +229,28 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for spec in &config.policies {
-        match Policy::load(&engine, spec.clone()).await {
-            Ok(policy) => report.push(policy.report()),
+        match sandgate::policy::Versions::load(&engine, spec).await {
+            Ok(versions) => {
+                let mut policy = versions.primary().report();
+                let loaded: Vec<serde_json::Value> = versions
+                    .iter()
+                    .map(|(version, weight)| {
+                        let facts = version.facts();
+                        serde_json::json!({
+                            "version": version.spec().version,
+                            "module": version.spec().module.to_string(),
+                            "digest": facts.digest,
+                            "weight": weight,
+                            "compiled_from": facts.compiled_from,
+                            "fetched_from": facts.fetched_from,
+                        })
+                    })
+                    .collect();
+                if let Some(map) = policy.as_object_mut() {
+                    map.insert("versions".into(), loaded.into());
+                }
+                report.push(policy);
+            }
             Err(e) => failures.push(e.to_string()),
         }
     }
@@ -271,6 +290,15 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Pat
         Some(dir) => println!("  module cache {}", dir.display()),
         None => println!("  module cache off"),
     }
+    if let Some(dir) = &config.engine.download_dir
+        && config
+            .policies
+            .iter()
+            .flat_map(|p| &p.versions)
+            .any(|v| matches!(v.module, config::ModuleSource::Url(_)))
+    {
+        println!("  downloads    {}", dir.display());
+    }
     for p in report {
         let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
         let list = |v: &serde_json::Value| {
@@ -293,13 +321,45 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Pat
             }
         };
         println!();
-        println!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
-        println!(
-            "  module        {} ({}; {})",
-            s(&p["module"]),
-            s(&p["digest"]),
-            s(&p["compiled_from"])
-        );
+        let versions = p["versions"].as_array().cloned().unwrap_or_default();
+        if versions.len() > 1 {
+            println!("policy {}", s(&p["name"]));
+        } else {
+            println!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
+        }
+        for v in &versions {
+            let label = if versions.len() > 1 {
+                format!("  version {} (weight {})", s(&v["version"]), v["weight"])
+            } else {
+                "  module".to_owned()
+            };
+            // Where the module came from: the file, the download cache or the
+            // network, or not read at all when a compiled copy was cached.
+            let fetched = match v["fetched_from"].as_str() {
+                Some(from) => format!("read from {from}"),
+                None => "not read".to_owned(),
+            };
+            println!(
+                "{label:<15} {}\n                {}; {fetched}; compiled: {}",
+                s(&v["module"]),
+                s(&v["digest"]),
+                s(&v["compiled_from"])
+            );
+        }
+        let routing = &p["routing"];
+        if versions.len() > 1 {
+            println!(
+                "  routing       header {}, sticky {}",
+                routing["version_header"].as_str().unwrap_or("off"),
+                routing["sticky"].as_str().unwrap_or("off")
+            );
+        }
+        if let Some(cache) = p["decision_cache"].as_object() {
+            println!(
+                "  decisions     cached {} ms, at most {} entries",
+                cache["ttl_ms"], cache["max_entries"]
+            );
+        }
         println!(
             "  limits        timeout {} ms, memory {} MiB, output {} bytes, fail_mode {}",
             p["timeout_ms"],

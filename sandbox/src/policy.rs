@@ -1,8 +1,16 @@
 //! Loaded policies and their evaluation. `Policy::load` turns a `PolicySpec`
 //! into a validated, linked `InstancePre`; `Policy::evaluate` runs one
 //! decision in a fresh instance under the policy's deadline and memory cap and
-//! maps every failure to a contract error code (fail-closed). `Registry` holds
-//! the loaded policies by name for the server.
+//! maps every failure to a contract error code (fail-closed). [`Versions`]
+//! holds every version of one policy and picks the one that answers a
+//! request; [`DecisionCache`] is the optional cache in front of it.
+//! `Registry` holds loaded policies by name for embedders.
+
+mod decision_cache;
+mod route;
+
+pub use decision_cache::DecisionCache;
+pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,7 +27,8 @@ use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::bridge::{Bridge, CacheStats, HttpCall};
 use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
-use crate::engine::{Engine, MemoryLimiter};
+use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
+use crate::fetch::Fetched;
 use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied};
 
@@ -51,10 +60,11 @@ pub enum LoadError {
         source_name: String,
         message: String,
     },
-    #[error(
-        "policy `{policy}`: module {url} is remote; fetching modules by URL is not supported by this build"
-    )]
-    Remote { policy: String, url: String },
+    #[error("policy `{policy}`: {source}")]
+    Fetch {
+        policy: String,
+        source: crate::fetch::FetchError,
+    },
     #[error("policy `{policy}`: {message}")]
     Internal { policy: String, message: String },
 }
@@ -65,7 +75,7 @@ impl LoadError {
             LoadError::Read { .. }
             | LoadError::DigestMismatch { .. }
             | LoadError::Invalid { .. }
-            | LoadError::Remote { .. } => ErrorCode::ModuleInvalid,
+            | LoadError::Fetch { .. } => ErrorCode::ModuleInvalid,
             LoadError::Internal { .. } => ErrorCode::Internal,
         }
     }
@@ -76,6 +86,10 @@ impl LoadError {
 pub struct ModuleFacts {
     pub digest: String,
     pub compiled_from: String,
+    /// Where the module's bytes came from (`file`, `download cache`,
+    /// `network`); `None` when a compiled module was cached and the bytes
+    /// were not needed.
+    pub fetched_from: Option<String>,
     pub wasi_imports: Vec<String>,
     pub sandgate_imports: Vec<String>,
     pub has_initialize: bool,
@@ -130,35 +144,7 @@ impl Policy {
     /// Reads, verifies, compiles, validates and links the module of `spec`,
     /// then instantiates it once to check its ABI version.
     pub async fn load(engine: &Engine, spec: PolicySpec) -> Result<Policy, LoadError> {
-        let name = spec.name.clone();
-        let path = match &spec.module {
-            ModuleSource::File(path) => path.clone(),
-            ModuleSource::Url(url) => {
-                return Err(LoadError::Remote {
-                    policy: name,
-                    url: url.clone(),
-                });
-            }
-        };
-        let source_name = path.display().to_string();
-        let bytes = tokio::fs::read(&path)
-            .await
-            .map_err(|source| LoadError::Read {
-                policy: name.clone(),
-                path: source_name.clone(),
-                source,
-            })?;
-        let digest = Digest::of(&bytes);
-        if let Some(expected) = spec.sha256
-            && expected != digest
-        {
-            return Err(LoadError::DigestMismatch {
-                policy: name,
-                source_name,
-                expected,
-                actual: digest,
-            });
-        }
+        let source_name = spec.module.to_string();
         let invalid = {
             let (policy, source_name) = (spec.name.clone(), source_name.clone());
             move |message: String| LoadError::Invalid {
@@ -167,21 +153,13 @@ impl Policy {
                 message,
             }
         };
-        let compiled = {
-            let engine = engine.clone();
-            tokio::task::spawn_blocking(move || engine.compile(&bytes, &digest))
-                .await
-                .map_err(|e| LoadError::Internal {
-                    policy: spec.name.clone(),
-                    message: format!("compile task failed: {e}"),
-                })?
-        };
-        let (module, from) = compiled.map_err(|e| invalid(e.to_string()))?;
+        let (module, digest, from, fetched) = obtain(engine, &spec, &invalid).await?;
         abi::validate(&module).map_err(&invalid)?;
         let pre = link(engine, &module, &spec).map_err(&invalid)?;
         let facts = ModuleFacts {
             digest: digest.to_string(),
             compiled_from: from.to_string(),
+            fetched_from: fetched.map(|f| f.to_string()),
             wasi_imports: imports_of(&module, wasi::MODULE),
             sandgate_imports: imports_of(&module, abi::MODULE),
             has_initialize: module.get_export("_initialize").is_some(),
@@ -427,6 +405,65 @@ impl Policy {
         }
     }
 
+    /// Answers with a decision from the decision cache: audited, traced and
+    /// returned like an evaluation (the span says `decision.cached`), without
+    /// running the guest.
+    pub fn answer_cached(
+        &self,
+        decision: Decision,
+        options: &EvalOptions,
+        audit: &AuditLog,
+    ) -> Evaluation {
+        let started = Instant::now();
+        let spec = &self.inner.spec;
+        let decision_id = uuid::Uuid::new_v4().to_string();
+        let mut subject = Subject::new(
+            &spec.name,
+            &spec.version,
+            &self.inner.digest,
+            decision_id.clone(),
+        );
+        let trace = Scope::evaluation(
+            options.tracing.as_ref(),
+            &options.parent,
+            vec![
+                KeyValue::new("policy", spec.name.clone()),
+                KeyValue::new("version", spec.version.clone()),
+                KeyValue::new("digest", self.inner.digest.to_string()),
+                KeyValue::new("decision_id", decision_id.clone()),
+                KeyValue::new("decision.cached", true),
+            ],
+        );
+        subject.trace_id = trace.trace_id();
+        let duration = started.elapsed();
+        trace.set_attributes(vec![
+            KeyValue::new("decision.allow", decision.allow),
+            KeyValue::new("duration_us", duration.as_micros() as i64),
+        ]);
+        trace.end();
+        audit.record(
+            &subject,
+            &AuditRecord::Decision {
+                allow: decision.allow,
+                duration_us: duration.as_micros() as u64,
+                error: None,
+            },
+        );
+        Evaluation {
+            decision,
+            policy: spec.name.clone(),
+            version: spec.version.clone(),
+            digest: self.inner.digest,
+            decision_id,
+            trace_id: subject.trace_id.clone(),
+            duration,
+            instantiate: Duration::ZERO,
+            denials: Vec::new(),
+            egress_denied: 0,
+            http_calls: Vec::new(),
+        }
+    }
+
     /// Hit and miss counts of the policy's bridge response cache.
     pub fn bridge_cache_stats(&self) -> &CacheStats {
         self.inner.bridge.cache_stats()
@@ -619,6 +656,78 @@ fn log_guest_output(inv: &Invocation) {
     }
 }
 
+/// The compiled module of `spec`: a file is read (and checked against its pin
+/// when it has one), then compiled through the engine's caches; a URL's
+/// pinned digest is looked up in the compiled caches first, and the module
+/// is fetched (download cache, then network) only when they miss.
+async fn obtain(
+    engine: &Engine,
+    spec: &PolicySpec,
+    invalid: &(dyn Fn(String) -> LoadError + Sync),
+) -> Result<(Module, Digest, CompiledFrom, Option<Fetched>), LoadError> {
+    let internal = |message: String| LoadError::Internal {
+        policy: spec.name.clone(),
+        message,
+    };
+    let (bytes, digest, fetched) = match &spec.module {
+        ModuleSource::File(path) => {
+            let bytes = tokio::fs::read(path)
+                .await
+                .map_err(|source| LoadError::Read {
+                    policy: spec.name.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let digest = Digest::of(&bytes);
+            if let Some(expected) = spec.sha256
+                && expected != digest
+            {
+                return Err(LoadError::DigestMismatch {
+                    policy: spec.name.clone(),
+                    source_name: path.display().to_string(),
+                    expected,
+                    actual: digest,
+                });
+            }
+            (bytes, digest, Fetched::File)
+        }
+        ModuleSource::Url(url) => {
+            let Some(digest) = spec.sha256 else {
+                return Err(invalid(
+                    "a module fetched from a URL must be pinned with `sha256`".into(),
+                ));
+            };
+            let lookup = {
+                let engine = engine.clone();
+                tokio::task::spawn_blocking(move || engine.cached(&digest))
+            };
+            if let Some((module, from)) = lookup
+                .await
+                .map_err(|e| internal(format!("module cache task failed: {e}")))?
+            {
+                return Ok((module, digest, from, None));
+            }
+            let (bytes, fetched) = engine
+                .fetcher()
+                .fetch(url, digest)
+                .await
+                .map_err(|source| LoadError::Fetch {
+                    policy: spec.name.clone(),
+                    source,
+                })?;
+            (bytes, digest, fetched)
+        }
+    };
+    let compiled = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.compile(&bytes, &digest))
+            .await
+            .map_err(|e| internal(format!("compile task failed: {e}")))?
+    };
+    let (module, from) = compiled.map_err(|e| invalid(e.to_string()))?;
+    Ok((module, digest, from, Some(fetched)))
+}
+
 fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
     module
         .imports()
@@ -710,6 +819,21 @@ impl Policy {
             "digest": facts.digest,
             "digest_pinned": spec.sha256.is_some(),
             "compiled_from": facts.compiled_from,
+            "fetched_from": facts.fetched_from,
+            "versions": spec.versions.iter().map(|v| serde_json::json!({
+                "version": v.name,
+                "module": v.module.to_string(),
+                "sha256": v.sha256.map(|d| d.to_string()),
+                "weight": v.weight,
+            })).collect::<Vec<_>>(),
+            "routing": {
+                "version_header": spec.routing.version_header.then_some(crate::config::defaults::VERSION_HEADER),
+                "sticky": spec.routing.sticky.as_ref().map(|s| s.to_string()),
+            },
+            "decision_cache": spec.decision_cache.as_ref().map(|c| serde_json::json!({
+                "ttl_ms": c.ttl.as_millis() as u64,
+                "max_entries": c.max_entries,
+            })),
             "timeout_ms": spec.timeout.as_millis() as u64,
             "memory_limit_mb": spec.memory_limit_bytes >> 20,
             "max_input_bytes": spec.max_input_bytes,

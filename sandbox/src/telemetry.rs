@@ -55,6 +55,18 @@ pub mod names {
     pub const OTLP_SPANS_EXPORTED: &str = "sandgate_otlp_spans_exported";
     /// Counter: OTLP export requests that failed (collector unreachable, refused, timed out).
     pub const OTLP_EXPORT_FAILURES: &str = "sandgate_otlp_export_failures";
+    /// Counter: reloads of the config and modules, by `result` (`ok` or `failed`).
+    pub const RELOADS: &str = "sandgate_reloads";
+    /// Gauge: 1 when the last reload failed (the previous generation still serves), else 0.
+    pub const LAST_RELOAD_FAILED: &str = "sandgate_last_reload_failed";
+    /// Gauge: the generation of config and modules serving now (1 at start, +1 per applied reload).
+    pub const CONFIG_GENERATION: &str = "sandgate_config_generation";
+    /// Gauge: Unix time of the last applied reload (or of the start).
+    pub const LAST_RELOAD_SUCCESS_SECONDS: &str = "sandgate_last_reload_success_timestamp_seconds";
+    /// Counter: decisions answered from the decision cache, by `policy`, `version`.
+    pub const DECISION_CACHE_HITS: &str = "sandgate_decision_cache_hits";
+    /// Counter: decision cache lookups that found nothing, by `policy`, `version`.
+    pub const DECISION_CACHE_MISSES: &str = "sandgate_decision_cache_misses";
 }
 
 /// Label value of `error` for a decision without error.
@@ -90,6 +102,11 @@ struct ErrorLabels {
     error: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The daemon's metrics registry. Cheap to clone; clones share the metrics.
@@ -109,6 +126,12 @@ struct Inner {
     refusals: Family<PolicyLabels, Counter>,
     request_errors: Family<ErrorLabels, Counter>,
     ready: Family<PolicyLabels, Gauge>,
+    reloads: Family<ResultLabels, Counter>,
+    last_reload_failed: Gauge,
+    generation: Gauge,
+    last_reload_success: Gauge,
+    cache_hits: Family<VersionLabels, Counter>,
+    cache_misses: Family<VersionLabels, Counter>,
 }
 
 fn evaluation_histogram() -> Histogram {
@@ -182,6 +205,42 @@ impl Metrics {
             "1 when the policy is loaded and serving",
             ready.clone(),
         );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let last_reload_failed = Gauge::default();
+        let generation = Gauge::default();
+        let last_reload_success = Gauge::default();
+        let cache_hits = Family::<VersionLabels, Counter>::default();
+        let cache_misses = Family::<VersionLabels, Counter>::default();
+        registry.register(
+            names::RELOADS,
+            "Reloads of the config and modules, by result",
+            reloads.clone(),
+        );
+        registry.register(
+            names::LAST_RELOAD_FAILED,
+            "1 when the last reload failed and the previous generation still serves",
+            last_reload_failed.clone(),
+        );
+        registry.register(
+            names::CONFIG_GENERATION,
+            "Generation of config and modules serving now",
+            generation.clone(),
+        );
+        registry.register(
+            names::LAST_RELOAD_SUCCESS_SECONDS,
+            "Unix time of the last applied reload or of the start",
+            last_reload_success.clone(),
+        );
+        registry.register(
+            names::DECISION_CACHE_HITS,
+            "Decisions answered from the decision cache",
+            cache_hits.clone(),
+        );
+        registry.register(
+            names::DECISION_CACHE_MISSES,
+            "Decision cache lookups that found nothing",
+            cache_misses.clone(),
+        );
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
         }));
@@ -200,8 +259,54 @@ impl Metrics {
                 refusals,
                 request_errors,
                 ready,
+                reloads,
+                last_reload_failed,
+                generation,
+                last_reload_success,
+                cache_hits,
+                cache_misses,
             }),
         }
+    }
+
+    /// Records a reload attempt; `generation` is the one serving afterwards.
+    pub fn reloaded(&self, ok: bool, generation: u64) {
+        let inner = &self.inner;
+        inner
+            .reloads
+            .get_or_create(&ResultLabels {
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+        inner.last_reload_failed.set(i64::from(!ok));
+        self.serving(generation, ok);
+    }
+
+    /// Records the generation serving now; `applied` when it just started serving.
+    pub fn serving(&self, generation: u64, applied: bool) {
+        let inner = &self.inner;
+        inner
+            .generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        if applied {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default();
+            inner
+                .last_reload_success
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Drops the per-policy gauges of a policy a reload removed, so no alert
+    /// keeps firing for a policy that no longer exists.
+    pub fn forget_policy(&self, policy: &str) {
+        let labels = PolicyLabels {
+            policy: policy.to_owned(),
+        };
+        self.inner.ready.remove(&labels);
+        self.inner.in_flight.remove(&labels);
     }
 
     /// The handles of one policy version, bound once so the request path does
@@ -238,6 +343,8 @@ impl Metrics {
             refusals: inner.refusals.get_or_create(&policy_labels).clone(),
             ready: inner.ready.get_or_create(&policy_labels).clone(),
             egress_denials: inner.egress_denials.get_or_create(&policy_labels).clone(),
+            cache_hits: inner.cache_hits.get_or_create(&version_labels).clone(),
+            cache_misses: inner.cache_misses.get_or_create(&version_labels).clone(),
         }
     }
 
@@ -290,6 +397,8 @@ pub struct PolicyMetrics {
     refusals: Counter,
     ready: Gauge,
     egress_denials: Counter,
+    cache_hits: Counter,
+    cache_misses: Counter,
 }
 
 impl PolicyMetrics {
@@ -340,6 +449,16 @@ impl PolicyMetrics {
                     .inc();
             }
         }
+    }
+
+    /// Counts a decision answered from the decision cache.
+    pub fn cache_hit(&self) {
+        self.cache_hits.inc();
+    }
+
+    /// Counts a decision cache lookup that found nothing.
+    pub fn cache_miss(&self) {
+        self.cache_misses.inc();
     }
 
     /// Counts a request refused because `max_in_flight` evaluations were running.

@@ -199,9 +199,8 @@ async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> A
             _ => None,
         });
     let request = forward_request(http, source);
-    state
-        .evaluate(&name, Bytes::from(request.to_input()), trace)
-        .await
+    let input = Bytes::from(request.to_input());
+    state.evaluate(&name, input, trace, &request.headers).await
 }
 
 /// The forward-auth input of an Envoy HttpRequest: `path` carries the query

@@ -57,6 +57,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/v1/authz/{*rest}", any(forward_auth))
         .route("/v1/authz", any(forward_auth))
         .route("/v1/policies", get(policies))
+        .route("/v1/reload", post(reload))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -75,7 +76,11 @@ async fn evaluate(
 ) -> Response {
     let name = policy_name(name);
     let answer = match read_input(&state, &name, &headers, body).await {
-        Ok(input) => state.evaluate(&name, input, trace_id(&headers)).await,
+        Ok(input) => {
+            state
+                .evaluate(&name, input, trace_id(&headers), &headers)
+                .await
+        }
         Err(answer) => answer,
     };
     json_answer(json_status(&answer), &answer, &DecisionBody::new(&answer))
@@ -95,7 +100,7 @@ async fn opa_data(
     let answer = match read_input(&state, &name, &headers, body).await {
         Err(answer) => answer,
         Ok(body) => match opa_input(&body) {
-            Ok(input) => state.evaluate(&name, input, trace).await,
+            Ok(input) => state.evaluate(&name, input, trace, &headers).await,
             Err(message) => state.reject(&name, Outcome::BadRequest, message, trace),
         },
     };
@@ -158,9 +163,8 @@ async fn forward_auth(
             &parts.headers,
             Some(peer),
         );
-        state
-            .evaluate(name, Bytes::from(request.to_input()), trace)
-            .await
+        let input = Bytes::from(request.to_input());
+        state.evaluate(name, input, trace, &request.headers).await
     };
     let status =
         StatusCode::from_u16(authz::proxy_status(&answer)).unwrap_or(StatusCode::FORBIDDEN);
@@ -194,6 +198,17 @@ async fn forward_auth(
 /// `GET /v1/policies`: every policy with its versions, digests and grants.
 async fn policies(Shared(state): Shared_) -> Response {
     json_response(StatusCode::OK, &state.policies())
+}
+
+/// `POST /v1/reload`: reloads the config file and every module now, like
+/// SIGHUP. 200 with the generation serving when it was applied; 422 with the
+/// error when it failed (the previous generation keeps serving).
+async fn reload(Shared(state): Shared_) -> Response {
+    match state.reload(super::reload::Trigger::Api).await {
+        Some(record) if record.ok() => json_response(StatusCode::OK, &record),
+        Some(record) => json_response(StatusCode::UNPROCESSABLE_ENTITY, &record),
+        None => json_response(StatusCode::OK, &serde_json::json!({"result": "unchanged"})),
+    }
 }
 
 /// `GET /healthz`: the process is up (a constant answer; also the bench baseline).
@@ -234,7 +249,7 @@ async fn unknown_endpoint(
     uri: axum::http::Uri,
 ) -> Response {
     let message = format!(
-        "no endpoint {method} {}; see /v1/policies/{{name}}/evaluate, /v1/data/{{name}}, /v1/authz/{{name}}, /v1/policies, /healthz, /readyz, /metrics",
+        "no endpoint {method} {}; see /v1/policies/{{name}}/evaluate, /v1/data/{{name}}, /v1/authz/{{name}}, /v1/policies, /v1/reload, /healthz, /readyz, /metrics",
         super::truncated(uri.path(), 128)
     );
     error_response(&state, StatusCode::NOT_FOUND, message)
@@ -387,10 +402,16 @@ fn json_answer(status: StatusCode, answer: &Answer, body: &impl Serialize) -> Re
     response
 }
 
-/// Adds the decision id and, when the decision failed, its error code.
+/// Adds the decision id, the version that answered and, when the decision
+/// failed, its error code.
 fn tag(headers: &mut HeaderMap, answer: &Answer) {
     if let Ok(id) = HeaderValue::from_str(&answer.decision_id) {
         headers.insert(DECISION_ID_HEADER, id);
+    }
+    if let Some(version) = &answer.version
+        && let Ok(version) = HeaderValue::from_str(version)
+    {
+        headers.insert(crate::config::defaults::VERSION_HEADER, version);
     }
     if let Some(code) = answer.error_code() {
         headers.insert(ERROR_HEADER, HeaderValue::from_static(code.as_str()));

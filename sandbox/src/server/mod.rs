@@ -2,12 +2,15 @@
 //! (`http`) and the Envoy ext_authz gRPC service (`grpc`), loads every policy
 //! on its own (one that fails to load answers `module_invalid` while the others
 //! serve), and runs every evaluation through one gate, [`State::evaluate`]:
-//! per-policy `max_in_flight` limit, metrics, audit. It reopens the audit log on
-//! SIGHUP and drains in-flight requests on SIGTERM/SIGINT.
+//! version routing, decision cache, per-policy `max_in_flight` limit, metrics,
+//! audit. `reload` swaps in a new generation of config and policies on a file
+//! change, SIGHUP or `POST /v1/reload` (SIGHUP also reopens the audit log);
+//! SIGTERM/SIGINT drain in-flight requests.
 
 mod authz;
 mod grpc;
 mod http;
+mod reload;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -21,10 +24,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::audit::{AuditLog, AuditRecord, Subject};
-use crate::config::{AuditTarget, Config, PolicySpec};
+use crate::config::{AuditTarget, Config, Digest, PolicySpec};
 use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
 use crate::engine::{Engine, EngineError};
-use crate::policy::{EvalOptions, Evaluation, Policy};
+use crate::policy::{DecisionCache, EvalOptions, Evaluation, Policy, RequestHeaders, Versions};
 use crate::telemetry::traces::{Parent, Tracing};
 use crate::telemetry::{Metrics, PolicyMetrics};
 
@@ -61,7 +64,6 @@ pub enum ServeError {
 /// A daemon whose listeners are bound; [`Server::run`] serves until shutdown.
 pub struct Server {
     state: Arc<State>,
-    engine: Engine,
     http: TcpListener,
     grpc: Option<TcpListener>,
 }
@@ -93,13 +95,14 @@ impl Server {
             endpoint: config.telemetry.otlp_endpoint.clone().unwrap_or_default(),
             message: format!("{e:#}"),
         })?;
-        let state = Arc::new(State::new(&config, audit, tracing));
-        Ok(Server {
-            state,
-            engine,
-            http,
-            grpc,
-        })
+        // The text the first generation came from, so a file event that
+        // changes nothing does not reload.
+        let config_digest = tokio::fs::read(&config.source)
+            .await
+            .ok()
+            .map(|text| Digest::of(&text));
+        let state = Arc::new(State::new(config, config_digest, audit, tracing, engine));
+        Ok(Server { state, http, grpc })
     }
 
     /// The address the HTTP API listens on (the real port when the config said `:0`).
@@ -112,7 +115,8 @@ impl Server {
         self.grpc.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains; SIGHUP reopens the audit log.
+    /// Serves until SIGTERM or SIGINT, then drains; SIGHUP reopens the audit
+    /// log and reloads the config and modules.
     pub async fn run_until_signalled(self) -> Result<(), ServeError> {
         use tokio::signal::unix::{SignalKind, signal};
         let install = |kind: SignalKind, name: &'static str| {
@@ -124,11 +128,12 @@ impl Server {
         let mut term = install(SignalKind::terminate(), "SIGTERM")?;
         let mut int = install(SignalKind::interrupt(), "SIGINT")?;
         let mut hup = install(SignalKind::hangup(), "SIGHUP")?;
-        let audit = self.state.audit.clone();
+        let state = Arc::clone(&self.state);
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                tracing::info!("SIGHUP: reopening the audit log");
-                audit.reopen();
+                tracing::info!("SIGHUP: reopening the audit log and reloading");
+                state.audit.reopen();
+                state.reload(reload::Trigger::Signal).await;
             }
         });
         let shutdown = async move {
@@ -145,17 +150,14 @@ impl Server {
     /// accepting, lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
     /// and flushes the audit log.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
-        let Server {
-            state,
-            engine,
-            http,
-            grpc,
-        } = self;
-        for slot in state.slots.values() {
-            let (state, engine, name) =
-                (Arc::clone(&state), engine.clone(), slot.spec.name.clone());
-            tokio::spawn(async move { state.load(&engine, &name).await });
+        let Server { state, http, grpc } = self;
+        let first = state.current();
+        for name in first.slots.keys() {
+            let (state, generation, name) = (Arc::clone(&state), Arc::clone(&first), name.clone());
+            tokio::spawn(async move { state.load_initial(&generation, &name).await });
         }
+        drop(first);
+        reload::watch(&state);
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -223,31 +225,129 @@ impl Server {
     }
 }
 
-/// What the daemon shares between its listeners.
+/// What the daemon shares between its listeners: the generation of config
+/// and policies serving now (replaced whole by a reload, see `reload`), and
+/// what outlives generations: audit log, metrics, tracer, engine.
 pub(crate) struct State {
+    generation: RwLock<Arc<Generation>>,
+    audit: AuditLog,
+    metrics: Metrics,
+    /// The OTLP trace exporter, when `[telemetry] otlp_endpoint` is set.
+    tracing: Option<Tracing>,
+    engine: Engine,
+    reloads: reload::Reloads,
+}
+
+/// One config and the policies loaded from it. A request takes the
+/// generation current when it arrives and keeps it (and the versions it
+/// picked) until it is answered, whatever reloads happen meanwhile.
+pub(crate) struct Generation {
+    number: u64,
+    config: Config,
+    /// sha256 of the config text, to tell a file event that changed nothing.
+    config_digest: Option<Digest>,
     slots: HashMap<String, Arc<Slot>>,
     /// The policy the gRPC service uses without `context_extensions["policy"]`.
     only_policy: Option<String>,
-    audit: AuditLog,
-    metrics: Metrics,
     max_body_bytes: usize,
-    /// The OTLP trace exporter, when `[telemetry] otlp_endpoint` is set.
-    tracing: Option<Tracing>,
+}
+
+impl Generation {
+    fn new(
+        number: u64,
+        config: Config,
+        config_digest: Option<Digest>,
+        slots: HashMap<String, Arc<Slot>>,
+    ) -> Generation {
+        let only_policy = match config.policies.as_slice() {
+            [only] => Some(only.name.clone()),
+            _ => None,
+        };
+        Generation {
+            number,
+            max_body_bytes: usize::try_from(config.server.max_body_bytes).unwrap_or(usize::MAX),
+            config,
+            config_digest,
+            slots,
+            only_policy,
+        }
+    }
 }
 
 /// One configured policy: its load status, its evaluation gate and metrics.
 struct Slot {
     spec: PolicySpec,
     permits: Arc<Semaphore>,
+    /// The handles of the first version; per-policy gauges and refusals.
     metrics: PolicyMetrics,
     status: RwLock<Status>,
+}
+
+impl Slot {
+    fn status(&self) -> Status {
+        match self.status.read() {
+            Ok(status) => status.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
 }
 
 #[derive(Clone)]
 enum Status {
     Loading,
-    Ready(Policy),
+    Ready(Arc<Serving>),
     Failed(DecisionError),
+}
+
+/// A loaded policy: its versions, the metric handles of each (same order)
+/// and its decision cache.
+struct Serving {
+    versions: Versions,
+    metrics: Vec<PolicyMetrics>,
+    cache: Option<DecisionCache>,
+}
+
+impl Serving {
+    fn new(versions: Versions, spec: &PolicySpec, metrics: &Metrics) -> Serving {
+        let handles = versions
+            .iter()
+            .map(|(policy, _)| metrics.policy(&spec.name, &policy.spec().version))
+            .collect();
+        Serving {
+            versions,
+            metrics: handles,
+            cache: spec.decision_cache.as_ref().map(DecisionCache::new),
+        }
+    }
+
+    /// The version at `index` with its metric handles.
+    fn version(&self, index: usize) -> Option<(&Policy, &PolicyMetrics)> {
+        Some((self.versions.get(index)?, self.metrics.get(index)?))
+    }
+
+    fn primary(&self) -> (&Policy, &PolicyMetrics) {
+        (self.versions.primary(), &self.metrics[0])
+    }
+
+    /// Every version with its weight and digest, for `/readyz`, `/v1/reload`.
+    fn summary(&self) -> Vec<VersionSummary> {
+        self.versions
+            .iter()
+            .map(|(policy, weight)| VersionSummary {
+                version: policy.spec().version.clone(),
+                digest: policy.digest().to_string(),
+                weight,
+            })
+            .collect()
+    }
+}
+
+/// One version as `/readyz` and `/v1/reload` show it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct VersionSummary {
+    version: String,
+    digest: String,
+    weight: u32,
 }
 
 /// Why an answer is not (only) the result of an evaluation. Each surface
@@ -260,7 +360,8 @@ pub(crate) enum Outcome {
     NotFound,
     /// The request body is larger than `server.max_body_bytes` (`invalid_input`).
     TooLarge,
-    /// The request could not be read or understood (`invalid_input`).
+    /// The request could not be read or understood, or named a version the
+    /// policy does not have (`invalid_input`).
     BadRequest,
     /// The policy is still being loaded (`internal`).
     Loading,
@@ -302,7 +403,13 @@ impl Answer {
 }
 
 impl State {
-    fn new(config: &Config, audit: AuditLog, tracing: Option<Tracing>) -> State {
+    fn new(
+        config: Config,
+        config_digest: Option<Digest>,
+        audit: AuditLog,
+        tracing: Option<Tracing>,
+        engine: Engine,
+    ) -> State {
         let metrics = Metrics::new(
             &audit,
             tracing.as_ref().map(|t| std::sync::Arc::clone(t.stats())),
@@ -322,37 +429,48 @@ impl State {
                 (spec.name.clone(), Arc::new(slot))
             })
             .collect();
-        let only_policy = match config.policies.as_slice() {
-            [only] => Some(only.name.clone()),
-            _ => None,
-        };
+        metrics.serving(1, true);
         State {
-            slots,
-            only_policy,
+            generation: RwLock::new(Arc::new(Generation::new(1, config, config_digest, slots))),
             audit,
             metrics,
-            max_body_bytes: usize::try_from(config.server.max_body_bytes).unwrap_or(usize::MAX),
             tracing,
+            engine,
+            reloads: reload::Reloads::default(),
         }
     }
 
-    async fn load(&self, engine: &Engine, name: &str) {
-        let Some(slot) = self.slots.get(name) else {
+    /// The generation serving now.
+    fn current(&self) -> Arc<Generation> {
+        match self.generation.read() {
+            Ok(current) => Arc::clone(&current),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Loads one policy of the first generation. Each policy loads on its own
+    /// at start: one that fails answers `module_invalid` while the others serve.
+    async fn load_initial(&self, generation: &Generation, name: &str) {
+        let Some(slot) = generation.slots.get(name) else {
             return;
         };
         let started = Instant::now();
-        let status = match Policy::load(engine, slot.spec.clone()).await {
-            Ok(policy) => {
-                tracing::info!(
-                    policy = %name,
-                    version = %slot.spec.version,
-                    digest = %policy.digest(),
-                    compiled_from = policy.compiled_from(),
-                    load_ms = started.elapsed().as_millis() as u64,
-                    "policy loaded"
-                );
+        let status = match Versions::load(&self.engine, &slot.spec).await {
+            Ok(versions) => {
+                for (policy, weight) in versions.iter() {
+                    tracing::info!(
+                        policy = %name,
+                        version = %policy.spec().version,
+                        weight,
+                        digest = %policy.digest(),
+                        compiled_from = policy.compiled_from(),
+                        fetched_from = policy.facts().fetched_from.as_deref().unwrap_or("-"),
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "policy loaded"
+                    );
+                }
                 slot.metrics.set_ready(true);
-                Status::Ready(policy)
+                Status::Ready(Arc::new(Serving::new(versions, &slot.spec, &self.metrics)))
             }
             Err(e) => {
                 tracing::error!(policy = %name, version = %slot.spec.version, code = %e.code(), "policy failed to load: {e}");
@@ -367,20 +485,13 @@ impl State {
         }
     }
 
-    fn status(slot: &Slot) -> Status {
-        match slot.status.read() {
-            Ok(status) => status.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
     /// The policy the gRPC service uses when the request names none.
-    pub(crate) fn only_policy(&self) -> Option<&str> {
-        self.only_policy.as_deref()
+    pub(crate) fn only_policy(&self) -> Option<String> {
+        self.current().only_policy.clone()
     }
 
     pub(crate) fn max_body_bytes(&self) -> usize {
-        self.max_body_bytes
+        self.current().max_body_bytes
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -388,21 +499,32 @@ impl State {
     }
 
     pub(crate) fn is_configured(&self, name: &str) -> bool {
-        self.slots.contains_key(name)
+        self.current().slots.contains_key(name)
     }
 
     /// Evaluates `input` (raw JSON) with policy `name`: the one path every
-    /// endpoint takes. Never fails; every refusal is a fail-closed decision
-    /// with its contract code, counted and (for loaded policies) audited.
-    pub(crate) async fn evaluate(&self, name: &str, input: Bytes, parent: Parent) -> Answer {
-        let Some(slot) = self.slots.get(name) else {
+    /// endpoint takes. Picks the version (version header, sticky key or
+    /// weight, from `headers` and `input`), answers from the decision cache
+    /// when the policy has one, else runs the guest. Never fails; every
+    /// refusal is a fail-closed decision with its contract code, counted and
+    /// (for loaded policies) audited.
+    pub(crate) async fn evaluate(
+        &self,
+        name: &str,
+        input: Bytes,
+        parent: Parent,
+        headers: &dyn RequestHeaders,
+    ) -> Answer {
+        let generation = self.current();
+        let Some(slot) = generation.slots.get(name).cloned() else {
             return self.not_found(name);
         };
-        let policy = match Self::status(slot) {
-            Status::Ready(policy) => policy,
+        drop(generation);
+        let serving = match slot.status() {
+            Status::Ready(serving) => serving,
             Status::Loading => {
                 return self.refuse(
-                    slot,
+                    &slot,
                     None,
                     Outcome::Loading,
                     ErrorCode::Internal,
@@ -413,7 +535,7 @@ impl State {
             }
             Status::Failed(error) => {
                 return self.refuse(
-                    slot,
+                    &slot,
                     None,
                     Outcome::NotLoaded,
                     error.code,
@@ -423,13 +545,60 @@ impl State {
                 );
             }
         };
+        let picked = serving
+            .versions
+            .pick(headers, &input)
+            .map(|(index, routed_by)| (serving.version(index), routed_by));
+        let (policy, metrics) = match picked {
+            Ok((Some(version), routed_by)) => {
+                tracing::trace!(policy = %name, version = %version.0.spec().version, routed_by = routed_by.as_str(), "version picked");
+                version
+            }
+            Ok((None, _)) => serving.primary(),
+            Err(unknown) => {
+                return self.refuse(
+                    &slot,
+                    Some(serving.primary()),
+                    Outcome::BadRequest,
+                    ErrorCode::InvalidInput,
+                    unknown.to_string(),
+                    FailMode::Closed,
+                    parent,
+                );
+            }
+        };
+        let (policy, metrics) = (policy.clone(), metrics.clone());
+        let options = EvalOptions {
+            parent,
+            tracing: self.tracing.clone(),
+        };
+        let cache_key = serving
+            .cache
+            .as_ref()
+            .and_then(|_| DecisionCache::key(&policy.spec().version, &policy.digest(), &input));
+        if let (Some(cache), Some(key)) = (&serving.cache, &cache_key) {
+            if let Some(decision) = cache.get(key).await {
+                metrics.cache_hit();
+                let evaluation = policy.answer_cached(decision, &options, &self.audit);
+                metrics.decision(evaluation.decision.allow, None);
+                return Answer {
+                    decision: evaluation.decision,
+                    policy: evaluation.policy,
+                    version: Some(evaluation.version),
+                    decision_id: evaluation.decision_id,
+                    trace_id: evaluation.trace_id,
+                    outcome: Outcome::Evaluated,
+                };
+            }
+            metrics.cache_miss();
+        }
         // Excess load is refused at once, fail-closed whatever the fail_mode:
         // queueing would let one slow policy hold every worker.
         let Ok(permit) = Arc::clone(&slot.permits).try_acquire_owned() else {
-            slot.metrics.refused();
+            metrics.refused();
             return self.refuse(
-                slot,
-                Some(&policy),
+                &slot,
+                Some((&policy, &metrics)),
                 Outcome::Overloaded,
                 ErrorCode::Internal,
                 format!(
@@ -437,15 +606,12 @@ impl State {
                     slot.spec.max_in_flight
                 ),
                 FailMode::Closed,
-                parent,
+                options.parent.clone(),
             );
         };
-        let options = EvalOptions {
-            parent,
-            tracing: self.tracing.clone(),
-        };
+        let version = policy.spec().version.clone();
         let evaluation = run_isolated(
-            Arc::clone(slot),
+            metrics.clone(),
             policy,
             input,
             options,
@@ -453,28 +619,32 @@ impl State {
             permit,
         );
         match evaluation.await {
-            Ok(evaluation) => Answer {
-                decision: evaluation.decision,
-                policy: evaluation.policy,
-                version: Some(evaluation.version),
-                decision_id: evaluation.decision_id,
-                trace_id: evaluation.trace_id,
-                outcome: Outcome::Evaluated,
-            },
+            Ok(evaluation) => {
+                if let (Some(cache), Some(key)) = (&serving.cache, cache_key) {
+                    cache.insert(key, &evaluation.decision).await;
+                }
+                Answer {
+                    decision: evaluation.decision,
+                    policy: evaluation.policy,
+                    version: Some(evaluation.version),
+                    decision_id: evaluation.decision_id,
+                    trace_id: evaluation.trace_id,
+                    outcome: Outcome::Evaluated,
+                }
+            }
             Err(e) => {
                 // Only a host bug gets here: the guest runs under its deadline.
-                tracing::error!(policy = %name, error = %e, "evaluation task failed");
+                tracing::error!(policy = %name, version = %version, error = %e, "evaluation task failed");
                 let decision = Decision::failed(
                     ErrorCode::Internal,
                     format!("evaluation task failed: {e}"),
                     slot.spec.fail_mode,
                 );
-                slot.metrics
-                    .decision(decision.allow, Some(ErrorCode::Internal));
+                metrics.decision(decision.allow, Some(ErrorCode::Internal));
                 Answer {
                     decision,
                     policy: slot.spec.name.clone(),
-                    version: Some(slot.spec.version.clone()),
+                    version: Some(version),
                     decision_id: uuid::Uuid::new_v4().to_string(),
                     trace_id: None,
                     outcome: Outcome::Evaluated,
@@ -491,16 +661,17 @@ impl State {
         message: String,
         parent: Parent,
     ) -> Answer {
-        let Some(slot) = self.slots.get(name) else {
+        let generation = self.current();
+        let Some(slot) = generation.slots.get(name) else {
             return self.not_found(name);
         };
-        let policy = match Self::status(slot) {
-            Status::Ready(policy) => Some(policy),
+        let serving = match slot.status() {
+            Status::Ready(serving) => Some(serving),
             _ => None,
         };
         self.refuse(
             slot,
-            policy.as_ref(),
+            serving.as_deref().map(Serving::primary),
             outcome,
             ErrorCode::InvalidInput,
             message,
@@ -530,7 +701,8 @@ impl State {
 
     /// The answer for a policy name that is not configured.
     pub(crate) fn not_found(&self, name: &str) -> Answer {
-        let mut known: Vec<&str> = self.slots.keys().map(String::as_str).collect();
+        let generation = self.current();
+        let mut known: Vec<&str> = generation.slots.keys().map(String::as_str).collect();
         known.sort_unstable();
         let known = if known.is_empty() {
             "none is configured".to_owned()
@@ -546,11 +718,13 @@ impl State {
         )
     }
 
+    /// A fail-closed answer without evaluation. `version` is the version the
+    /// request was routed to, when it got that far (else the first).
     #[allow(clippy::too_many_arguments)]
     fn refuse(
         &self,
         slot: &Slot,
-        policy: Option<&Policy>,
+        version: Option<(&Policy, &PolicyMetrics)>,
         outcome: Outcome,
         code: ErrorCode,
         message: String,
@@ -558,16 +732,22 @@ impl State {
         parent: Parent,
     ) -> Answer {
         let spec = &slot.spec;
+        let version_name = version
+            .map(|(policy, _)| policy.spec().version.clone())
+            .unwrap_or_else(|| spec.version.clone());
         let decision_id = uuid::Uuid::new_v4().to_string();
         let trace_id = parent.trace_id();
         let decision = Decision::failed(code, message, fail_mode);
-        slot.metrics.decision(decision.allow, Some(code));
+        version
+            .map(|(_, metrics)| metrics)
+            .unwrap_or(&slot.metrics)
+            .decision(decision.allow, Some(code));
         // Only a loaded policy has the digest every audit line carries; load
         // failures are reported at load time and by /readyz.
-        if let Some(policy) = policy {
+        if let Some((policy, _)) = version {
             let mut subject = Subject::new(
                 &spec.name,
-                &spec.version,
+                &version_name,
                 &policy.digest(),
                 decision_id.clone(),
             );
@@ -581,39 +761,49 @@ impl State {
                 },
             );
         }
-        tracing::debug!(policy = %spec.name, version = %spec.version, decision_id = %decision_id, code = %code, ?outcome, "request refused");
+        tracing::debug!(policy = %spec.name, version = %version_name, decision_id = %decision_id, code = %code, ?outcome, "request refused");
         Answer {
             decision,
             policy: spec.name.clone(),
-            version: Some(spec.version.clone()),
+            version: Some(version_name),
             decision_id,
             trace_id,
             outcome,
         }
     }
 
-    /// Every policy with its version, digest and grants (`GET /v1/policies`).
+    /// Every policy with its versions, digests and grants (`GET /v1/policies`).
     pub(crate) fn policies(&self) -> serde_json::Value {
-        let mut names: Vec<&String> = self.slots.keys().collect();
+        let generation = self.current();
+        let mut names: Vec<&String> = generation.slots.keys().collect();
         names.sort_unstable();
         let policies: Vec<serde_json::Value> = names
             .into_iter()
-            .filter_map(|name| self.slots.get(name))
+            .filter_map(|name| generation.slots.get(name))
             .map(|slot| {
                 let spec = &slot.spec;
-                match Self::status(slot) {
-                    Status::Ready(policy) => {
-                        let mut report = policy.report();
+                match slot.status() {
+                    Status::Ready(serving) => {
+                        let mut report = serving.versions.primary().report();
+                        let versions: Vec<serde_json::Value> = serving
+                            .versions
+                            .iter()
+                            .map(|(policy, weight)| {
+                                let facts = policy.facts();
+                                serde_json::json!({
+                                    "version": policy.spec().version,
+                                    "module": policy.spec().module.to_string(),
+                                    "digest": facts.digest,
+                                    "weight": weight,
+                                    "active": weight > 0,
+                                    "compiled_from": facts.compiled_from,
+                                    "fetched_from": facts.fetched_from,
+                                })
+                            })
+                            .collect();
                         if let Some(map) = report.as_object_mut() {
                             map.insert("state".into(), "ready".into());
-                            map.insert(
-                                "versions".into(),
-                                serde_json::json!([{
-                                    "version": spec.version,
-                                    "digest": policy.digest().to_string(),
-                                    "active": true,
-                                }]),
-                            );
+                            map.insert("versions".into(), versions.into());
                         }
                         report
                     }
@@ -635,19 +825,23 @@ impl State {
                 }
             })
             .collect();
-        serde_json::json!({ "policies": policies })
+        serde_json::json!({ "generation": generation.number, "policies": policies })
     }
 
     /// Whether every policy is loaded, and the state of each (`GET /readyz`).
+    /// A failed reload does not make the daemon unready (the previous
+    /// generation serves) but is reported in `last_reload`.
     pub(crate) fn readiness(&self) -> (bool, Readiness) {
+        let generation = self.current();
         let mut policies = BTreeMap::new();
         let mut not_ready = Vec::new();
-        for (name, slot) in &self.slots {
-            let state = match Self::status(slot) {
-                Status::Ready(policy) => PolicyReadiness {
+        for (name, slot) in &generation.slots {
+            let state = match slot.status() {
+                Status::Ready(serving) => PolicyReadiness {
                     state: "ready",
                     version: slot.spec.version.clone(),
-                    digest: Some(policy.digest().to_string()),
+                    digest: Some(serving.versions.primary().digest().to_string()),
+                    versions: serving.summary(),
                     error: None,
                 },
                 Status::Loading => {
@@ -656,6 +850,7 @@ impl State {
                         state: "loading",
                         version: slot.spec.version.clone(),
                         digest: None,
+                        versions: Vec::new(),
                         error: None,
                     }
                 }
@@ -668,6 +863,7 @@ impl State {
                         state: "failed",
                         version: slot.spec.version.clone(),
                         digest: None,
+                        versions: Vec::new(),
                         error: Some(error),
                     }
                 }
@@ -681,6 +877,8 @@ impl State {
             Readiness {
                 ready,
                 reason: (!ready).then(|| not_ready.join("; ")),
+                generation: generation.number,
+                last_reload: self.reloads.last(),
                 policies,
             },
         )
@@ -702,7 +900,7 @@ impl State {
 /// evaluation also finishes (and is audited and counted) when the caller goes
 /// away.
 fn run_isolated(
-    slot: Arc<Slot>,
+    metrics: PolicyMetrics,
     policy: Policy,
     input: Bytes,
     options: EvalOptions,
@@ -711,9 +909,9 @@ fn run_isolated(
 ) -> tokio::task::JoinHandle<Evaluation> {
     tokio::spawn(async move {
         let _permit = permit;
-        let _in_flight = slot.metrics.in_flight();
+        let _in_flight = metrics.in_flight();
         let evaluation = policy.evaluate(&input, &options, &audit).await;
-        slot.metrics.evaluated(&evaluation);
+        metrics.evaluated(&evaluation);
         evaluation
     })
 }
@@ -724,6 +922,12 @@ pub(crate) struct Readiness {
     ready: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// The generation of config and modules serving.
+    generation: u64,
+    /// The last reload attempt, when there was one (a failure shows here
+    /// while the previous generation keeps serving).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_reload: Option<reload::ReloadRecord>,
     policies: BTreeMap<String, PolicyReadiness>,
 }
 
@@ -733,6 +937,8 @@ struct PolicyReadiness {
     version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     digest: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    versions: Vec<VersionSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<DecisionError>,
 }
