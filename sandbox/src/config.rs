@@ -125,6 +125,8 @@ pub struct TelemetrySettings {
     pub service_name: String,
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
     pub guest_log_level: i32,
+    /// Also export the daemon's metrics over OTLP, this often (`None`: Prometheus only).
+    pub otlp_metrics_interval: Option<std::time::Duration>,
 }
 
 impl Default for TelemetrySettings {
@@ -135,6 +137,7 @@ impl Default for TelemetrySettings {
             sampling_ratio: 1.0,
             service_name: "sandgate".to_owned(),
             guest_log_level: 2,
+            otlp_metrics_interval: None,
         }
     }
 }
@@ -546,6 +549,8 @@ struct RawTelemetry {
     sampling_ratio: Option<Spanned<f64>>,
     service_name: Option<Spanned<String>>,
     guest_log_level: Option<Spanned<String>>,
+    otlp_metrics: Option<bool>,
+    otlp_metrics_interval_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -922,7 +927,36 @@ impl Resolver<'_> {
                 }
             },
         };
+        let otlp_metrics_interval = match (t.otlp_metrics, t.otlp_metrics_interval_ms) {
+            (Some(true), None) => Some(std::time::Duration::from_secs(10)),
+            (Some(true), Some(ms)) if *ms.get_ref() >= 100 => {
+                Some(std::time::Duration::from_millis(*ms.get_ref()))
+            }
+            (_, Some(ms)) if *ms.get_ref() < 100 => {
+                return self.error(
+                    Some(ms.span()),
+                    format!(
+                        "telemetry.otlp_metrics_interval_ms: {} is below the minimum of 100",
+                        ms.get_ref()
+                    ),
+                );
+            }
+            (None | Some(false), Some(ms)) => {
+                return self.error(
+                    Some(ms.span()),
+                    "telemetry.otlp_metrics_interval_ms: set otlp_metrics = true to export metrics over OTLP".into(),
+                );
+            }
+            _ => None,
+        };
+        if otlp_metrics_interval.is_some() && otlp_endpoint.is_none() {
+            return self.error(
+                None,
+                "telemetry.otlp_metrics: needs telemetry.otlp_endpoint".into(),
+            );
+        }
         Ok(TelemetrySettings {
+            otlp_metrics_interval,
             otlp_endpoint,
             otlp_protocol,
             sampling_ratio,

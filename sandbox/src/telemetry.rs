@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use crate::audit::AuditLog;
 use crate::decision::ErrorCode;
 use crate::policy::Evaluation;
-use traces::ExportStats;
+use traces::{ExportStats, Tracing};
 
 /// Metric names as registered. Counters are exposed with the `_total` suffix
 /// the exposition format adds (`sandgate_decisions_total`).
@@ -117,6 +117,8 @@ pub struct Metrics {
 
 struct Inner {
     registry: Registry,
+    /// The trace exporter, which also carries the OTLP metric instruments when enabled.
+    otlp: Option<Tracing>,
     decisions: Family<DecisionLabels, Counter>,
     evaluation: HistogramFamily<VersionLabels>,
     instantiation: HistogramFamily<VersionLabels>,
@@ -147,7 +149,7 @@ fn instantiation_histogram() -> Histogram {
 impl Metrics {
     /// Registers every metric; `audit` (and the trace exporter's `export`
     /// counters, when exporting) are read at scrape time.
-    pub fn new(audit: &AuditLog, export: Option<Arc<ExportStats>>) -> Metrics {
+    pub fn new(audit: &AuditLog, otlp: Option<&Tracing>) -> Metrics {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let evaluation: HistogramFamily<VersionLabels> =
@@ -244,12 +246,15 @@ impl Metrics {
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
         }));
-        if let Some(stats) = export {
-            registry.register_collector(Box::new(ExportCounters { stats }));
+        if let Some(tracing) = otlp {
+            registry.register_collector(Box::new(ExportCounters {
+                stats: Arc::clone(tracing.stats()),
+            }));
         }
         Metrics {
             inner: Arc::new(Inner {
                 registry,
+                otlp: otlp.cloned(),
                 decisions,
                 evaluation,
                 instantiation,
@@ -406,6 +411,16 @@ impl PolicyMetrics {
     pub fn evaluated(&self, evaluation: &Evaluation) {
         let decision = &evaluation.decision;
         self.decision(decision.allow, decision.error_code());
+        if let Some(otlp) = self.otlp() {
+            let calls: Vec<&'static str> = evaluation.denials.iter().map(|d| d.call).collect();
+            otlp.evaluated(
+                &self.policy,
+                &self.version,
+                evaluation.duration,
+                &calls,
+                evaluation.egress_denied,
+            );
+        }
         self.evaluation.observe(evaluation.duration.as_secs_f64());
         if evaluation.instantiate > Duration::ZERO {
             self.instantiation
@@ -427,8 +442,16 @@ impl PolicyMetrics {
         }
     }
 
+    fn otlp(&self) -> Option<&traces::OtlpMetrics> {
+        self.metrics.inner.otlp.as_ref().and_then(Tracing::metrics)
+    }
+
     /// Counts a decision the daemon answered for this policy.
     pub fn decision(&self, allow: bool, error: Option<ErrorCode>) {
+        if let Some(otlp) = self.otlp() {
+            let code = error.map_or(NO_ERROR, ErrorCode::as_str);
+            otlp.decision(&self.policy, &self.version, allow, code);
+        }
         match error {
             None if allow => {
                 self.allowed.inc();

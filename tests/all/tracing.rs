@@ -579,3 +579,122 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         "the log names the endpoint:\n{logs}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let collector = listener.local_addr().expect("addr");
+    let received: Arc<Mutex<Vec<ExportMetricsServiceRequest>>> = Arc::default();
+    let store = Arc::clone(&received);
+    let app = axum::Router::new()
+        .route(
+            "/v1/metrics",
+            post(move |body: Bytes| {
+                let store = Arc::clone(&store);
+                async move {
+                    let request =
+                        ExportMetricsServiceRequest::decode(body).expect("an OTLP metrics request");
+                    store.lock().expect("received").push(request);
+                    ExportMetricsServiceResponse::default().encode_to_vec()
+                }
+            }),
+        )
+        .route(
+            "/v1/traces",
+            post(|| async { ExportTraceServiceResponse::default().encode_to_vec() }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(
+            &format!("http://{collector}"),
+            "otlp_protocol = \"http/protobuf\"\notlp_metrics = true\notlp_metrics_interval_ms = 200",
+        ),
+        &rbac_policy("rbac"),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    for _ in 0..3 {
+        let answer = json_body(
+            client
+                .post(daemon.url("/v1/policies/rbac/evaluate"))
+                .body(input)
+                .send()
+                .await
+                .expect("evaluate"),
+        )
+        .await;
+        assert_eq!(answer["allow"], true, "{answer}");
+    }
+
+    // The cumulative decision counter reaches 3 for allowed rbac decisions,
+    // and the latency histogram has counted them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (mut decisions, mut latencies) = (0, 0);
+        for request in received.lock().expect("received").iter() {
+            for metric in request
+                .resource_metrics
+                .iter()
+                .flat_map(|r| r.scope_metrics.iter())
+                .flat_map(|s| s.metrics.iter())
+            {
+                match (metric.name.as_str(), &metric.data) {
+                    ("sandgate.decisions", Some(Data::Sum(sum))) => {
+                        for point in &sum.data_points {
+                            let ours = attr(&point.attributes, "policy").as_deref() == Some("rbac")
+                                && attr(&point.attributes, "allow").as_deref() == Some("true")
+                                && attr(&point.attributes, "error").as_deref() == Some("none");
+                            if ours && let Some(AsInt(n)) = point.value {
+                                decisions = decisions.max(n);
+                            }
+                        }
+                    }
+                    ("sandgate.evaluation.duration", Some(Data::Histogram(h))) => {
+                        for point in &h.data_points {
+                            latencies = latencies.max(point.count);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if decisions == 3 && latencies == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "OTLP metrics never showed the 3 decisions (decisions {decisions}, latencies {latencies})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Prometheus keeps counting the same decisions.
+    let metrics = client
+        .get(daemon.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            r#"sandgate_decisions_total{policy="rbac",version="v1",allow="true",error="none"} 3"#
+        ),
+        "{metrics}"
+    );
+}

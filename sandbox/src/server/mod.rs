@@ -410,10 +410,7 @@ impl State {
         tracing: Option<Tracing>,
         engine: Engine,
     ) -> State {
-        let metrics = Metrics::new(
-            &audit,
-            tracing.as_ref().map(|t| std::sync::Arc::clone(t.stats())),
-        );
+        let metrics = Metrics::new(&audit, tracing.as_ref());
         let slots: HashMap<String, Arc<Slot>> = config
             .policies
             .iter()

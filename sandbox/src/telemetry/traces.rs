@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
     SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
@@ -27,6 +28,7 @@ use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{
@@ -61,6 +63,8 @@ impl std::fmt::Debug for Tracing {
 struct Inner {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// The metrics exported over OTLP beside Prometheus, when configured.
+    metrics: Option<OtlpMetrics>,
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
     guest_log_level: i32,
     stats: Arc<ExportStats>,
@@ -115,6 +119,10 @@ impl Tracing {
             .with_resource(resource(&settings.service_name))
             .build();
         let tracer = provider.tracer("sandgate");
+        let metrics = match settings.otlp_metrics_interval {
+            None => None,
+            Some(interval) => Some(OtlpMetrics::start(settings, endpoint, interval)?),
+        };
         tracing::info!(
             endpoint = %endpoint,
             protocol = ?settings.otlp_protocol,
@@ -125,6 +133,7 @@ impl Tracing {
             inner: Arc::new(Inner {
                 provider,
                 tracer,
+                metrics,
                 guest_log_level: settings.guest_log_level,
                 stats,
             }),
@@ -135,10 +144,20 @@ impl Tracing {
         &self.inner.stats
     }
 
-    /// Exports what is buffered and stops the exporter (at daemon shutdown).
+    /// The OTLP metric instruments, when `otlp_metrics` is on.
+    pub fn metrics(&self) -> Option<&OtlpMetrics> {
+        self.inner.metrics.as_ref()
+    }
+
+    /// Exports what is buffered and stops the exporters (at daemon shutdown).
     pub fn shutdown(&self) {
         if let Err(e) = self.inner.provider.shutdown() {
             tracing::warn!("trace exporter shutdown: {e}");
+        }
+        if let Some(metrics) = &self.inner.metrics
+            && let Err(e) = metrics.provider.shutdown()
+        {
+            tracing::warn!("metric exporter shutdown: {e}");
         }
     }
 }
@@ -156,12 +175,128 @@ fn batch<E: SpanExporter + 'static>(
         .build()
 }
 
+/// The daemon's decision metrics as OpenTelemetry instruments, exported over
+/// OTLP on the traces' endpoint beside the Prometheus endpoint. Names follow
+/// OpenTelemetry conventions (`sandgate.decisions`, …); the labels are those
+/// of `/metrics`.
+pub struct OtlpMetrics {
+    provider: SdkMeterProvider,
+    decisions: Counter<u64>,
+    evaluation: Histogram<f64>,
+    wasi_denials: Counter<u64>,
+    egress_denials: Counter<u64>,
+}
+
+impl OtlpMetrics {
+    fn start(
+        settings: &TelemetrySettings,
+        endpoint: &str,
+        interval: Duration,
+    ) -> anyhow::Result<OtlpMetrics> {
+        let builder = opentelemetry_otlp::MetricExporter::builder();
+        let exporter = match settings.otlp_protocol {
+            OtlpProtocol::Grpc => builder
+                .with_tonic()
+                .with_endpoint(endpoint.to_owned())
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?,
+            OtlpProtocol::HttpProtobuf => {
+                crate::install_tls_provider();
+                let client = reqwest::Client::builder().timeout(EXPORT_TIMEOUT).build()?;
+                builder
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(http_signal_url(endpoint, "/v1/metrics"))
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()?
+            }
+        };
+        let reader = opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicReader::builder(
+            exporter,
+            opentelemetry_sdk::runtime::Tokio,
+        )
+        .with_interval(interval)
+        .build();
+        let provider = SdkMeterProvider::builder()
+            .with_reader(reader)
+            .with_resource(resource(&settings.service_name))
+            .build();
+        let meter = provider.meter("sandgate");
+        Ok(OtlpMetrics {
+            decisions: meter
+                .u64_counter("sandgate.decisions")
+                .with_description("Decisions by policy, version, allow and error code")
+                .build(),
+            evaluation: meter
+                .f64_histogram("sandgate.evaluation.duration")
+                .with_unit("s")
+                .with_description("Wall time of one evaluation, instantiation included")
+                .build(),
+            wasi_denials: meter
+                .u64_counter("sandgate.wasi.denials")
+                .with_description("WASI calls refused to a guest, by function")
+                .build(),
+            egress_denials: meter
+                .u64_counter("sandgate.egress.denials")
+                .with_description("Bridged HTTP requests refused by the egress allowlist")
+                .build(),
+            provider,
+        })
+    }
+
+    pub fn decision(&self, policy: &str, version: &str, allow: bool, error: &'static str) {
+        self.decisions.add(
+            1,
+            &[
+                KeyValue::new("policy", policy.to_owned()),
+                KeyValue::new("version", version.to_owned()),
+                KeyValue::new("allow", allow),
+                KeyValue::new("error", error),
+            ],
+        );
+    }
+
+    pub fn evaluated(
+        &self,
+        policy: &str,
+        version: &str,
+        duration: Duration,
+        denials: &[&'static str],
+        egress_denied: u32,
+    ) {
+        let labels = [
+            KeyValue::new("policy", policy.to_owned()),
+            KeyValue::new("version", version.to_owned()),
+        ];
+        self.evaluation.record(duration.as_secs_f64(), &labels);
+        for call in denials {
+            self.wasi_denials.add(
+                1,
+                &[
+                    KeyValue::new("policy", policy.to_owned()),
+                    KeyValue::new("call", *call),
+                ],
+            );
+        }
+        if egress_denied > 0 {
+            self.egress_denials.add(
+                u64::from(egress_denied),
+                &[KeyValue::new("policy", policy.to_owned())],
+            );
+        }
+    }
+}
+
 /// OTLP/HTTP sends traces to `<base>/v1/traces`; an endpoint given with a
 /// path is used as it is.
 fn http_traces_url(endpoint: &str) -> String {
+    http_signal_url(endpoint, "/v1/traces")
+}
+
+fn http_signal_url(endpoint: &str, path: &str) -> String {
     match url::Url::parse(endpoint) {
         Ok(url) if url.path() == "/" || url.path().is_empty() => {
-            format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+            format!("{}{path}", endpoint.trim_end_matches('/'))
         }
         _ => endpoint.to_owned(),
     }
