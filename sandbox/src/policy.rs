@@ -307,24 +307,7 @@ impl Policy {
     ) -> Evaluation {
         let started = Instant::now();
         let spec = &self.inner.spec;
-        let decision_id = uuid::Uuid::new_v4().to_string();
-        let mut subject = Subject::new(
-            &spec.name,
-            &spec.version,
-            &self.inner.digest,
-            decision_id.clone(),
-        );
-        let trace = Scope::evaluation(
-            options.tracing.as_ref(),
-            &options.parent,
-            vec![
-                KeyValue::new("policy", spec.name.clone()),
-                KeyValue::new("version", spec.version.clone()),
-                KeyValue::new("digest", self.inner.digest.to_string()),
-                KeyValue::new("decision_id", decision_id.clone()),
-            ],
-        );
-        subject.trace_id = trace.trace_id();
+        let (decision_id, subject, trace) = self.begin(options, false);
         let mut epochs = 0;
 
         let mut instantiate = Duration::ZERO;
@@ -405,6 +388,30 @@ impl Policy {
         }
     }
 
+    /// A new decision's id, its audit subject and its `sandgate.evaluate` span.
+    fn begin(&self, options: &EvalOptions, cached: bool) -> (String, Subject, Scope) {
+        let spec = &self.inner.spec;
+        let decision_id = uuid::Uuid::new_v4().to_string();
+        let mut subject = Subject::new(
+            &spec.name,
+            &spec.version,
+            &self.inner.digest,
+            decision_id.clone(),
+        );
+        let mut attributes = vec![
+            KeyValue::new("policy", spec.name.clone()),
+            KeyValue::new("version", spec.version.clone()),
+            KeyValue::new("digest", self.inner.digest.to_string()),
+            KeyValue::new("decision_id", decision_id.clone()),
+        ];
+        if cached {
+            attributes.push(KeyValue::new("decision.cached", true));
+        }
+        let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, attributes);
+        subject.trace_id = trace.trace_id();
+        (decision_id, subject, trace)
+    }
+
     /// Answers with a decision from the decision cache: audited, traced and
     /// returned like an evaluation (the span says `decision.cached`), without
     /// running the guest.
@@ -416,25 +423,7 @@ impl Policy {
     ) -> Evaluation {
         let started = Instant::now();
         let spec = &self.inner.spec;
-        let decision_id = uuid::Uuid::new_v4().to_string();
-        let mut subject = Subject::new(
-            &spec.name,
-            &spec.version,
-            &self.inner.digest,
-            decision_id.clone(),
-        );
-        let trace = Scope::evaluation(
-            options.tracing.as_ref(),
-            &options.parent,
-            vec![
-                KeyValue::new("policy", spec.name.clone()),
-                KeyValue::new("version", spec.version.clone()),
-                KeyValue::new("digest", self.inner.digest.to_string()),
-                KeyValue::new("decision_id", decision_id.clone()),
-                KeyValue::new("decision.cached", true),
-            ],
-        );
-        subject.trace_id = trace.trace_id();
+        let (decision_id, subject, trace) = self.begin(options, true);
         let duration = started.elapsed();
         trace.set_attributes(vec![
             KeyValue::new("decision.allow", decision.allow),

@@ -73,14 +73,7 @@ async fn reload(client: &reqwest::Client, daemon: &Daemon) -> (u16, Value) {
 }
 
 async fn metrics(client: &reqwest::Client, daemon: &Daemon) -> String {
-    client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text")
+    daemon.metrics(client).await
 }
 
 async fn readyz(client: &reqwest::Client, daemon: &Daemon) -> (u16, Value) {

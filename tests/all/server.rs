@@ -111,6 +111,18 @@ impl Daemon {
         self.stderr.lock().expect("lines").join("\n")
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Polls `/readyz` until it answers 200; panics with the last answer after the deadline.
     pub async fn ready(&self, client: &reqwest::Client) -> Value {
         self.poll_readyz(client, |status, _| status == 200).await
@@ -1095,14 +1107,7 @@ async fn hostile_policy_times_out_while_a_healthy_one_keeps_answering_fast() {
         p95(&loaded)
     );
 
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = daemon.metrics(&client).await;
     assert!(
         metrics.contains(r#"sandgate_decisions_total{policy="hostile",version="default",allow="false",error="eval_timeout"}"#),
         "{metrics}"
@@ -1128,14 +1133,7 @@ async fn max_in_flight_excess_is_refused_at_once_and_counted() {
     // Wait until the first evaluation is running.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = client
-            .get(daemon.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = daemon.metrics(&client).await;
         if metrics.contains(r#"sandgate_evaluations_in_flight{policy="slow"} 1"#) {
             break;
         }
@@ -1160,14 +1158,7 @@ async fn max_in_flight_excess_is_refused_at_once_and_counted() {
     let (status, answer) = first.await.expect("first request");
     assert_eq!((status, &answer["allow"]), (200, &json!(true)), "{answer}");
 
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = daemon.metrics(&client).await;
     assert!(
         metrics.contains(r#"sandgate_max_in_flight_refusals_total{policy="slow"} 1"#),
         "{metrics}"
@@ -1199,14 +1190,7 @@ async fn sigterm_finishes_in_flight_requests_before_exiting() {
         .collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = client
-            .get(daemon.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = daemon.metrics(&client).await;
         if metrics.contains(r#"sandgate_evaluations_in_flight{policy="slow"} 3"#) {
             break;
         }

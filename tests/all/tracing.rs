@@ -551,14 +551,7 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
     }
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let metrics = client
-            .get(daemon.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = daemon.metrics(&client).await;
         let failures = metrics
             .lines()
             .find_map(|l| l.strip_prefix("sandgate_otlp_export_failures_total "))
@@ -683,14 +676,7 @@ async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Prometheus keeps counting the same decisions.
-    let metrics = client
-        .get(daemon.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = daemon.metrics(&client).await;
     assert!(
         metrics.contains(
             r#"sandgate_decisions_total{policy="rbac",version="v1",allow="true",error="none"} 3"#
