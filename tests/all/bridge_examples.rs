@@ -8,8 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Output;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -307,47 +307,6 @@ fn decision_service() -> Peer {
 
 // ---- running the examples ---------------------------------------------------
 
-/// The built example guest `name` (`introspect`, `remote_decision`), building
-/// both bridge examples for wasm32-wasip1 on first use (`support::guest`
-/// builds the others).
-fn bridge_guest(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .current_dir(repo_root())
-            .args([
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip1",
-                "-p",
-                "introspect",
-                "-p",
-                "remote-decision",
-                "--target-dir",
-            ])
-            .arg(guests_dir())
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "building the bridge example guests failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    });
-    if let Err(e) = built {
-        panic!("{e}");
-    }
-    guests_dir()
-        .join("wasm32-wasip1")
-        .join("release")
-        .join(format!("{name}.wasm"))
-}
-
 /// `examples/<example>/policy.toml`, copied into a temp dir with its module
 /// pointing at the built guest, its endpoint `shipped_base` replaced by
 /// `base`, and each `(from, to)` edit applied (each must match).
@@ -370,7 +329,7 @@ fn example_config(
         shipped.contains(shipped_base),
         "{example}/policy.toml no longer names {shipped_base}"
     );
-    let built = bridge_guest(module);
+    let built = guest(module);
     let mut toml: String = shipped
         .lines()
         .map(|l| {

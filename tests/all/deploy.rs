@@ -35,10 +35,9 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options::UpstreamProtocolOptions,
     http_protocol_options::explicit_http_config::ProtocolConfig,
 };
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::envoy::r#type::v3::StatusCode;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message as _, Name};
@@ -46,7 +45,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::server::{Daemon, client};
+use crate::server::{Daemon, client, envoy_check_request};
 use crate::support::*;
 
 /// The config the image's entrypoint serves (Dockerfile `ENTRYPOINT`).
@@ -200,38 +199,6 @@ fn policy_names(config: &sandgate::Config) -> BTreeSet<String> {
     config.policies.iter().map(|p| p.name.clone()).collect()
 }
 
-/// A CheckRequest as Envoy (or Istio's proxy) sends it.
-fn check_request(
-    context_extensions: HashMap<String, String>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> CheckRequest {
-    let mut header_map: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    header_map.insert(":authority".into(), "shop.example".into());
-    header_map.insert(":path".into(), path.into());
-    header_map.insert(":method".into(), method.into());
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: method.into(),
-                    path: path.into(),
-                    host: "shop.example".into(),
-                    headers: header_map,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions,
-            ..Default::default()
-        }),
-    }
-}
-
 fn denied_status(response: &CheckResponse) -> Option<i32> {
     match &response.http_response {
         Some(HttpResponse::DeniedResponse(denied)) => denied.status.as_ref().map(|s| s.code),
@@ -256,7 +223,7 @@ async fn viewer_may_read_not_delete(
         .expect("connect to ext_authz");
     let viewer = [("x-user", "alice"), ("x-roles", "viewer")];
     let read = ext_authz
-        .check(check_request(
+        .check(envoy_check_request(
             context_extensions.clone(),
             "GET",
             path,
@@ -267,7 +234,7 @@ async fn viewer_may_read_not_delete(
         .into_inner();
     assert!(is_allowed(&read), "GET {path} as a viewer: {read:?}");
     let delete = ext_authz
-        .check(check_request(
+        .check(envoy_check_request(
             context_extensions.clone(),
             "DELETE",
             path,

@@ -702,9 +702,23 @@ async fn forward_auth_takes_the_original_request_from_proxy_headers_or_its_own_p
     assert_eq!(unknown.headers()["x-sandgate-error"], "policy_not_found");
 }
 
-/// A CheckRequest as Envoy sends it.
+/// A CheckRequest naming `policy` in its context extensions.
 fn check_request(
     policy: Option<&str>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> CheckRequest {
+    let context_extensions = policy
+        .map(|p| HashMap::from([("policy".to_owned(), p.to_owned())]))
+        .unwrap_or_default();
+    envoy_check_request(context_extensions, method, path, headers)
+}
+
+/// A CheckRequest as Envoy sends it: the original request's HTTP attributes
+/// (pseudo-headers included), a peer address and the route's context extensions.
+pub fn envoy_check_request(
+    context_extensions: HashMap<String, String>,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
@@ -737,9 +751,7 @@ fn check_request(
                 }),
                 ..Default::default()
             }),
-            context_extensions: policy
-                .map(|p| HashMap::from([("policy".to_owned(), p.to_owned())]))
-                .unwrap_or_default(),
+            context_extensions,
             ..Default::default()
         }),
     }

@@ -25,8 +25,8 @@ pub fn guests_dir() -> PathBuf {
     repo_root().join("target").join("guests")
 }
 
-/// Path of a built example guest (`rbac`, `abac_owner`, `snoop`), building
-/// all of them for wasm32-wasip1 on first use.
+/// Path of a built example guest (`rbac`, `abac_owner`, `snoop`, `introspect`,
+/// `remote_decision`), building all of them for wasm32-wasip1 on first use.
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -44,6 +44,10 @@ pub fn guest(name: &str) -> PathBuf {
                 "abac-owner",
                 "-p",
                 "snoop",
+                "-p",
+                "introspect",
+                "-p",
+                "remote-decision",
                 "--target-dir",
             ])
             .arg(guests_dir())

@@ -192,6 +192,22 @@ async fn http_receiver() -> (SocketAddr, Received) {
     (addr, received)
 }
 
+/// POSTs `input` to the evaluate endpoint at `path`, with a client
+/// `traceparent` when given, and returns the JSON answer.
+async fn evaluate(
+    client: &reqwest::Client,
+    daemon: &Daemon,
+    path: &str,
+    input: &str,
+    traceparent: Option<&str>,
+) -> Value {
+    let mut request = client.post(daemon.url(path)).body(input.to_owned());
+    if let Some(traceparent) = traceparent {
+        request = request.header("traceparent", traceparent);
+    }
+    json_body(request.send().await.expect("evaluate")).await
+}
+
 fn telemetry(endpoint: &str, extra: &str) -> String {
     format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n{extra}\n")
 }
@@ -329,13 +345,12 @@ async fn a_bridged_call_carries_the_decisions_trace_to_the_service_it_calls() {
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    let answer = json_body(
-        client
-            .post(daemon.url("/v1/policies/bridged/evaluate"))
-            .body("{}")
-            .send()
-            .await
-            .expect("evaluate"),
+    let answer = evaluate(
+        &client,
+        &daemon,
+        "/v1/policies/bridged/evaluate",
+        "{}",
+        None,
     )
     .await;
     let trace_id = answer["trace_id"]
@@ -398,13 +413,12 @@ async fn a_hostile_guests_refused_calls_are_span_events_and_failures_set_error_s
 
     let mut trace_ids = Vec::new();
     for policy in ["snoop", "snoop-trap"] {
-        let answer = json_body(
-            client
-                .post(daemon.url(&format!("/v1/policies/{policy}/evaluate")))
-                .body("{}")
-                .send()
-                .await
-                .expect("evaluate"),
+        let answer = evaluate(
+            &client,
+            &daemon,
+            &format!("/v1/policies/{policy}/evaluate"),
+            "{}",
+            None,
         )
         .await;
         assert_eq!(answer["allow"], false, "{answer}");
@@ -470,27 +484,17 @@ async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller(
     daemon.ready(&client).await;
     let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
     // Sampled by the caller: recorded although the ratio is 0.
-    let sampled = json_body(
-        client
-            .post(daemon.url("/v1/policies/rbac/evaluate"))
-            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
-            .body(input)
-            .send()
-            .await
-            .expect("evaluate"),
+    let sampled = evaluate(
+        &client,
+        &daemon,
+        "/v1/policies/rbac/evaluate",
+        input,
+        Some(&format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")),
     )
     .await;
     assert_eq!(sampled["trace_id"], CLIENT_TRACE);
     // No caller context: a new trace, not sampled at ratio 0, but still named.
-    let unsampled = json_body(
-        client
-            .post(daemon.url("/v1/policies/rbac/evaluate"))
-            .body(input)
-            .send()
-            .await
-            .expect("evaluate"),
-    )
-    .await;
+    let unsampled = evaluate(&client, &daemon, "/v1/policies/rbac/evaluate", input, None).await;
     let other = unsampled["trace_id"].as_str().expect("trace id").to_owned();
     assert_ne!(other, CLIENT_TRACE);
 
@@ -537,15 +541,8 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
     let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
     for _ in 0..50 {
         let started = Instant::now();
-        let answer: Value = json_body(
-            client
-                .post(daemon.url("/v1/policies/rbac/evaluate"))
-                .body(input)
-                .send()
-                .await
-                .expect("evaluate"),
-        )
-        .await;
+        let answer: Value =
+            evaluate(&client, &daemon, "/v1/policies/rbac/evaluate", input, None).await;
         assert_eq!(answer["allow"], true, "{answer}");
         assert!(started.elapsed() < Duration::from_secs(1));
     }
@@ -622,15 +619,7 @@ async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
     daemon.ready(&client).await;
     let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
     for _ in 0..3 {
-        let answer = json_body(
-            client
-                .post(daemon.url("/v1/policies/rbac/evaluate"))
-                .body(input)
-                .send()
-                .await
-                .expect("evaluate"),
-        )
-        .await;
+        let answer = evaluate(&client, &daemon, "/v1/policies/rbac/evaluate", input, None).await;
         assert_eq!(answer["allow"], true, "{answer}");
     }
 

@@ -114,6 +114,26 @@ fn preopen_fixture(dir: &std::path::Path) -> std::path::PathBuf {
     data
 }
 
+/// A guest that calls `path_open(path, oflags, rights)` in preopen fd 3 and
+/// allows when `test` (given the call's expression) holds.
+fn open_guest(path: &str, oflags: u32, rights: u64, test: impl Fn(&str) -> String) -> String {
+    abi_guest(
+        &format!("{PATH_OPEN} {}", path_data(path)),
+        &allow_if(&test(&path_open(path, oflags, rights))),
+    )
+}
+
+/// Evaluates the guest `wat` once with the `preopen_toml` grants.
+async fn run_in_preopen(
+    dir: &std::path::Path,
+    wat: &str,
+    allow: &str,
+    mode: &str,
+) -> (sandgate::Evaluation, Vec<serde_json::Value>) {
+    let module = write(dir, "m.wat", wat);
+    evaluate_once(dir, &preopen_toml(&module, allow, mode), "{}").await
+}
+
 fn preopen_toml(module: &std::path::Path, allow: &str, mode: &str) -> String {
     policy_toml(
         module,
@@ -127,20 +147,10 @@ fn preopen_toml(module: &std::path::Path, allow: &str, mode: &str) -> String {
 async fn path_open_leaving_the_preopen_is_refused_and_audited() {
     let dir = tempdir();
     preopen_fixture(dir.path());
-    let wat = abi_guest(
-        &format!("{PATH_OPEN} {}", path_data("../secret")),
-        &allow_if(&format!(
-            "(i32.eq {} {NOTCAPABLE})",
-            path_open("../secret", 0, 2)
-        )),
-    );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\"", "ro"),
-        "{}",
-    )
-    .await;
+    let wat = open_guest("../secret", 0, 2, |open| {
+        format!("(i32.eq {open} {NOTCAPABLE})")
+    });
+    let (e, audit) = run_in_preopen(dir.path(), &wat, "\"fs_read\"", "ro").await;
     assert!(e.decision.allow, "escape must return 76: {:?}", e.decision);
     let denied = denials(&audit);
     assert_eq!(denied.len(), 1, "{audit:?}");
@@ -154,20 +164,10 @@ async fn symlink_out_of_the_preopen_is_refused_and_audited() {
     let dir = tempdir();
     let data = preopen_fixture(dir.path());
     std::os::unix::fs::symlink(dir.path(), data.join("out")).expect("symlink");
-    let wat = abi_guest(
-        &format!("{PATH_OPEN} {}", path_data("out/secret")),
-        &allow_if(&format!(
-            "(i32.ne {} (i32.const 0))",
-            path_open("out/secret", 0, 2)
-        )),
-    );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\"", "ro"),
-        "{}",
-    )
-    .await;
+    let wat = open_guest("out/secret", 0, 2, |open| {
+        format!("(i32.ne {open} (i32.const 0))")
+    });
+    let (e, audit) = run_in_preopen(dir.path(), &wat, "\"fs_read\"", "ro").await;
     assert!(
         e.decision.allow,
         "the symlink must not be followed out: {:?}",
@@ -182,17 +182,8 @@ async fn symlink_out_of_the_preopen_is_refused_and_audited() {
 async fn reading_a_file_in_a_read_only_preopen_works() {
     let dir = tempdir();
     preopen_fixture(dir.path());
-    let wat = abi_guest(
-        &format!("{PATH_OPEN} {}", path_data("keep.txt")),
-        &allow_if(&format!("(i32.eqz {})", path_open("keep.txt", 0, 2))),
-    );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\"", "ro"),
-        "{}",
-    )
-    .await;
+    let wat = open_guest("keep.txt", 0, 2, |open| format!("(i32.eqz {open})"));
+    let (e, audit) = run_in_preopen(dir.path(), &wat, "\"fs_read\"", "ro").await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(denials(&audit).is_empty(), "{audit:?}");
 }
@@ -221,13 +212,7 @@ async fn read_only_preopen_refuses_creates_writes_renames_and_unlinks() {
             write = "(call $path_open (i32.const 3) (i32.const 0) (i32.const 3100) (i32.const 8) (i32.const 0) (i64.const 64) (i64.const 0) (i32.const 0) (i32.const 2000))",
         )),
     );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "ro"),
-        "{}",
-    )
-    .await;
+    let (e, audit) = run_in_preopen(dir.path(), &wat, "\"fs_read\", \"fs_write\"", "ro").await;
     assert!(
         e.decision.allow,
         "every mutation must be refused: {:?}",
@@ -251,17 +236,8 @@ async fn read_only_preopen_refuses_creates_writes_renames_and_unlinks() {
 async fn read_write_preopen_allows_creating_files() {
     let dir = tempdir();
     let data = preopen_fixture(dir.path());
-    let wat = abi_guest(
-        &format!("{PATH_OPEN} {}", path_data("new.txt")),
-        &allow_if(&format!("(i32.eqz {})", path_open("new.txt", 1, 64))),
-    );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, _) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\", \"fs_write\"", "rw"),
-        "{}",
-    )
-    .await;
+    let wat = open_guest("new.txt", 1, 64, |open| format!("(i32.eqz {open})"));
+    let (e, _) = run_in_preopen(dir.path(), &wat, "\"fs_read\", \"fs_write\"", "rw").await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(data.join("new.txt").exists());
 }
@@ -270,20 +246,10 @@ async fn read_write_preopen_allows_creating_files() {
 async fn writes_without_fs_write_are_refused_even_on_a_preopen() {
     let dir = tempdir();
     let data = preopen_fixture(dir.path());
-    let wat = abi_guest(
-        &format!("{PATH_OPEN} {}", path_data("new.txt")),
-        &allow_if(&format!(
-            "(i32.eq {} {NOTCAPABLE})",
-            path_open("new.txt", 1, 64)
-        )),
-    );
-    let module = write(dir.path(), "m.wat", &wat);
-    let (e, audit) = evaluate_once(
-        dir.path(),
-        &preopen_toml(&module, "\"fs_read\"", "ro"),
-        "{}",
-    )
-    .await;
+    let wat = open_guest("new.txt", 1, 64, |open| {
+        format!("(i32.eq {open} {NOTCAPABLE})")
+    });
+    let (e, audit) = run_in_preopen(dir.path(), &wat, "\"fs_read\"", "ro").await;
     assert!(e.decision.allow, "{:?}", e.decision);
     assert!(!data.join("new.txt").exists());
     assert!(
