@@ -75,13 +75,12 @@ impl Invocation {
             detail = %denial.detail,
             "wasi call refused"
         );
-        self.trace.event(
-            "wasi_denied",
+        self.trace.event("wasi_denied", || {
             vec![
                 KeyValue::new("wasi.call", denial.call),
                 KeyValue::new("wasi.detail", denial.detail.clone()),
-            ],
-        );
+            ]
+        });
         self.audit.record(
             &self.subject,
             &AuditRecord::WasiDenied {

@@ -249,14 +249,12 @@ impl Bridge {
         let started = Instant::now();
         let request: GuestRequest = serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)?;
         let method = request.method.to_ascii_uppercase();
-        let span = trace.child(
-            method.clone(),
-            SpanKind::Client,
+        let span = trace.child(method.clone(), SpanKind::Client, || {
             vec![
                 KeyValue::new("http.request.method", method),
                 KeyValue::new("url.full", request.url.clone()),
-            ],
-        );
+            ]
+        });
         let mut record = HttpCall {
             method: request.method.clone(),
             url: request.url.clone(),
@@ -269,12 +267,14 @@ impl Bridge {
             .await;
         record.duration = started.elapsed();
         match &result {
-            Ok((status, _)) => span.set_attributes(vec![
-                KeyValue::new("http.response.status_code", i64::from(*status)),
-                KeyValue::new("sandgate.cached", record.cached),
-            ]),
+            Ok((status, _)) => span.set_attributes(|| {
+                vec![
+                    KeyValue::new("http.response.status_code", i64::from(*status)),
+                    KeyValue::new("sandgate.cached", record.cached),
+                ]
+            }),
             Err(code) => {
-                span.set_attributes(vec![KeyValue::new("error.type", code_name(*code))]);
+                span.set_attributes(|| vec![KeyValue::new("error.type", code_name(*code))]);
                 span.fail(
                     code_name(*code),
                     &format!("bridge returned {code} to the guest"),
@@ -300,21 +300,24 @@ impl Bridge {
     ) -> Result<(u16, Vec<u8>), i64> {
         let mut url = Url::parse(&request.url).map_err(|_| INVALID_REQUEST)?;
         url.set_fragment(None);
-        if let Some(host) = url.host_str() {
-            span.set_attributes(vec![KeyValue::new("server.address", host.to_owned())]);
-        }
-        if let Some(port) = url.port_or_known_default() {
-            span.set_attributes(vec![KeyValue::new("server.port", i64::from(port))]);
-        }
+        span.set_attributes(|| {
+            let mut server = Vec::with_capacity(2);
+            if let Some(host) = url.host_str() {
+                server.push(KeyValue::new("server.address", host.to_owned()));
+            }
+            if let Some(port) = url.port_or_known_default() {
+                server.push(KeyValue::new("server.port", i64::from(port)));
+            }
+            server
+        });
         let deny = |url: &str, reason: String| {
             tracing::warn!(policy = %subject.policy, decision_id = %subject.decision_id, %url, "egress refused: {reason}");
-            span.event(
-                "egress_denied",
+            span.event("egress_denied", || {
                 vec![
                     KeyValue::new("url.full", url.to_owned()),
                     KeyValue::new("reason", reason.clone()),
-                ],
-            );
+                ]
+            });
             audit.record(
                 subject,
                 &AuditRecord::EgressDenied {

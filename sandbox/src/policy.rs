@@ -359,11 +359,13 @@ impl Policy {
             }
         };
         let duration = started.elapsed();
-        trace.set_attributes(vec![
-            KeyValue::new("decision.allow", decision.allow),
-            KeyValue::new("duration_us", duration.as_micros() as i64),
-            KeyValue::new("wasm.fuel_or_epochs", epochs as i64),
-        ]);
+        trace.set_attributes(|| {
+            vec![
+                KeyValue::new("decision.allow", decision.allow),
+                KeyValue::new("duration_us", duration.as_micros() as i64),
+                KeyValue::new("wasm.fuel_or_epochs", epochs as i64),
+            ]
+        });
         trace.end();
         audit.record(
             &subject,
@@ -398,16 +400,18 @@ impl Policy {
             &self.inner.digest,
             decision_id.clone(),
         );
-        let mut attributes = vec![
-            KeyValue::new("policy", spec.name.clone()),
-            KeyValue::new("version", spec.version.clone()),
-            KeyValue::new("digest", self.inner.digest.to_string()),
-            KeyValue::new("decision_id", decision_id.clone()),
-        ];
-        if cached {
-            attributes.push(KeyValue::new("decision.cached", true));
-        }
-        let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, attributes);
+        let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, || {
+            let mut attributes = vec![
+                KeyValue::new("policy", spec.name.clone()),
+                KeyValue::new("version", spec.version.clone()),
+                KeyValue::new("digest", self.inner.digest.to_string()),
+                KeyValue::new("decision_id", decision_id.clone()),
+            ];
+            if cached {
+                attributes.push(KeyValue::new("decision.cached", true));
+            }
+            attributes
+        });
         subject.trace_id = trace.trace_id();
         (decision_id, subject, trace)
     }
@@ -425,10 +429,12 @@ impl Policy {
         let spec = &self.inner.spec;
         let (decision_id, subject, trace) = self.begin(options, true);
         let duration = started.elapsed();
-        trace.set_attributes(vec![
-            KeyValue::new("decision.allow", decision.allow),
-            KeyValue::new("duration_us", duration.as_micros() as i64),
-        ]);
+        trace.set_attributes(|| {
+            vec![
+                KeyValue::new("decision.allow", decision.allow),
+                KeyValue::new("duration_us", duration.as_micros() as i64),
+            ]
+        });
         trace.end();
         audit.record(
             &subject,
@@ -497,12 +503,12 @@ impl Policy {
         instantiate: &mut Duration,
         trace: &Scope,
     ) -> anyhow::Result<Decision> {
-        let span = trace.child("instantiate", SpanKind::Internal, Vec::new());
+        let span = trace.child("instantiate", SpanKind::Internal, Vec::new);
         let started = Instant::now();
         let instance = self.inner.pre.instantiate_async(&mut *store).await;
         *instantiate = started.elapsed();
         span.end();
-        let span = trace.child("evaluate", SpanKind::Internal, Vec::new());
+        let span = trace.child("evaluate", SpanKind::Internal, Vec::new);
         store.data_mut().trace = span.clone();
         let decision = self.call_guest(store, instance?, document).await;
         span.end();

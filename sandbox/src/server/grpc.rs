@@ -139,7 +139,7 @@ impl UnaryService<Decoded> for Check {
     fn call(&mut self, request: tonic::Request<Decoded>) -> Self::Future {
         let state = Arc::clone(&self.state);
         Box::pin(async move {
-            let metadata = Parent::from_headers(&request.metadata().clone().into_headers());
+            let metadata = Parent::from_headers(request.metadata().as_ref());
             let check = match request.into_inner() {
                 Ok(check) => check,
                 Err(e) => {

@@ -78,7 +78,7 @@ async fn evaluate(
     let answer = match read_input(&state, &name, &headers, body).await {
         Ok(input) => {
             state
-                .evaluate(&name, input, trace_id(&headers), &headers)
+                .evaluate(&name, input, Parent::from_headers(&headers), &headers)
                 .await
         }
         Err(answer) => answer,
@@ -96,7 +96,7 @@ async fn opa_data(
     body: Body,
 ) -> Response {
     let name = policy_name(name);
-    let trace = trace_id(&headers);
+    let trace = Parent::from_headers(&headers);
     let answer = match read_input(&state, &name, &headers, body).await {
         Err(answer) => answer,
         Ok(body) => match opa_input(&body) {
@@ -147,7 +147,7 @@ async fn forward_auth(
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let trace = trace_id(&parts.headers);
+    let trace = Parent::from_headers(&parts.headers);
     let answer = if name.is_empty() {
         state.unattributed(
             "",
@@ -294,7 +294,7 @@ async fn read_input(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, Answer> {
-    let trace = || trace_id(headers);
+    let trace = || Parent::from_headers(headers);
     if !state.is_configured(name) {
         return Err(state.not_found(name));
     }
@@ -326,10 +326,6 @@ async fn read_input(
             trace(),
         )),
     }
-}
-
-fn trace_id(headers: &HeaderMap) -> Parent {
-    Parent::from_headers(headers)
 }
 
 /// Status of a JSON answer: 200 for a decision (even a failed evaluation),

@@ -432,12 +432,14 @@ impl Default for Scope {
     }
 }
 
+/// Span attributes are passed as closures throughout, so the evaluation path
+/// builds none of them when it is not traced.
 impl Scope {
     /// Opens the `sandgate.evaluate` span of one decision under `parent`.
     pub fn evaluation(
         tracing: Option<&Tracing>,
         parent: &Parent,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
         let parent_cx = parent.context();
         let Some(tracing) = tracing else {
@@ -450,7 +452,7 @@ impl Scope {
         let span = tracer
             .span_builder("sandgate.evaluate")
             .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
+            .with_attributes(attributes())
             .start_with_context(tracer, &parent_cx);
         Scope {
             tracing: Some(tracing.clone()),
@@ -463,7 +465,7 @@ impl Scope {
         &self,
         name: impl Into<Cow<'static, str>>,
         kind: SpanKind,
-        attributes: Vec<KeyValue>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
         let Some(tracing) = &self.tracing else {
             return self.clone();
@@ -472,7 +474,7 @@ impl Scope {
         let span = tracer
             .span_builder(name)
             .with_kind(kind)
-            .with_attributes(attributes)
+            .with_attributes(attributes())
             .start_with_context(tracer, &self.cx);
         Scope {
             tracing: Some(tracing.clone()),
@@ -491,8 +493,11 @@ impl Scope {
         self.cx.span().is_recording()
     }
 
-    pub fn event(&self, name: &'static str, attributes: Vec<KeyValue>) {
-        self.cx.span().add_event(name, attributes);
+    pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        let span = self.cx.span();
+        if span.is_recording() {
+            span.add_event(name, attributes());
+        }
     }
 
     /// A guest `log` call, as an event when at or above the configured level.
@@ -510,17 +515,19 @@ impl Scope {
             3 => "warn",
             _ => "error",
         };
-        self.event(
-            "guest.log",
+        self.event("guest.log", || {
             vec![
                 KeyValue::new("log.severity", name),
                 KeyValue::new("log.message", message.to_owned()),
-            ],
-        );
+            ]
+        });
     }
 
-    pub fn set_attributes(&self, attributes: Vec<KeyValue>) {
-        self.cx.span().set_attributes(attributes);
+    pub fn set_attributes(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        let span = self.cx.span();
+        if span.is_recording() {
+            span.set_attributes(attributes());
+        }
     }
 
     /// Marks the span failed with a DESIGN §3 error code.
@@ -580,8 +587,8 @@ mod tests {
             parent.trace_id().as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
-        let scope = Scope::evaluation(None, &parent, Vec::new());
-        let child = scope.child("evaluate", SpanKind::Internal, Vec::new());
+        let scope = Scope::evaluation(None, &parent, Vec::new);
+        let child = scope.child("evaluate", SpanKind::Internal, Vec::new);
         let mut out = http::HeaderMap::new();
         child.inject(&mut out);
         assert_eq!(
