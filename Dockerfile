@@ -23,12 +23,32 @@ ARG RUNTIME_IMAGE=debian:trixie-slim
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 RUN rustup target add wasm32-wasip1
+# The eBPF probes (ebpf-probes/, embedded in the binary) are built with
+# nightly + rust-src and linked by bpf-linker against LLVM 22 (apt.llvm.org).
+# Build with --build-arg EBPF_PROBES=off for an image without probes
+# (AYA_BUILD_SKIP=1; the daemon then says so in /v1/probes).
+ARG EBPF_PROBES=on
+ARG BPF_LINKER_VERSION=0.13.0
+RUN if [ "$EBPF_PROBES" = on ]; then \
+      rustup toolchain install nightly --profile minimal --component rust-src \
+   && apt-get update \
+   && apt-get install -y --no-install-recommends ca-certificates curl gnupg \
+   && curl -fsSL https://apt.llvm.org/llvm-snapshot.gpg.key | gpg --dearmor -o /usr/share/keyrings/llvm.gpg \
+   && . /etc/os-release \
+   && echo "deb [signed-by=/usr/share/keyrings/llvm.gpg] http://apt.llvm.org/$VERSION_CODENAME/ llvm-toolchain-$VERSION_CODENAME-22 main" \
+        > /etc/apt/sources.list.d/llvm.list \
+   && apt-get update \
+   && apt-get install -y --no-install-recommends llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev \
+   && LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version "$BPF_LINKER_VERSION" --locked \
+   && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY . .
 # The cache mounts keep the registry and incremental artifacts between builds;
 # the results are copied out of them in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked -p sandgate --bin sandgate \
+    if [ "$EBPF_PROBES" = off ]; then export AYA_BUILD_SKIP=1; fi \
+ && cargo build --release --locked -p sandgate --bin sandgate \
  && cargo build --release --locked --target wasm32-wasip1 --target-dir target/guests \
       -p rbac -p abac-owner -p snoop -p introspect -p remote-decision \
  && mkdir -p /out/bin /out/policies \

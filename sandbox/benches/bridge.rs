@@ -3,7 +3,9 @@
 //! `remote-decision` example), next to the same request sent directly by a
 //! reqwest client in the host. Bridged minus direct is what the sandbox adds
 //! to a call: instantiation, the ABI crossings, the allowlist check, the JSON
-//! and base64 documents. Results and the command are in `docs/benchmarks.md`.
+//! and base64 documents, and the difference between the bridge's own
+//! connection handling (driven inside the evaluation) and reqwest's (a task
+//! per connection). Results and the command are in `docs/benchmarks.md`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,7 +135,8 @@ fn bench(c: &mut Criterion) {
         );
     }
 
-    // The same request from the host, with a client set up like the bridge's.
+    // The same request from the host, with reqwest set up as the bridge's
+    // client was before it had its own: no redirects, no proxy.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

@@ -16,6 +16,7 @@ use crate::config::{Access, Grants};
 use crate::engine::MemoryLimiter;
 use crate::telemetry::traces::Scope;
 use crate::wasi::{Denial, GuestOutput};
+use sandgate_probes_common::phase;
 
 /// The ABI version this host speaks.
 pub const ABI_VERSION: i32 = 1;
@@ -61,12 +62,17 @@ pub struct Invocation {
     pub trace: Scope,
     /// Epoch ticks the guest ran through (`wasm.fuel_or_epochs`).
     pub epochs: u64,
+    /// This invocation as the eBPF probes know it.
+    pub probe: crate::probes::Probe,
 }
 
 impl Invocation {
     /// Records a refused WASI call: audit line, daemon log, and the list the
     /// decision's trace reports.
     pub fn refuse(&mut self, denial: Denial) {
+        if let Some(index) = crate::wasi::PREVIEW1.iter().position(|f| *f == denial.call) {
+            self.probe.wasi_denied(index);
+        }
         tracing::warn!(
             policy = %self.subject.policy,
             version = %self.subject.version,
@@ -254,31 +260,41 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
     linker.func_wrap(
         MODULE,
         "log",
-        |mut caller: Caller<'_, Invocation>, level: i32, ptr: i32, len: i32| -> wasmtime::Result<()> {
+        |mut caller: Caller<'_, Invocation>,
+         level: i32,
+         ptr: i32,
+         len: i32|
+         -> wasmtime::Result<()> {
             let message = read_guest_string(&mut caller, ptr, len, MAX_LOG_BYTES)?;
-            let inv = caller.data_mut();
-            inv.log_calls += 1;
-            if inv.log_calls > MAX_LOG_CALLS {
-                return Ok(());
-            }
-            inv.trace.guest_log(level, &message);
-            let s = &inv.subject;
-            macro_rules! emit {
-                ($lvl:expr) => {
-                    tracing::event!(target: "sandgate::guest", $lvl, policy = %s.policy, version = %s.version, decision_id = %s.decision_id, "{message}")
-                };
-            }
-            match level {
-                i32::MIN..=0 => emit!(tracing::Level::TRACE),
-                1 => emit!(tracing::Level::DEBUG),
-                2 => emit!(tracing::Level::INFO),
-                3 => emit!(tracing::Level::WARN),
-                _ => emit!(tracing::Level::ERROR),
-            }
+            let probe = caller.data().probe;
+            probe.phase(phase::LOG, || log(caller.data_mut(), level, &message));
             Ok(())
         },
     )?;
     Ok(())
+}
+
+/// A guest `log` call: a span event and a daemon log line, up to
+/// `MAX_LOG_CALLS` per evaluation.
+fn log(inv: &mut Invocation, level: i32, message: &str) {
+    inv.log_calls += 1;
+    if inv.log_calls > MAX_LOG_CALLS {
+        return;
+    }
+    inv.trace.guest_log(level, message);
+    let s = &inv.subject;
+    macro_rules! emit {
+        ($lvl:expr) => {
+            tracing::event!(target: "sandgate::guest", $lvl, policy = %s.policy, version = %s.version, decision_id = %s.decision_id, "{message}")
+        };
+    }
+    match level {
+        i32::MIN..=0 => emit!(tracing::Level::TRACE),
+        1 => emit!(tracing::Level::DEBUG),
+        2 => emit!(tracing::Level::INFO),
+        3 => emit!(tracing::Level::WARN),
+        _ => emit!(tracing::Level::ERROR),
+    }
 }
 
 /// Splits the packed `(out_ptr << 32) | out_len` result of `sandgate_evaluate`.

@@ -6,13 +6,17 @@
 //! and the response size limit; refusals return the contract's negative codes
 //! and are audited as `egress_denied`. Credentials configured on the host are
 //! added here and scrubbed from what comes back, so a guest never sees them.
-//! Waiting on the network holds no thread: the host functions are async.
+//! Waiting on the network holds no thread: the host functions are async,
+//! and the call's own future does the socket I/O (`transport`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,10 @@ use crate::abi::{self, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
 use crate::telemetry::traces::Scope;
+
+mod transport;
+
+use transport::Transport;
 
 /// `http_send` results (DESIGN §2).
 pub const EGRESS_DENIED: i64 = -1;
@@ -175,10 +183,11 @@ struct CachedResponse {
     document: Arc<Vec<u8>>,
 }
 
-/// The egress path of one policy. Shared by all its evaluations.
+/// The egress path of one policy. Shared by all its evaluations, which
+/// reuse its idle connections.
 pub struct Bridge {
     settings: EgressSettings,
-    client: Option<reqwest::Client>,
+    transport: Option<Transport>,
     cache: Option<moka::future::Cache<[u8; 32], CachedResponse>>,
     stats: CacheStats,
 }
@@ -190,20 +199,13 @@ pub struct BridgeError(String);
 
 impl Bridge {
     /// A bridge for `settings`; policies without egress get no HTTP client.
+    /// The client follows no redirects (they are followed by hand, each hop
+    /// checked) and uses no proxy.
     pub fn new(settings: &EgressSettings) -> Result<Bridge, BridgeError> {
-        let client = if settings.allow.is_empty() {
+        let transport = if settings.allow.is_empty() {
             None
         } else {
-            // The process may already have a provider installed; either is fine.
-            crate::install_tls_provider();
-            Some(
-                reqwest::Client::builder()
-                    // Redirects are followed by hand, each hop checked.
-                    .redirect(reqwest::redirect::Policy::none())
-                    .no_proxy()
-                    .build()
-                    .map_err(|e| BridgeError(e.to_string()))?,
-            )
+            Some(Transport::new().map_err(|e| BridgeError(e.to_string()))?)
         };
         let cache = settings.cache_ttl.map(|ttl| {
             moka::future::Cache::builder()
@@ -213,7 +215,7 @@ impl Bridge {
         });
         Ok(Bridge {
             settings: settings.clone(),
-            client,
+            transport,
             cache,
             stats: CacheStats::default(),
         })
@@ -330,18 +332,15 @@ impl Bridge {
         if let Some(reason) = self.refusal(&url) {
             return Err(deny(&request.url, reason));
         }
-        let Some(client) = &self.client else {
+        let Some(transport) = &self.transport else {
             return Err(deny(&request.url, "no HTTP client".into()));
         };
-        let mut method =
-            reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
-                .map_err(|_| INVALID_REQUEST)?;
+        let mut method = Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| INVALID_REQUEST)?;
         let mut guest_headers = Vec::with_capacity(request.headers.len());
         for (name, value) in &request.headers {
-            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| INVALID_REQUEST)?;
-            let value =
-                reqwest::header::HeaderValue::from_str(value).map_err(|_| INVALID_REQUEST)?;
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| INVALID_REQUEST)?;
+            let value = HeaderValue::from_str(value).map_err(|_| INVALID_REQUEST)?;
             // The bridge sets Host from the URL; hop-by-hop headers are its own.
             if matches!(
                 name.as_str(),
@@ -352,11 +351,11 @@ impl Bridge {
             guest_headers.push((name, value));
         }
         let mut body = match &request.body {
-            Some(b) => Some(
+            Some(b) => Some(Bytes::from(
                 base64::engine::general_purpose::STANDARD
                     .decode(b)
                     .map_err(|_| INVALID_REQUEST)?,
-            ),
+            )),
             None => None,
         };
 
@@ -379,8 +378,8 @@ impl Bridge {
         }
 
         let mut hops = 0;
-        let response = loop {
-            let mut headers = reqwest::header::HeaderMap::new();
+        let (mut response, deadline) = loop {
+            let mut headers = HeaderMap::new();
             for (name, value) in &guest_headers {
                 headers.append(name.clone(), value.clone());
             }
@@ -392,33 +391,38 @@ impl Bridge {
                 .filter(|c| c.prefix.matches(&url))
             {
                 if let (Ok(name), Ok(value)) = (
-                    reqwest::header::HeaderName::from_bytes(credential.header.as_bytes()),
-                    reqwest::header::HeaderValue::from_str(&credential.value),
+                    HeaderName::from_bytes(credential.header.as_bytes()),
+                    HeaderValue::from_str(&credential.value),
                 ) {
                     headers.insert(name, value);
                 }
             }
+            // The usual client default, as reqwest sent it, unless the guest set one.
+            headers
+                .entry(header::ACCEPT)
+                .or_insert(HeaderValue::from_static("*/*"));
             // The called service joins the decision's trace.
             span.inject(&mut headers);
-            let mut builder = client
-                .request(method.clone(), url.clone())
-                .headers(headers)
-                .timeout(self.settings.timeout);
-            if let Some(b) = &body {
-                builder = builder.body(b.clone());
-            }
-            let response = builder.send().await.map_err(|e| send_error(&e))?;
+            // One timeout per hop, from connecting to the body's last byte.
+            let deadline = tokio::time::Instant::now() + self.settings.timeout;
+            let sent = transport.send(
+                method.clone(),
+                &url,
+                headers,
+                body.clone().unwrap_or_default(),
+            );
+            let response = within(deadline, sent, subject).await?;
             let status = response.status();
             if !(self.settings.allow_redirects && status.is_redirection()) {
-                break response;
+                break (response, deadline);
             }
             let Some(location) = response
                 .headers()
-                .get(reqwest::header::LOCATION)
+                .get(header::LOCATION)
                 .and_then(|l| l.to_str().ok())
                 .and_then(|l| url.join(l).ok())
             else {
-                break response;
+                break (response, deadline);
             };
             hops += 1;
             if hops > MAX_REDIRECTS {
@@ -434,12 +438,11 @@ impl Bridge {
                 ));
             }
             // 303, and 301/302 after a POST, continue as GET without a body.
-            if status == reqwest::StatusCode::SEE_OTHER
-                || ((status == reqwest::StatusCode::MOVED_PERMANENTLY
-                    || status == reqwest::StatusCode::FOUND)
-                    && method == reqwest::Method::POST)
+            if status == StatusCode::SEE_OTHER
+                || ((status == StatusCode::MOVED_PERMANENTLY || status == StatusCode::FOUND)
+                    && method == Method::POST)
             {
-                method = reqwest::Method::GET;
+                method = Method::GET;
                 body = None;
             }
             url = location;
@@ -462,11 +465,11 @@ impl Bridge {
             })
             .collect();
         let max_age = cache_max_age(response.headers());
-        let mut response = response;
         let mut bytes = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| send_error(&e))? {
+        while let Some(chunk) = within(deadline, response.chunk(), subject).await? {
             if (bytes.len() + chunk.len()) as u64 > max {
-                // Dropping the response closes the connection: the rest is not read.
+                // Dropping the response closes the connection, the rest unread;
+                // only a body read to its end returns it to the pool.
                 return Err(RESPONSE_TOO_LARGE);
             }
             bytes.extend_from_slice(&chunk);
@@ -518,18 +521,27 @@ fn status_of(document: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
-fn send_error(e: &reqwest::Error) -> i64 {
-    if e.is_timeout() {
-        TIMEOUT
-    } else {
-        CONNECTION_ERROR
+/// Runs one step of a call against the hop's deadline: `TIMEOUT` when it
+/// passes, `CONNECTION_ERROR` when the peer or the network failed.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    step: impl Future<Output = Result<T, transport::Error>>,
+    subject: &Subject,
+) -> Result<T, i64> {
+    match tokio::time::timeout_at(deadline, step).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => {
+            tracing::debug!(policy = %subject.policy, decision_id = %subject.decision_id, "bridged call failed: {e}");
+            Err(CONNECTION_ERROR)
+        }
+        Err(_) => Err(TIMEOUT),
     }
 }
 
 fn cache_key(
-    method: &reqwest::Method,
+    method: &Method,
     url: &Url,
-    headers: &[(reqwest::header::HeaderName, reqwest::header::HeaderValue)],
+    headers: &[(HeaderName, HeaderValue)],
     body: Option<&[u8]>,
 ) -> [u8; 32] {
     let mut hasher = sha2::Sha256::new();
@@ -559,9 +571,9 @@ enum CacheControl {
     Default,
 }
 
-fn cache_max_age(headers: &reqwest::header::HeaderMap) -> CacheControl {
+fn cache_max_age(headers: &HeaderMap) -> CacheControl {
     let mut result = CacheControl::Default;
-    for value in headers.get_all(reqwest::header::CACHE_CONTROL) {
+    for value in headers.get_all(header::CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
         for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
             if directive == "no-store" || directive == "no-cache" || directive == "private" {
@@ -617,9 +629,10 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
                     return Ok(BUDGET_EXHAUSTED);
                 }
                 inv.egress_calls += 1;
-                let (bridge, audit, subject, trace) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone(), inv.trace.clone());
+                let (bridge, audit, subject, trace, probe) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone(), inv.trace.clone(), inv.probe);
                 let mut calls = Vec::new();
-                let result = bridge.send(&raw, &audit, &subject, &mut calls, &trace).await;
+                let send = bridge.send(&raw, &audit, &subject, &mut calls, &trace);
+                let result = probe.hostcall(crate::probes::phase::HTTP_SEND, send).await;
                 let inv = caller.data_mut();
                 inv.http_calls.append(&mut calls);
                 Ok(match result {
@@ -642,17 +655,25 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
         abi::MODULE,
         "http_read",
         |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-            let Some(document) = caller.data_mut().pending.take() else {
-                return Ok(INVALID_REQUEST as i32);
-            };
-            let len = usize::try_from(len)
-                .map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-            let n = document.len().min(len);
-            abi::write_guest(&mut caller, ptr, &document[..n])?;
-            Ok(n as i32)
+            let probe = caller.data().probe;
+            probe.phase(crate::probes::phase::HTTP_READ, || {
+                http_read(&mut caller, ptr, len)
+            })
         },
     )?;
     Ok(())
+}
+
+/// `http_read`: copies the pending response document into the guest.
+fn http_read(caller: &mut Caller<'_, Invocation>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
+    let Some(document) = caller.data_mut().pending.take() else {
+        return Ok(INVALID_REQUEST as i32);
+    };
+    let len =
+        usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
+    let n = document.len().min(len);
+    abi::write_guest(caller, ptr, &document[..n])?;
+    Ok(n as i32)
 }
 
 #[cfg(test)]

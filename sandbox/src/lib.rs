@@ -14,14 +14,16 @@ pub mod decision;
 pub mod engine;
 pub mod fetch;
 pub mod policy;
+pub mod probes;
 pub mod server;
 pub mod telemetry;
 pub mod wasi;
 
 pub use config::{Config, PolicySpec};
 
-/// Installs ring as the process's rustls provider; reqwest (the bridge, the
-/// OTLP/HTTP exporter) is built without one. Idempotent.
+/// Installs ring as the process's rustls provider; reqwest (fetch, the
+/// OTLP/HTTP exporter) and the bridge's client are built without one.
+/// Idempotent.
 pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

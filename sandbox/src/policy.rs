@@ -29,6 +29,7 @@ use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
 use crate::fetch::Fetched;
+use crate::probes::{self, Expected, Probe, Watch};
 use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied};
 
@@ -138,6 +139,8 @@ struct Loaded {
     bridge: Arc<Bridge>,
     digest: Digest,
     facts: ModuleFacts,
+    /// The syscalls the eBPF probes expect of this policy's invocations.
+    expected: Arc<Expected>,
 }
 
 impl Policy {
@@ -170,6 +173,7 @@ impl Policy {
         })?);
         let policy = Policy {
             inner: Arc::new(Loaded {
+                expected: Arc::new(Expected::for_policy(&spec.grants, &spec.egress)),
                 grants: Arc::new(spec.grants.clone()),
                 bridge,
                 spec,
@@ -208,11 +212,15 @@ impl Policy {
         subject: Subject,
         audit: AuditLog,
         trace: Scope,
+        probe: Probe,
     ) -> anyhow::Result<Store<Invocation>> {
         let loaded = &self.inner;
         let output = wasi::GuestOutput::new();
+        let wasi = probe.phase(probes::phase::INSTANTIATE, || {
+            wasi::context(&loaded.grants, &output)
+        })?;
         let invocation = Invocation {
-            wasi: wasi::context(&loaded.grants, &output)?,
+            wasi,
             limiter: MemoryLimiter::new(loaded.spec.memory_limit_bytes),
             grants: Arc::clone(&loaded.grants),
             fd_access: wasi::initial_fd_access(&loaded.grants),
@@ -228,6 +236,7 @@ impl Policy {
             http_calls: Vec::new(),
             trace,
             epochs: 0,
+            probe,
         };
         let mut store = Store::new(loaded.engine.wasmtime(), invocation);
         store.limiter(|inv| &mut inv.limiter);
@@ -260,7 +269,7 @@ impl Policy {
             &self.inner.digest,
             String::new(),
         );
-        let mut store = self.store(subject, AuditLog::disabled(), Scope::default())?;
+        let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)?;
         self.inner.pre.instantiate_async(&mut store).await?;
         Ok(())
     }
@@ -273,7 +282,7 @@ impl Policy {
             "load".into(),
         );
         let mut store = self
-            .store(subject, AuditLog::disabled(), Scope::default())
+            .store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
         let instance = self
             .inner
@@ -316,12 +325,27 @@ impl Policy {
         let mut http_calls = Vec::new();
         let outcome = match self.input_document(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
-            Ok(document) => match self.store(subject.clone(), audit.clone(), trace.clone()) {
-                Err(e) => Err((
-                    ErrorCode::Internal,
-                    format!("cannot prepare an instance: {e:#}"),
-                )),
-                Ok(mut store) => {
+            Ok(document) => {
+                let probe = probes::watch(|| Watch {
+                    subject: subject.clone(),
+                    audit: audit.clone(),
+                    trace: trace.clone(),
+                    expected: Arc::clone(&self.inner.expected),
+                    deadline: spec.timeout + DEADLINE_MARGIN,
+                });
+                // Every poll of this future is a stretch of the invocation
+                // for the probes: the instance's whole life is inside it.
+                let invocation = probe.guest(async {
+                    let mut store =
+                        match self.store(subject.clone(), audit.clone(), trace.clone(), probe) {
+                            Ok(store) => store,
+                            Err(e) => {
+                                return Err((
+                                    ErrorCode::Internal,
+                                    format!("cannot prepare an instance: {e:#}"),
+                                ));
+                            }
+                        };
                     let run = self.run(&mut store, &document, &mut instantiate, &trace);
                     let result =
                         match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
@@ -334,15 +358,18 @@ impl Policy {
                                 ),
                             )),
                         };
-                    let inv = store.into_data();
+                    let inv = probe.phase(probes::phase::TEARDOWN, || store.into_data());
                     log_guest_output(&inv);
                     epochs = inv.epochs;
                     denials = inv.denials;
                     egress_denied = inv.egress_denied;
                     http_calls = inv.http_calls;
                     result
-                }
-            },
+                });
+                let result = invocation.await;
+                probes::end(probe);
+                result
+            }
         };
         let decision = match outcome {
             Ok(decision) => decision,
@@ -505,7 +532,13 @@ impl Policy {
     ) -> anyhow::Result<Decision> {
         let span = trace.child("instantiate", SpanKind::Internal, Vec::new);
         let started = Instant::now();
-        let instance = self.inner.pre.instantiate_async(&mut *store).await;
+        let probe = store.data().probe;
+        let instance = probe
+            .hostcall(
+                probes::phase::INSTANTIATE,
+                self.inner.pre.instantiate_async(&mut *store),
+            )
+            .await;
         *instantiate = started.elapsed();
         span.end();
         let span = trace.child("evaluate", SpanKind::Internal, Vec::new);

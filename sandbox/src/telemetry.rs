@@ -23,6 +23,7 @@ use prometheus_client::registry::Registry;
 use crate::audit::AuditLog;
 use crate::decision::ErrorCode;
 use crate::policy::Evaluation;
+use crate::probes::Probes;
 use traces::{ExportStats, Tracing};
 
 /// Metric names as registered. Counters are exposed with the `_total` suffix
@@ -149,7 +150,7 @@ fn instantiation_histogram() -> Histogram {
 impl Metrics {
     /// Registers every metric; `audit` (and the trace exporter's `export`
     /// counters, when exporting) are read at scrape time.
-    pub fn new(audit: &AuditLog, otlp: Option<&Tracing>) -> Metrics {
+    pub fn new(audit: &AuditLog, otlp: Option<&Tracing>, probes: &Probes) -> Metrics {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let evaluation: HistogramFamily<VersionLabels> =
@@ -243,6 +244,7 @@ impl Metrics {
             "Decision cache lookups that found nothing",
             cache_misses.clone(),
         );
+        registry.register_collector(probes.collector());
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
         }));
@@ -581,7 +583,11 @@ mod tests {
 
     #[test]
     fn metrics_render_with_their_contract_labels() {
-        let metrics = Metrics::new(&AuditLog::disabled(), None);
+        let metrics = Metrics::new(
+            &AuditLog::disabled(),
+            None,
+            &Probes::off("not started in this test"),
+        );
         let policy = metrics.policy("orders", "v2");
         policy.decision(true, None);
         policy.decision(false, Some(ErrorCode::EvalTimeout));

@@ -1,6 +1,7 @@
 //! The HTTP bridge against real HTTP servers on loopback: allowlist
 //! refusals (each audited), redirects, limits, budget, credentials that the
-//! guest never sees, the response cache, and waiting without threads.
+//! guest never sees, the response cache, connections kept alive across
+//! evaluations, and waiting without threads.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::*;
@@ -22,6 +24,8 @@ struct Seen {
     authorization: std::sync::Mutex<Vec<Vec<String>>>,
     cached_hits: AtomicU32,
     nostore_hits: AtomicU32,
+    /// TCP connections accepted.
+    connections: AtomicU32,
 }
 
 struct Peer {
@@ -111,6 +115,10 @@ async fn peer() -> Peer {
         )
         .route("/allowed/big", get(|| async { "x".repeat(256 * 1024) }))
         .route(
+            "/allowed/big-stream",
+            get(|| async { axum::body::Body::new(Unannounced { frames: 16 }) }),
+        )
+        .route(
             "/allowed/cached",
             get(move || {
                 let s = Arc::clone(&cached);
@@ -130,14 +138,45 @@ async fn peer() -> Peer {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
+    // Evaluations started together connect in one burst; the default backlog
+    // (128) would drop SYNs past it and time the kernel's 1 s retransmit.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .expect("bind");
+    let listener = socket.listen(1024).expect("listen");
     let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::clone(&seen);
+    let listener = listener.tap_io(move |_| {
+        accepted.connections.fetch_add(1, Ordering::SeqCst);
+    });
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
     Peer { addr, seen }
+}
+
+/// A 256 KiB body in 16 KiB frames whose length is not announced, so the
+/// bridge can only cut it while streaming.
+struct Unannounced {
+    frames: u32,
+}
+
+impl http_body::Body for Unannounced {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.frames == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.frames -= 1;
+        let frame = http_body::Frame::data(Bytes::from(vec![b'x'; 16 * 1024]));
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
 }
 
 /// A server that streams an endless chunked body (no Content-Length).
@@ -172,6 +211,46 @@ async fn chunked_peer() -> (SocketAddr, Arc<AtomicU32>) {
         }
     });
     (addr, chunks_written)
+}
+
+/// A server that answers the first request on each connection, keeps the
+/// connection open until told to close one, and then closes it without
+/// having announced it (no `Connection: close`): to the client, a kept-alive
+/// connection that died while idle in its pool.
+struct ClosingPeer {
+    addr: SocketAddr,
+    close_one: Arc<tokio::sync::Notify>,
+    closed: Arc<AtomicU32>,
+}
+
+async fn closing_peer() -> ClosingPeer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let close_one = Arc::new(tokio::sync::Notify::new());
+    let closed = Arc::new(AtomicU32::new(0));
+    let (close, counter) = (Arc::clone(&close_one), Arc::clone(&closed));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (close, counter) = (Arc::clone(&close), Arc::clone(&counter));
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                close.notified().await;
+                drop(socket);
+                counter.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    ClosingPeer {
+        addr,
+        close_one,
+        closed,
+    }
 }
 
 fn wat_str(s: &str) -> String {
@@ -247,6 +326,21 @@ async fn run(
     let toml = toml_for(&module);
     let (e, audit) = evaluate_once(dir.path(), &toml, "{}").await;
     (e, audit, dir)
+}
+
+/// Loads one policy for tests that evaluate it more than once; the
+/// directory holds its module and must outlive it.
+async fn load(
+    dir: &std::path::Path,
+    guest: &str,
+    toml_for: impl FnOnce(&std::path::Path) -> String,
+) -> sandgate::Policy {
+    let module = write(dir, "m.wat", guest);
+    let (_, config) = config(dir, &toml_for(&module));
+    let engine = engine(&dir.join("cache"));
+    sandgate::Policy::load(&engine, config.policies[0].clone())
+        .await
+        .expect("load")
 }
 
 fn response(e: &sandgate::Evaluation) -> &serde_json::Value {
@@ -553,15 +647,10 @@ async fn responses_are_cached_within_ttl_honouring_no_store() {
         ],
         75,
     );
-    let module = write(dir.path(), "m.wat", &guest);
-    let (_, config) = config(
-        dir.path(),
-        &egress_toml(&module, &[p.url("/allowed")], "cache_ttl_ms = 60000"),
-    );
-    let engine = engine(&dir.path().join("cache"));
-    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
-        .await
-        .expect("load");
+    let policy = load(dir.path(), &guest, |m| {
+        egress_toml(m, &[p.url("/allowed")], "cache_ttl_ms = 60000")
+    })
+    .await;
     let audit = sandgate::audit::AuditLog::disabled();
     let e = policy
         .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
@@ -595,15 +684,10 @@ async fn two_hundred_evaluations_waiting_on_a_slow_server_hold_no_threads() {
     let p = peer().await;
     let dir = tempdir();
     let request = format!(r#"{{"url":"{}"}}"#, p.url("/allowed/slow"));
-    let module = write(dir.path(), "m.wat", &response_guest(&request));
-    let (_, config) = config(
-        dir.path(),
-        &egress_toml(&module, &[p.url("/allowed")], "timeout_ms = 5000"),
-    );
-    let engine = engine(&dir.path().join("cache"));
-    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
-        .await
-        .expect("load");
+    let policy = load(dir.path(), &response_guest(&request), |m| {
+        egress_toml(m, &[p.url("/allowed")], "timeout_ms = 5000")
+    })
+    .await;
     let audit = sandgate::audit::AuditLog::disabled();
     let started = Instant::now();
     let tasks: Vec<_> = (0..200)
@@ -625,4 +709,101 @@ async fn two_hundred_evaluations_waiting_on_a_slow_server_hold_no_threads() {
         elapsed < Duration::from_millis(900),
         "200 x 200 ms waits took {elapsed:?}"
     );
+}
+
+#[tokio::test]
+async fn sequential_evaluations_share_one_kept_alive_connection() {
+    let p = peer().await;
+    let dir = tempdir();
+    let request = format!(
+        r#"{{"method":"POST","url":"{}","body":"dG9rZW49Z29vZA=="}}"#,
+        p.url("/introspect")
+    );
+    let policy = load(dir.path(), &response_guest(&request), |m| {
+        egress_toml(m, &[p.url("/introspect")], "")
+    })
+    .await;
+    let audit = sandgate::audit::AuditLog::disabled();
+    for _ in 0..5 {
+        let e = policy
+            .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+            .await;
+        assert_eq!(body_text(response(&e)), r#"{"active":true,"sub":"alice"}"#);
+    }
+    assert_eq!(p.seen.authorization.lock().expect("lock").len(), 5);
+    assert_eq!(
+        p.seen.connections.load(Ordering::SeqCst),
+        1,
+        "five evaluations, one connection"
+    );
+}
+
+#[tokio::test]
+async fn a_response_over_the_limit_closes_its_connection_and_the_next_call_succeeds() {
+    let p = peer().await;
+    let get = |path: &str| format!(r#"{{"url":"{}"}}"#, p.url(path));
+    let dir = tempdir();
+    // Refused by Content-Length, then cut while streaming; each oversized
+    // response takes its connection with it, the unread rest never reused.
+    let guest = code_guest(
+        &[
+            get("/allowed/target"),
+            get("/allowed/big"),
+            get("/allowed/target"),
+            get("/allowed/big-stream"),
+            get("/allowed/target"),
+            get("/allowed/target"),
+        ],
+        0,
+    );
+    let policy = load(dir.path(), &guest, |m| {
+        egress_toml(m, &[p.url("/allowed")], "max_response_bytes = 65536")
+    })
+    .await;
+    let audit = sandgate::audit::AuditLog::disabled();
+    let e = policy
+        .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+        .await;
+    let outcomes: Vec<_> = e.http_calls.iter().map(|c| c.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [Ok(200), Err(-4), Ok(200), Err(-4), Ok(200), Ok(200)],
+        "{:?}",
+        e.http_calls
+    );
+    assert_eq!(
+        p.seen.connections.load(Ordering::SeqCst),
+        3,
+        "a new connection after each oversized response, reused otherwise"
+    );
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_the_peer_closed_while_idle_is_replaced() {
+    let peer = closing_peer().await;
+    let url = format!("http://{}/x", peer.addr);
+    let dir = tempdir();
+    let request = format!(r#"{{"url":"{url}"}}"#);
+    let policy = load(dir.path(), &response_guest(&request), |m| {
+        egress_toml(m, std::slice::from_ref(&url), "")
+    })
+    .await;
+    let audit = sandgate::audit::AuditLog::disabled();
+    for n in 1..=3 {
+        let e = policy
+            .evaluate(b"{}", &sandgate::EvalOptions::default(), &audit)
+            .await;
+        assert_eq!(body_text(response(&e)), "ok", "evaluation {n}");
+        // The connection now idles in the pool; the peer closes it before
+        // the next evaluation checks it out.
+        peer.close_one.notify_one();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while peer.closed.load(Ordering::SeqCst) < n {
+            assert!(
+                Instant::now() < deadline,
+                "the peer never closed connection {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }

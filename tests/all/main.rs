@@ -15,6 +15,7 @@ mod engine;
 mod examples;
 mod lifecycle;
 mod nginx;
+mod probes;
 mod server;
 mod tracing;
 mod wasi;

@@ -37,7 +37,21 @@ impl Daemon {
     /// Starts `sandgate serve --config config` with its module cache in `cache`
     /// and waits until it printed the addresses it listens on.
     pub fn start(config: &Path, cache: &Path) -> Daemon {
-        let mut child = Command::new(sandgate_bin())
+        Daemon::start_under(&[], config, cache)
+    }
+
+    /// Starts the daemon under `wrapper` (a command and its arguments that
+    /// run the daemon, e.g. `setpriv` dropping capabilities).
+    pub fn start_under(wrapper: &[&str], config: &Path, cache: &Path) -> Daemon {
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(sandgate_bin());
+                command
+            }
+            None => Command::new(sandgate_bin()),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(config)
             .env("SANDGATE_CACHE_DIR", cache)

@@ -32,31 +32,31 @@ use crate::support::*;
 
 /// Every export request a receiver got.
 #[derive(Clone, Default)]
-struct Received(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+pub(crate) struct Received(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
 
 /// One received span with the resource it came from.
 #[derive(Clone, Debug)]
-struct Got {
-    resource: HashMap<String, String>,
-    span: Span,
+pub(crate) struct Got {
+    pub(crate) resource: HashMap<String, String>,
+    pub(crate) span: Span,
 }
 
 impl Got {
-    fn attr(&self, key: &str) -> Option<String> {
+    pub(crate) fn attr(&self, key: &str) -> Option<String> {
         attr(&self.span.attributes, key)
     }
-    fn trace_id(&self) -> String {
+    pub(crate) fn trace_id(&self) -> String {
         hex(&self.span.trace_id)
     }
-    fn span_id(&self) -> String {
+    pub(crate) fn span_id(&self) -> String {
         hex(&self.span.span_id)
     }
-    fn parent_id(&self) -> String {
+    pub(crate) fn parent_id(&self) -> String {
         hex(&self.span.parent_span_id)
     }
 }
 
-fn attr(list: &[KeyValue], key: &str) -> Option<String> {
+pub(crate) fn attr(list: &[KeyValue], key: &str) -> Option<String> {
     list.iter()
         .find(|kv| kv.key == key)
         .and_then(|kv| kv.value.as_ref())
@@ -74,7 +74,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 impl Received {
-    fn spans(&self) -> Vec<Got> {
+    pub(crate) fn spans(&self) -> Vec<Got> {
         let requests = self.0.lock().expect("received");
         let mut out = Vec::new();
         for request in requests.iter() {
@@ -102,7 +102,7 @@ impl Received {
 
     /// Waits until the spans of `trace_id` include a finished `sandgate.evaluate`
     /// and `want` spans in all, then returns them.
-    async fn trace(&self, trace_id: &str, want: usize) -> Vec<Got> {
+    pub(crate) async fn trace(&self, trace_id: &str, want: usize) -> Vec<Got> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let spans: Vec<Got> = self
@@ -144,7 +144,7 @@ impl TraceService for Collector {
 }
 
 /// An OTLP/gRPC receiver on loopback.
-async fn grpc_receiver() -> (SocketAddr, Received) {
+pub(crate) async fn grpc_receiver() -> (SocketAddr, Received) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -194,7 +194,7 @@ async fn http_receiver() -> (SocketAddr, Received) {
 
 /// POSTs `input` to the evaluate endpoint at `path`, with a client
 /// `traceparent` when given, and returns the JSON answer.
-async fn evaluate(
+pub(crate) async fn evaluate(
     client: &reqwest::Client,
     daemon: &Daemon,
     path: &str,
@@ -208,11 +208,11 @@ async fn evaluate(
     json_body(request.send().await.expect("evaluate")).await
 }
 
-fn telemetry(endpoint: &str, extra: &str) -> String {
+pub(crate) fn telemetry(endpoint: &str, extra: &str) -> String {
     format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n{extra}\n")
 }
 
-fn named<'a>(spans: &'a [Got], name: &str) -> &'a Got {
+pub(crate) fn named<'a>(spans: &'a [Got], name: &str) -> &'a Got {
     spans
         .iter()
         .find(|g| g.span.name == name)

@@ -60,6 +60,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/v1/reload", post(reload))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/v1/probes", get(probes))
         .route("/metrics", get(metrics))
         .fallback(unknown_endpoint)
         .method_not_allowed_fallback(method_not_allowed)
@@ -231,6 +232,12 @@ async fn readyz(Shared(state): Shared_) -> Response {
     json_response(status, &readiness)
 }
 
+/// `GET /v1/probes`: whether the eBPF probes are attached (or why not),
+/// which programs, and the events seen and lost.
+async fn probes(Shared(state): Shared_) -> Response {
+    json_response(StatusCode::OK, &state.probes().report())
+}
+
 /// `GET /metrics`: Prometheus / OpenMetrics text.
 async fn metrics(Shared(state): Shared_) -> Response {
     (
@@ -249,7 +256,7 @@ async fn unknown_endpoint(
     uri: axum::http::Uri,
 ) -> Response {
     let message = format!(
-        "no endpoint {method} {}; see /v1/policies/{{name}}/evaluate, /v1/data/{{name}}, /v1/authz/{{name}}, /v1/policies, /v1/reload, /healthz, /readyz, /metrics",
+        "no endpoint {method} {}; see /v1/policies/{{name}}/evaluate, /v1/data/{{name}}, /v1/authz/{{name}}, /v1/policies, /v1/reload, /v1/probes, /healthz, /readyz, /metrics",
         super::truncated(uri.path(), 128)
     );
     error_response(&state, StatusCode::NOT_FOUND, message)

@@ -28,6 +28,7 @@ use crate::config::{AuditTarget, Config, Digest, PolicySpec};
 use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
 use crate::engine::{Engine, EngineError};
 use crate::policy::{DecisionCache, EvalOptions, Evaluation, Policy, RequestHeaders, Versions};
+use crate::probes::{ProbeReport, Probes};
 use crate::telemetry::traces::{Parent, Tracing};
 use crate::telemetry::{Metrics, PolicyMetrics};
 
@@ -44,6 +45,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Probes(#[from] crate::probes::ProbesRequired),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
         what: &'static str,
@@ -101,7 +104,15 @@ impl Server {
             .await
             .ok()
             .map(|text| Digest::of(&text));
-        let state = Arc::new(State::new(config, config_digest, audit, tracing, engine));
+        let probes = Probes::start(config.ebpf)?;
+        let state = Arc::new(State::new(
+            config,
+            config_digest,
+            audit,
+            tracing,
+            engine,
+            probes,
+        ));
         Ok(Server { state, http, grpc })
     }
 
@@ -236,6 +247,8 @@ pub(crate) struct State {
     tracing: Option<Tracing>,
     engine: Engine,
     reloads: reload::Reloads,
+    /// The eBPF probes, attached or off with the reason why.
+    probes: Probes,
 }
 
 /// One config and the policies loaded from it. A request takes the
@@ -409,8 +422,9 @@ impl State {
         audit: AuditLog,
         tracing: Option<Tracing>,
         engine: Engine,
+        probes: Probes,
     ) -> State {
-        let metrics = Metrics::new(&audit, tracing.as_ref());
+        let metrics = Metrics::new(&audit, tracing.as_ref(), &probes);
         let slots: HashMap<String, Arc<Slot>> = config
             .policies
             .iter()
@@ -434,6 +448,7 @@ impl State {
             tracing,
             engine,
             reloads: reload::Reloads::default(),
+            probes,
         }
     }
 
@@ -489,6 +504,10 @@ impl State {
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.current().max_body_bytes
+    }
+
+    pub(crate) fn probes(&self) -> &Probes {
+        &self.probes
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -876,6 +895,7 @@ impl State {
                 reason: (!ready).then(|| not_ready.join("; ")),
                 generation: generation.number,
                 last_reload: self.reloads.last(),
+                probes: self.probes.report(),
                 policies,
             },
         )
@@ -925,6 +945,9 @@ pub(crate) struct Readiness {
     /// while the previous generation keeps serving).
     #[serde(skip_serializing_if = "Option::is_none")]
     last_reload: Option<reload::ReloadRecord>,
+    /// Whether the eBPF probes are attached, or why not (never affects
+    /// readiness: with `mode = "auto"` the daemon serves without them).
+    probes: ProbeReport,
     policies: BTreeMap<String, PolicyReadiness>,
 }
 

@@ -482,11 +482,42 @@ impl Scope {
         }
     }
 
+    /// Opens a child span that started at `start` (for work observed after
+    /// the fact, such as the kernel's view of an invocation); ends now.
+    pub fn child_at(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        start: std::time::SystemTime,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Scope {
+        let Some(tracing) = &self.tracing else {
+            return self.clone();
+        };
+        let tracer = &tracing.inner.tracer;
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_start_time(start)
+            .with_attributes(attributes())
+            .start_with_context(tracer, &self.cx);
+        Scope {
+            tracing: Some(tracing.clone()),
+            cx: self.cx.with_span(span),
+        }
+    }
+
     /// The trace id decisions and audit lines carry: this trace's when
     /// tracing, else the caller's.
     pub fn trace_id(&self) -> Option<String> {
         let span = self.cx.span().span_context().clone();
         span.is_valid().then(|| span.trace_id().to_string())
+    }
+
+    /// Whether spans of this trace are exported, even after this scope's
+    /// own span ended (children may still be added then).
+    pub fn is_sampled(&self) -> bool {
+        self.tracing.is_some() && self.cx.span().span_context().is_sampled()
     }
 
     pub fn is_recording(&self) -> bool {

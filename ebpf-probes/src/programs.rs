@@ -1,0 +1,213 @@
+//! Uprobes on the daemon's marker functions keep, per thread, which guest
+//! invocation (and which phase of it) the thread is running; the
+//! `raw_syscalls` tracepoints charge every syscall such a thread makes to
+//! that invocation and send it, timed, through the ring buffer.
+//!
+//! Only the daemon's own threads are considered (`TARGET_TGID`), and only
+//! while they are inside a stretch of an invocation: everything else returns
+//! after one comparison.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint, uprobe},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, TracePointContext},
+};
+use sandgate_probes_common::{Active, Event, Inflight, event, phase, stat};
+
+/// The daemon's pid; set by the loader.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+
+/// Per thread id: the invocation the thread is running a stretch of.
+#[map]
+static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16_384, 0);
+
+/// Per thread id: the syscall it is in, when it is inside an invocation.
+#[map]
+static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(16_384, 0);
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// The calling thread's id, when it belongs to the daemon.
+#[inline(always)]
+fn daemon_thread() -> Option<u32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a plain read of a global the loader sets before attaching.
+    let target = unsafe { core::ptr::read_volatile(&TARGET_TGID) };
+    ((pid_tgid >> 32) as u32 == target).then_some(pid_tgid as u32)
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot: nothing else writes it concurrently.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn send(record: Event, flags: u64) {
+    // Reservation takes no flags; the wakeup policy is the commit's.
+    match EVENTS.reserve::<Event>(0) {
+        Some(mut entry) => {
+            entry.write(record);
+            entry.submit(flags);
+            count(stat::SENT);
+        }
+        None => count(stat::DROPPED),
+    }
+}
+
+#[uprobe]
+pub fn guest_enter(ctx: ProbeContext) -> u32 {
+    if let (Some(tid), Some(invocation)) = (daemon_thread(), ctx.arg::<u64>(0)) {
+        let active = Active {
+            invocation,
+            phase: phase::GUEST,
+            _pad: 0,
+        };
+        if ACTIVE.insert(tid, active, 0).is_err() {
+            count(stat::UNTRACKED);
+        }
+    }
+    0
+}
+
+#[uprobe]
+pub fn guest_exit(_ctx: ProbeContext) -> u32 {
+    if let Some(tid) = daemon_thread() {
+        let _ = ACTIVE.remove(tid);
+    }
+    0
+}
+
+#[inline(always)]
+fn set_phase(tid: u32, value: u32) {
+    if let Some(active) = ACTIVE.get_ptr_mut(tid) {
+        // SAFETY: the entry belongs to this thread; only it writes it.
+        unsafe { (*active).phase = value };
+    }
+}
+
+#[uprobe]
+pub fn hostcall_enter(ctx: ProbeContext) -> u32 {
+    if let (Some(tid), Some(value)) = (daemon_thread(), ctx.arg::<u32>(1)) {
+        set_phase(tid, value);
+    }
+    0
+}
+
+#[uprobe]
+pub fn hostcall_exit(_ctx: ProbeContext) -> u32 {
+    if let Some(tid) = daemon_thread() {
+        set_phase(tid, phase::GUEST);
+    }
+    0
+}
+
+#[uprobe]
+pub fn wasi_denied(ctx: ProbeContext) -> u32 {
+    if let (Some(tid), Some(invocation), Some(call)) =
+        (daemon_thread(), ctx.arg::<u64>(0), ctx.arg::<u32>(1))
+    {
+        let record = Event {
+            invocation,
+            duration_ns: 0,
+            kind: event::WASI_DENIED,
+            nr: call,
+            phase: phase::GUEST,
+            tid,
+        };
+        send(record, u64::from(BPF_RB_NO_WAKEUP));
+    }
+    0
+}
+
+#[uprobe]
+pub fn invocation_end(ctx: ProbeContext) -> u32 {
+    if let (Some(tid), Some(invocation)) = (daemon_thread(), ctx.arg::<u64>(0)) {
+        let record = Event {
+            invocation,
+            duration_ns: 0,
+            kind: event::END,
+            nr: 0,
+            phase: phase::GUEST,
+            tid,
+        };
+        // The daemon waits for this one; everything before it rides along.
+        send(record, u64::from(BPF_RB_FORCE_WAKEUP));
+    }
+    0
+}
+
+// raw_syscalls:sys_enter: `long id` at offset 8.
+const SYSCALL_ID_OFFSET: usize = 8;
+
+/// `uprobe(2)` on x86-64, which the kernel's uprobe trampoline calls.
+const UPROBE_SYSCALL: i64 = 336;
+
+#[tracepoint]
+pub fn sys_enter(ctx: TracePointContext) -> u32 {
+    let Some(tid) = daemon_thread() else {
+        return 0;
+    };
+    // SAFETY: the verifier checks the active entry lookup; the copy is ours.
+    let Some(active) = (unsafe { ACTIVE.get(tid) }).copied() else {
+        return 0;
+    };
+    // SAFETY: the offset comes from the tracepoint's format.
+    let Ok(nr) = (unsafe { ctx.read_at::<i64>(SYSCALL_ID_OFFSET) }) else {
+        return 0;
+    };
+    // The optimized uprobes on the markers enter the kernel this way: the
+    // probes' own cost, not the guest's.
+    if nr == UPROBE_SYSCALL {
+        return 0;
+    }
+    let inflight = Inflight {
+        invocation: active.invocation,
+        // SAFETY: a helper without arguments.
+        started_ns: unsafe { bpf_ktime_get_ns() },
+        nr: nr as u32,
+        phase: active.phase,
+    };
+    if INFLIGHT.insert(tid, inflight, 0).is_err() {
+        count(stat::UNTRACKED);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit(_ctx: TracePointContext) -> u32 {
+    let Some(tid) = daemon_thread() else {
+        return 0;
+    };
+    // SAFETY: as in `sys_enter`.
+    let Some(inflight) = (unsafe { INFLIGHT.get(tid) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(tid);
+    let record = Event {
+        invocation: inflight.invocation,
+        // SAFETY: a helper without arguments.
+        duration_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(inflight.started_ns),
+        kind: event::SYSCALL,
+        nr: inflight.nr,
+        phase: inflight.phase,
+        tid,
+    };
+    send(record, u64::from(BPF_RB_NO_WAKEUP));
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
