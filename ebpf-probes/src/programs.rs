@@ -8,11 +8,11 @@
 //! after one comparison.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint, uprobe},
+    macros::{map, raw_tracepoint, uprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::{ProbeContext, TracePointContext},
+    programs::{ProbeContext, RawTracePointContext},
 };
 use sandgate_probes_common::{Active, Event, Inflight, event, phase, stat};
 
@@ -140,20 +140,19 @@ pub fn invocation_end(ctx: ProbeContext) -> u32 {
             phase: phase::GUEST,
             tid,
         };
-        // The daemon waits for this one; everything before it rides along.
-        send(record, u64::from(BPF_RB_FORCE_WAKEUP));
+        // The daemon reads the ring buffer on its own schedule: no wakeup.
+        send(record, u64::from(BPF_RB_NO_WAKEUP));
     }
     0
 }
 
-// raw_syscalls:sys_enter: `long id` at offset 8.
-const SYSCALL_ID_OFFSET: usize = 8;
-
 /// `uprobe(2)` on x86-64, which the kernel's uprobe trampoline calls.
 const UPROBE_SYSCALL: i64 = 336;
 
-#[tracepoint]
-pub fn sys_enter(ctx: TracePointContext) -> u32 {
+/// `raw_syscalls:sys_enter`, attached as a raw tracepoint (no perf buffer is
+/// filled for it): arguments `(struct pt_regs *regs, long id)`.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let Some(tid) = daemon_thread() else {
         return 0;
     };
@@ -161,10 +160,7 @@ pub fn sys_enter(ctx: TracePointContext) -> u32 {
     let Some(active) = (unsafe { ACTIVE.get(tid) }).copied() else {
         return 0;
     };
-    // SAFETY: the offset comes from the tracepoint's format.
-    let Ok(nr) = (unsafe { ctx.read_at::<i64>(SYSCALL_ID_OFFSET) }) else {
-        return 0;
-    };
+    let nr: i64 = ctx.arg(1);
     // The optimized uprobes on the markers enter the kernel this way: the
     // probes' own cost, not the guest's.
     if nr == UPROBE_SYSCALL {
@@ -183,8 +179,9 @@ pub fn sys_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn sys_exit(_ctx: TracePointContext) -> u32 {
+/// `raw_syscalls:sys_exit`, as a raw tracepoint.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn sys_exit(_ctx: RawTracePointContext) -> i32 {
     let Some(tid) = daemon_thread() else {
         return 0;
     };

@@ -216,9 +216,10 @@ impl Policy {
     ) -> anyhow::Result<Store<Invocation>> {
         let loaded = &self.inner;
         let output = wasi::GuestOutput::new();
-        let wasi = probe.phase(probes::phase::INSTANTIATE, || {
-            wasi::context(&loaded.grants, &output)
-        })?;
+        // Instantiation starts with the WASI context (it opens the preopens)
+        // and ends when `run` has the instance.
+        probe.enter(probes::phase::INSTANTIATE);
+        let wasi = wasi::context(&loaded.grants, &output)?;
         let invocation = Invocation {
             wasi,
             limiter: MemoryLimiter::new(loaded.spec.memory_limit_bytes),
@@ -533,12 +534,8 @@ impl Policy {
         let span = trace.child("instantiate", SpanKind::Internal, Vec::new);
         let started = Instant::now();
         let probe = store.data().probe;
-        let instance = probe
-            .hostcall(
-                probes::phase::INSTANTIATE,
-                self.inner.pre.instantiate_async(&mut *store),
-            )
-            .await;
+        let instance = self.inner.pre.instantiate_async(&mut *store).await;
+        probe.exit(probes::phase::INSTANTIATE);
         *instantiate = started.elapsed();
         span.end();
         let span = trace.child("evaluate", SpanKind::Internal, Vec::new);

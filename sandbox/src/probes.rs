@@ -38,7 +38,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
 };
 use opentelemetry::{KeyValue, trace::SpanKind};
 use prometheus_client::{
@@ -48,7 +48,6 @@ use prometheus_client::{
 };
 use sandgate_probes_common::{Event, event, marker, names, stat};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 
 pub use expected::Expected;
 pub use markers::Probe;
@@ -83,10 +82,17 @@ const UPROBES: [(&str, &str); 6] = [
     (names::INVOCATION_END, marker::INVOCATION_END),
 ];
 
+/// The `raw_syscalls` tracepoints, attached raw (BPF_RAW_TRACEPOINT_OPEN: no
+/// perf buffer is filled per syscall, and no tracefs is needed).
 const TRACEPOINTS: [(&str, &str, &str); 2] = [
     (names::SYS_ENTER, "raw_syscalls", "sys_enter"),
     (names::SYS_EXIT, "raw_syscalls", "sys_exit"),
 ];
+
+/// How often the consumer reads the ring buffer. The programs never wake
+/// it (a wakeup per invocation costs more than the rest of the probes), so
+/// a decision's kernel span follows it by at most this much.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
 
 const PHASES: [&str; phase::COUNT] = [
     "guest",
@@ -179,7 +185,7 @@ impl Probes {
                     .iter()
                     .map(|(program, category, name)| ProgramReport {
                         name: program,
-                        kind: "tracepoint",
+                        kind: "raw_tracepoint",
                         target: format!("{category}:{name}"),
                     }),
             );
@@ -275,6 +281,7 @@ pub fn watch(make: impl FnOnce() -> Watch) -> Probe {
     let account = Account {
         expires: Instant::now() + watch.deadline + END_GRACE,
         started: SystemTime::now(),
+        ended: None,
         watch,
         syscalls: BTreeMap::new(),
         wasi_denied: Vec::new(),
@@ -287,9 +294,15 @@ pub fn watch(make: impl FnOnce() -> Watch) -> Probe {
 /// Says the invocation is over: its account is reported once the programs'
 /// end event, which follows all of its other events, is read.
 pub fn end(probe: Probe) {
-    if probe.is_watched() {
-        markers::sandgate_probe_invocation_end(probe.0);
+    if !probe.is_watched() {
+        return;
     }
+    if let Some(shared) = ATTACHED.get()
+        && let Some(account) = shared.lock_accounts().get_mut(&probe.0)
+    {
+        account.ended = Some(SystemTime::now());
+    }
+    markers::sandgate_probe_invocation_end(probe.0);
 }
 
 /// State shared by the consumer task, the evaluation path and the reports.
@@ -406,6 +419,8 @@ impl Shared {
 struct Account {
     watch: Watch,
     started: SystemTime,
+    /// When the daemon saw the invocation end (the span's end).
+    ended: Option<SystemTime>,
     expires: Instant,
     /// (syscall nr, phase) → (count, nanoseconds in the kernel).
     syscalls: BTreeMap<(u32, u32), (u64, u64)>,
@@ -515,7 +530,7 @@ impl Summary {
                 ]
             });
         }
-        span.end();
+        span.end_at(account.ended.unwrap_or_else(SystemTime::now));
     }
 }
 
@@ -527,16 +542,6 @@ fn attach() -> Result<Arc<Shared>, String> {
     }
     if let Some(missing) = missing_capabilities() {
         return Err(missing);
-    }
-    let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .any(|dir| Path::new(dir).join("events/raw_syscalls").is_dir());
-    if !tracefs {
-        return Err(
-            "tracefs is not mounted, so the raw_syscalls tracepoints cannot be found \
-                    (mount -t tracefs tracefs /sys/kernel/tracing)"
-                .into(),
-        );
     }
     if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
         return Err("the kernel has no uprobe support (CONFIG_UPROBE_EVENTS)".into());
@@ -561,7 +566,7 @@ fn attach() -> Result<Arc<Shared>, String> {
             .map_err(|e| format!("attaching a uprobe to {symbol}: {}", chain(&e)))?;
     }
     for (program, category, name) in TRACEPOINTS {
-        let tracepoint: &mut TracePoint = ebpf
+        let tracepoint: &mut RawTracePoint = ebpf
             .program_mut(program)
             .ok_or_else(|| format!("program {program} is missing from the eBPF object"))?
             .try_into()
@@ -570,7 +575,7 @@ fn attach() -> Result<Arc<Shared>, String> {
             .load()
             .map_err(|e| format!("loading tracepoint program {program}: {}", chain(&e)))?;
         tracepoint
-            .attach(category, name)
+            .attach(name)
             .map_err(|e| format!("attaching to tracepoint {category}:{name}: {}", chain(&e)))?;
     }
     let take = |ebpf: &mut Ebpf, name: &str| {
@@ -581,10 +586,6 @@ fn attach() -> Result<Arc<Shared>, String> {
         .map_err(|e| format!("map {}: {}", names::EVENTS, chain(&e)))?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?)
         .map_err(|e| format!("map {}: {}", names::STATS, chain(&e)))?;
-    // SAFETY: the ring buffer owns its map's descriptor, which stays open
-    // and the same for as long as the `AsyncFd` owns the ring buffer.
-    let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| format!("cannot poll the ring buffer: {e}"))?;
     let shared = Arc::new(Shared {
         accounts: Mutex::new(HashMap::new()),
         stats,
@@ -599,34 +600,22 @@ fn attach() -> Result<Arc<Shared>, String> {
     Ok(shared)
 }
 
-/// Reads the ring buffer whenever the programs signal an ended invocation,
-/// and at least every second (closing overdue accounts then).
-async fn consume(shared: Arc<Shared>, mut ring: AsyncFd<RingBuf<MapData>>) {
-    let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Reads the ring buffer every [`DRAIN_EVERY`], reports the invocations
+/// that ended, and once a second closes the accounts whose end never came.
+async fn consume(shared: Arc<Shared>, mut ring: RingBuf<MapData>) {
+    let mut tick = tokio::time::interval(DRAIN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sweep = Instant::now();
     loop {
-        let ended = tokio::select! {
-            ready = ring.readable_mut() => match ready {
-                Ok(mut guard) => {
-                    let ended = shared.drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                    ended
-                }
-                Err(e) => {
-                    tracing::error!("eBPF ring buffer cannot be polled any more: {e}");
-                    return;
-                }
-            },
-            _ = sweep.tick() => {
-                let ended = shared.drain(ring.get_mut());
-                for account in shared.overdue() {
-                    shared.report(account, false);
-                }
-                ended
-            }
-        };
-        for account in ended {
+        tick.tick().await;
+        for account in shared.drain(&mut ring) {
             shared.report(account, true);
+        }
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            last_sweep = Instant::now();
+            for account in shared.overdue() {
+                shared.report(account, false);
+            }
         }
     }
 }
@@ -736,16 +725,21 @@ mod tests {
     use crate::config::{Digest, Grants};
 
     fn account(grants: &Grants) -> Account {
+        account_audited(grants, AuditLog::disabled())
+    }
+
+    fn account_audited(grants: &Grants, audit: AuditLog) -> Account {
         let subject = Subject::new("p", "v1", &Digest::of(b"m"), "d".into());
         Account {
             watch: Watch {
                 subject,
-                audit: AuditLog::disabled(),
+                audit,
                 trace: Scope::default(),
                 expected: Arc::new(Expected::for_policy(grants, &Default::default())),
                 deadline: Duration::from_millis(50),
             },
             started: SystemTime::now(),
+            ended: None,
             expires: Instant::now(),
             syscalls: BTreeMap::new(),
             wasi_denied: Vec::new(),
@@ -782,6 +776,40 @@ mod tests {
             ("futex".to_owned(), "guest", 2, 300),
             "{:?}",
             summary.rows
+        );
+    }
+
+    #[test]
+    fn unexpected_syscalls_become_kernel_syscall_audit_lines() {
+        use syscalls::Sysno;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let audit = AuditLog::open(&crate::config::AuditTarget::File(path.clone())).expect("audit");
+        let mut account = account_audited(&Grants::default(), audit.clone());
+        account
+            .syscalls
+            .insert((Sysno::connect.id() as u32, phase::GUEST), (2, 10));
+        account
+            .syscalls
+            .insert((Sysno::futex.id() as u32, phase::GUEST), (5, 10));
+        account.summarise().emit(&account, true);
+        audit.flush();
+        let text = std::fs::read_to_string(&path).expect("audit text");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["kind"], "kernel_syscall");
+        assert_eq!(line["syscall"], "connect");
+        assert_eq!(line["count"], 2);
+        assert_eq!(line["policy"], "p");
+        assert_eq!(line["decision_id"], "d");
+        assert!(
+            line["digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:"))
         );
     }
 }

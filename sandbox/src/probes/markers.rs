@@ -88,6 +88,22 @@ impl Probe {
         out
     }
 
+    /// Starts host work of `phase` that lasts until [`Probe::exit`] or the
+    /// end of the current poll, whichever is first (one marker call fewer
+    /// than [`Probe::phase`] when a phase spans two steps).
+    pub fn enter(self, phase: u32) {
+        if self.is_watched() {
+            sandgate_probe_hostcall_enter(self.0, phase);
+        }
+    }
+
+    /// Ends the phase [`Probe::enter`] started: back to the guest's.
+    pub fn exit(self, phase: u32) {
+        if self.is_watched() {
+            sandgate_probe_hostcall_exit(self.0, phase);
+        }
+    }
+
     /// Notes a refused WASI call (its index in `wasi::PREVIEW1`).
     pub fn wasi_denied(self, call: usize) {
         if self.is_watched() {

@@ -568,6 +568,13 @@ impl Scope {
         span.set_status(Status::error(format!("{code}: {message}")));
     }
 
+    /// Ends this scope's own span at `end` (work observed after the fact).
+    pub fn end_at(&self, end: std::time::SystemTime) {
+        if self.tracing.is_some() {
+            self.cx.span().end_with_timestamp(end);
+        }
+    }
+
     /// Ends this scope's own span (never the caller's remote span).
     pub fn end(&self) {
         if self.tracing.is_some() {
