@@ -656,7 +656,9 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
         "http_read",
         |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
             let probe = caller.data().probe;
-            probe.phase(crate::probes::phase::HTTP_READ, || http_read(&mut caller, ptr, len))
+            probe.phase(crate::probes::phase::HTTP_READ, || {
+                http_read(&mut caller, ptr, len)
+            })
         },
     )?;
     Ok(())
