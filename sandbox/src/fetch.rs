@@ -245,8 +245,9 @@ fn store(dir: &Path, digest: &Digest, bytes: &[u8]) -> std::io::Result<PathBuf> 
     Ok(path)
 }
 
-/// The error and its causes on one line (reqwest hides the cause otherwise).
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// The error and its causes on one line (reqwest and aya hide the cause
+/// otherwise).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

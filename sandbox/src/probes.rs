@@ -44,7 +44,7 @@ use opentelemetry::{KeyValue, trace::SpanKind};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    metrics::gauge::ConstGauge,
 };
 use sandgate_probes_common::{Event, event, marker, names, stat};
 use serde::Serialize;
@@ -56,6 +56,7 @@ pub use sandgate_probes_common::phase;
 use crate::{
     audit::{AuditLog, AuditRecord, Subject},
     config::EbpfMode,
+    fetch::error_chain,
     telemetry::traces::Scope,
     wasi,
 };
@@ -551,41 +552,44 @@ fn attach() -> Result<Arc<Shared>, String> {
     let mut ebpf = EbpfLoader::new()
         .override_global(sandgate_probes_common::TARGET_TGID, &pid, true)
         .load(OBJECT)
-        .map_err(|e| format!("loading the eBPF programs failed: {}", chain(&e)))?;
+        .map_err(|e| format!("loading the eBPF programs failed: {}", error_chain(&e)))?;
     for (program, symbol) in UPROBES {
         let uprobe: &mut UProbe = ebpf
             .program_mut(program)
             .ok_or_else(|| format!("program {program} is missing from the eBPF object"))?
             .try_into()
-            .map_err(|e| format!("program {program}: {}", chain(&e)))?;
+            .map_err(|e| format!("program {program}: {}", error_chain(&e)))?;
         uprobe
             .load()
-            .map_err(|e| format!("loading uprobe {program}: {}", chain(&e)))?;
+            .map_err(|e| format!("loading uprobe {program}: {}", error_chain(&e)))?;
         uprobe
             .attach(symbol, "/proc/self/exe", UProbeScope::OneProcess(target))
-            .map_err(|e| format!("attaching a uprobe to {symbol}: {}", chain(&e)))?;
+            .map_err(|e| format!("attaching a uprobe to {symbol}: {}", error_chain(&e)))?;
     }
     for (program, category, name) in TRACEPOINTS {
         let tracepoint: &mut RawTracePoint = ebpf
             .program_mut(program)
             .ok_or_else(|| format!("program {program} is missing from the eBPF object"))?
             .try_into()
-            .map_err(|e| format!("program {program}: {}", chain(&e)))?;
+            .map_err(|e| format!("program {program}: {}", error_chain(&e)))?;
         tracepoint
             .load()
-            .map_err(|e| format!("loading tracepoint program {program}: {}", chain(&e)))?;
-        tracepoint
-            .attach(name)
-            .map_err(|e| format!("attaching to tracepoint {category}:{name}: {}", chain(&e)))?;
+            .map_err(|e| format!("loading tracepoint program {program}: {}", error_chain(&e)))?;
+        tracepoint.attach(name).map_err(|e| {
+            format!(
+                "attaching to tracepoint {category}:{name}: {}",
+                error_chain(&e)
+            )
+        })?;
     }
     let take = |ebpf: &mut Ebpf, name: &str| {
         ebpf.take_map(name)
             .ok_or_else(|| format!("map {name} is missing from the eBPF object"))
     };
     let ring = RingBuf::try_from(take(&mut ebpf, names::EVENTS)?)
-        .map_err(|e| format!("map {}: {}", names::EVENTS, chain(&e)))?;
+        .map_err(|e| format!("map {}: {}", names::EVENTS, error_chain(&e)))?;
     let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?)
-        .map_err(|e| format!("map {}: {}", names::STATS, chain(&e)))?;
+        .map_err(|e| format!("map {}: {}", names::STATS, error_chain(&e)))?;
     let shared = Arc::new(Shared {
         accounts: Mutex::new(HashMap::new()),
         stats,
@@ -647,18 +651,6 @@ fn missing_capabilities() -> Option<String> {
     ))
 }
 
-/// An error and its causes on one line.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The probes' counters at scrape time.
 #[derive(Debug)]
 struct ProbeMetrics {
@@ -679,43 +671,41 @@ impl Collector for ProbeMetrics {
             return Ok(());
         };
         let c = shared.counters();
-        for (name, help, value) in [
-            (
-                "sandgate_probe_events",
-                "Events the eBPF programs sent",
-                c.events_sent,
-            ),
-            (
-                "sandgate_probe_events_received",
-                "eBPF events the daemon read",
-                c.events_received,
-            ),
-            (
-                "sandgate_probe_events_dropped",
-                "eBPF events lost because the ring buffer was full",
-                c.events_dropped,
-            ),
-            (
-                "sandgate_probe_syscalls_untracked",
-                "Syscalls not tracked because a per-thread eBPF map was full",
-                c.syscalls_untracked,
-            ),
-            (
-                "sandgate_probe_invocations_incomplete",
-                "Invocations whose end event never arrived (reported without it)",
-                c.invocations_incomplete,
-            ),
-            (
-                "sandgate_kernel_unexpected_syscalls",
-                "Syscalls seen during invocations outside what the policies' grants explain",
-                c.unexpected_syscalls,
-            ),
-        ] {
-            let counter = ConstCounter::new(value);
-            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            counter.encode(metric)?;
-        }
-        Ok(())
+        crate::telemetry::encode_counters(
+            &mut encoder,
+            &[
+                (
+                    "sandgate_probe_events",
+                    "Events the eBPF programs sent",
+                    c.events_sent,
+                ),
+                (
+                    "sandgate_probe_events_received",
+                    "eBPF events the daemon read",
+                    c.events_received,
+                ),
+                (
+                    "sandgate_probe_events_dropped",
+                    "eBPF events lost because the ring buffer was full",
+                    c.events_dropped,
+                ),
+                (
+                    "sandgate_probe_syscalls_untracked",
+                    "Syscalls not tracked because a per-thread eBPF map was full",
+                    c.syscalls_untracked,
+                ),
+                (
+                    "sandgate_probe_invocations_incomplete",
+                    "Invocations whose end event never arrived (reported without it)",
+                    c.invocations_incomplete,
+                ),
+                (
+                    "sandgate_kernel_unexpected_syscalls",
+                    "Syscalls seen during invocations outside what the policies' grants explain",
+                    c.unexpected_syscalls,
+                ),
+            ],
+        )
     }
 }
 

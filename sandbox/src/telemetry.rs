@@ -529,24 +529,35 @@ impl std::fmt::Debug for AuditCounters {
 
 impl Collector for AuditCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (name, help, value) in [
-            (
-                names::AUDIT_DROPPED,
-                "Audit lines dropped because the writer fell behind",
-                self.audit.dropped(),
-            ),
-            (
-                names::AUDIT_WRITTEN,
-                "Audit lines written",
-                self.audit.written(),
-            ),
-        ] {
-            let counter = ConstCounter::new(value);
-            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            counter.encode(metric)?;
-        }
-        Ok(())
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    names::AUDIT_DROPPED,
+                    "Audit lines dropped because the writer fell behind",
+                    self.audit.dropped(),
+                ),
+                (
+                    names::AUDIT_WRITTEN,
+                    "Audit lines written",
+                    self.audit.written(),
+                ),
+            ],
+        )
     }
+}
+
+/// Encodes constant counters read at scrape time: (name, help, value).
+pub(crate) fn encode_counters(
+    encoder: &mut DescriptorEncoder,
+    counters: &[(&str, &str, u64)],
+) -> Result<(), std::fmt::Error> {
+    for &(name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+        counter.encode(metric)?;
+    }
+    Ok(())
 }
 
 /// Reads the OTLP exporter's counters at scrape time.
@@ -557,23 +568,21 @@ struct ExportCounters {
 
 impl Collector for ExportCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for (name, help, value) in [
-            (
-                names::OTLP_SPANS_EXPORTED,
-                "Spans delivered to the OTLP collector",
-                self.stats.spans_exported.load(Ordering::Relaxed),
-            ),
-            (
-                names::OTLP_EXPORT_FAILURES,
-                "OTLP span export requests that failed",
-                self.stats.export_failures.load(Ordering::Relaxed),
-            ),
-        ] {
-            let counter = ConstCounter::new(value);
-            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
-            counter.encode(metric)?;
-        }
-        Ok(())
+        encode_counters(
+            &mut encoder,
+            &[
+                (
+                    names::OTLP_SPANS_EXPORTED,
+                    "Spans delivered to the OTLP collector",
+                    self.stats.spans_exported.load(Ordering::Relaxed),
+                ),
+                (
+                    names::OTLP_EXPORT_FAILURES,
+                    "OTLP span export requests that failed",
+                    self.stats.export_failures.load(Ordering::Relaxed),
+                ),
+            ],
+        )
     }
 }
 

@@ -467,23 +467,11 @@ impl Scope {
         kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        let Some(tracing) = &self.tracing else {
-            return self.clone();
-        };
-        let tracer = &tracing.inner.tracer;
-        let span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes())
-            .start_with_context(tracer, &self.cx);
-        Scope {
-            tracing: Some(tracing.clone()),
-            cx: self.cx.with_span(span),
-        }
+        self.start_child(name, kind, None, attributes)
     }
 
     /// Opens a child span that started at `start` (for work observed after
-    /// the fact, such as the kernel's view of an invocation); ends now.
+    /// the fact, such as the kernel's view of an invocation).
     pub fn child_at(
         &self,
         name: &'static str,
@@ -491,16 +479,28 @@ impl Scope {
         start: std::time::SystemTime,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
+        self.start_child(name, kind, Some(start), attributes)
+    }
+
+    fn start_child(
+        &self,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+        start: Option<std::time::SystemTime>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Scope {
         let Some(tracing) = &self.tracing else {
             return self.clone();
         };
         let tracer = &tracing.inner.tracer;
-        let span = tracer
+        let mut builder = tracer
             .span_builder(name)
             .with_kind(kind)
-            .with_start_time(start)
-            .with_attributes(attributes())
-            .start_with_context(tracer, &self.cx);
+            .with_attributes(attributes());
+        if let Some(start) = start {
+            builder = builder.with_start_time(start);
+        }
+        let span = builder.start_with_context(tracer, &self.cx);
         Scope {
             tracing: Some(tracing.clone()),
             cx: self.cx.with_span(span),
