@@ -70,7 +70,9 @@ impl Invocation {
     /// Records a refused WASI call: audit line, daemon log, and the list the
     /// decision's trace reports.
     pub fn refuse(&mut self, denial: Denial) {
-        if let Some(index) = crate::wasi::PREVIEW1.iter().position(|f| *f == denial.call) {
+        if self.probe.is_watched()
+            && let Some(index) = crate::wasi::PREVIEW1.iter().position(|f| *f == denial.call)
+        {
             self.probe.wasi_denied(index);
         }
         tracing::warn!(

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -21,6 +22,11 @@ use crate::decision::DecisionError;
 
 /// Lines that may wait for the writer before new ones are dropped.
 pub const QUEUE_CAPACITY: usize = 16 * 1024;
+/// After writing a batch, the writer lets lines collect this long before it
+/// waits on the queue again: under load a request then queues its line
+/// without waking the writer, and lines reach the file in batches of many
+/// (one write and one flush each). An idle daemon's line is written at once.
+const BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// What one audit line is about; serialised with its `kind`.
 #[derive(Clone, Debug, Serialize)]
@@ -288,5 +294,6 @@ fn write_lines(mut sink: Sink, rx: Receiver<Message>, written: &AtomicU64) {
         if let Err(e) = sink.flush() {
             report("flush", e);
         }
+        std::thread::sleep(BATCH_WINDOW);
     }
 }

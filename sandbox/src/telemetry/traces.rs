@@ -1,9 +1,10 @@
 //! OpenTelemetry traces (DESIGN §8): one `sandgate.evaluate` span per
 //! decision with `instantiate` and `evaluate` children, a client span per
 //! bridged HTTP call, and span events for refused WASI and egress calls and
-//! for guest log lines. Spans leave the process through a batch processor on
-//! the tokio runtime, so a slow or unreachable collector never delays a
-//! decision; export failures are counted and reported in the log at most once
+//! for guest log lines. A finished span is queued for the batch processor's
+//! own thread without waking it (it wakes when a batch is full or the delay
+//! has passed), and the export itself runs on the tokio runtime, so a slow or
+//! unreachable collector never delays a decision; export failures are counted and reported in the log at most once
 //! per [`REPORT_EVERY`].
 //!
 //! [`Scope`] is what the evaluation path carries: the context of the span now
@@ -27,12 +28,12 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
 };
 
 use crate::config::{OtlpProtocol, TelemetrySettings};
@@ -95,7 +96,7 @@ impl Tracing {
                     .with_endpoint(endpoint.clone())
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
-                batch(Counting::new(exporter, endpoint, &stats))
+                batch(Counting::new(exporter, endpoint, &stats)?)
             }
             OtlpProtocol::HttpProtobuf => {
                 let url = http_traces_url(endpoint);
@@ -107,7 +108,7 @@ impl Tracing {
                     .with_endpoint(url.clone())
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
-                batch(Counting::new(exporter, &url, &stats))
+                batch(Counting::new(exporter, &url, &stats)?)
             }
         };
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -162,15 +163,15 @@ impl Tracing {
     }
 }
 
-fn batch<E: SpanExporter + 'static>(
-    exporter: E,
-) -> BatchSpanProcessor<opentelemetry_sdk::runtime::Tokio> {
+/// The SDK's thread-based batch processor: ending a span is a push onto a
+/// bounded queue, with no task or thread woken per span (the async-runtime
+/// processor wakes its task for every span, several per decision).
+fn batch<E: SpanExporter + 'static>(exporter: E) -> BatchSpanProcessor {
     let config = BatchConfigBuilder::default()
         .with_scheduled_delay(SCHEDULED_DELAY)
         .with_max_queue_size(MAX_QUEUE)
-        .with_max_export_timeout(EXPORT_TIMEOUT)
         .build();
-    BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio)
+    BatchSpanProcessor::builder(exporter)
         .with_batch_config(config)
         .build()
 }
@@ -320,29 +321,46 @@ fn resource(service_name: &str) -> Resource {
         .build()
 }
 
-/// Wraps the OTLP exporter to count what it exports and fails, and to report
-/// failures in the log without flooding it.
+/// Wraps the OTLP exporter to run each export on the tokio runtime (the
+/// tonic and reqwest clients need it; the batch processor's thread only waits
+/// for the result, at most [`EXPORT_TIMEOUT`]), to count what it exports and
+/// fails, and to report failures in the log without flooding it.
 #[derive(Debug)]
 struct Counting<E> {
-    inner: E,
+    inner: Arc<E>,
+    runtime: tokio::runtime::Handle,
     endpoint: String,
     stats: Arc<ExportStats>,
 }
 
 impl<E> Counting<E> {
-    fn new(inner: E, endpoint: &str, stats: &Arc<ExportStats>) -> Self {
-        Counting {
-            inner,
+    /// Must be called on the tokio runtime that will run the exports.
+    fn new(inner: E, endpoint: &str, stats: &Arc<ExportStats>) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| anyhow::anyhow!("OTLP export needs the tokio runtime: {e}"))?;
+        Ok(Counting {
+            inner: Arc::new(inner),
+            runtime,
             endpoint: endpoint.to_owned(),
             stats: Arc::clone(stats),
-        }
+        })
     }
 }
 
-impl<E: SpanExporter> SpanExporter for Counting<E> {
+impl<E: SpanExporter + 'static> SpanExporter for Counting<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
-        let result = self.inner.export(batch).await;
+        let inner = Arc::clone(&self.inner);
+        let export = self.runtime.spawn(async move {
+            tokio::time::timeout(EXPORT_TIMEOUT, inner.export(batch))
+                .await
+                .unwrap_or(Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)))
+        });
+        let result = export.await.unwrap_or_else(|e| {
+            Err(OTelSdkError::InternalFailure(format!(
+                "export task ended: {e}"
+            )))
+        });
         match &result {
             Ok(()) => {
                 self.stats
@@ -380,7 +398,11 @@ impl<E: SpanExporter> SpanExporter for Counting<E> {
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
+        // Called while the provider is built, before any export shares `inner`.
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.set_resource(resource),
+            None => tracing::error!("OTLP exporter resource set after exports began; ignored"),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! every trace it receives. It lets a user without Jaeger see what the daemon
 //! exports: point `[telemetry] otlp_endpoint` at it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -116,17 +116,20 @@ pub fn render(request: &ExportTraceServiceRequest) -> String {
             spans.extend(scope.spans.iter().map(|s| (service, s)));
         }
     }
-    let mut traces: Vec<Vec<u8>> = Vec::new();
-    for (_, span) in &spans {
-        if !traces.contains(&span.trace_id) {
-            traces.push(span.trace_id.clone());
-        }
+    // Group by trace in the order traces first appear: linear in the spans
+    // (an export carries hundreds of them).
+    let mut traces: Vec<Trace<'_>> = Vec::new();
+    let mut index: HashMap<&[u8], usize> = HashMap::new();
+    for &(service, span) in &spans {
+        let at = *index.entry(span.trace_id.as_slice()).or_insert_with(|| {
+            traces.push((span.trace_id.as_slice(), Vec::new()));
+            traces.len() - 1
+        });
+        traces[at].1.push((service, span));
     }
     let mut out = String::new();
-    for trace in traces {
-        let members: Vec<&(&str, &Span)> =
-            spans.iter().filter(|(_, s)| s.trace_id == trace).collect();
-        let ids: Vec<&[u8]> = members.iter().map(|(_, s)| s.span_id.as_slice()).collect();
+    for (trace, members) in traces {
+        let ids: HashSet<&[u8]> = members.iter().map(|(_, s)| s.span_id.as_slice()).collect();
         let mut children: HashMap<&[u8], Vec<&Span>> = HashMap::new();
         let mut roots = Vec::new();
         for (_, span) in &members {
@@ -147,7 +150,7 @@ pub fn render(request: &ExportTraceServiceRequest) -> String {
         let _ = writeln!(
             out,
             "trace {} ({service}, {} spans)",
-            hex(&trace),
+            hex(trace),
             members.len()
         );
         for root in roots {
@@ -166,6 +169,9 @@ pub fn render(request: &ExportTraceServiceRequest) -> String {
     out
 }
 
+/// One trace's id and its spans, each with the service that sent it.
+type Trace<'a> = (&'a [u8], Vec<(&'a str, &'a Span)>);
+
 fn write_span(
     out: &mut String,
     span: &Span,
@@ -178,47 +184,40 @@ fn write_span(
         .end_time_unix_nano
         .saturating_sub(span.start_time_unix_nano)
         / 1_000;
-    let _ = writeln!(
-        out,
-        "{indent}{} {micros}µs{note}{}",
-        span.name,
-        attributes(&span.attributes)
-    );
+    let _ = write!(out, "{indent}{} {micros}µs{note}", span.name);
+    attributes(out, &span.attributes);
     if let Some(status) = &span.status
         && status.code == status::StatusCode::Error as i32
     {
         let _ = writeln!(out, "{indent}  ✗ {}", status.message);
     }
     for event in &span.events {
-        let _ = writeln!(
-            out,
-            "{indent}  • {}{}",
-            event.name,
-            attributes(&event.attributes)
-        );
+        let _ = write!(out, "{indent}  • {}", event.name);
+        attributes(out, &event.attributes);
     }
     for child in children.get(span.span_id.as_slice()).into_iter().flatten() {
         write_span(out, child, children, depth + 1, "");
     }
 }
 
-fn attributes(list: &[KeyValue]) -> String {
-    let mut text = String::new();
+/// ` key=value` for each attribute, then the end of the line.
+fn attributes(out: &mut String, list: &[KeyValue]) {
     for kv in list {
-        let _ = write!(text, " {}={}", kv.key, value(kv.value.as_ref()));
+        let _ = write!(out, " {}=", kv.key);
+        value(out, kv.value.as_ref());
     }
-    text
+    out.push('\n');
 }
 
-fn value(v: Option<&AnyValue>) -> String {
-    match v.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
+fn value(out: &mut String, v: Option<&AnyValue>) {
+    let _ = match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => write!(out, "{s}"),
+        Some(any_value::Value::BoolValue(b)) => write!(out, "{b}"),
+        Some(any_value::Value::IntValue(i)) => write!(out, "{i}"),
+        Some(any_value::Value::DoubleValue(d)) => write!(out, "{d}"),
+        Some(other) => write!(out, "{other:?}"),
+        None => Ok(()),
+    };
 }
 
 fn hex(bytes: &[u8]) -> String {
