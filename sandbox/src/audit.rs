@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::config::{AuditTarget, Digest};
+use crate::config::AuditTarget;
 use crate::decision::DecisionError;
 
 /// Lines that may wait for the writer before new ones are dropped.
@@ -65,11 +65,12 @@ pub struct Subject {
 }
 
 impl Subject {
-    pub fn new(policy: &str, version: &str, digest: &Digest, decision_id: String) -> Subject {
+    /// `digest` is the module's sha256 as hex (a policy keeps it formatted).
+    pub fn new(policy: &str, version: &str, digest: &str, decision_id: String) -> Subject {
         Subject {
             policy: policy.to_owned(),
             version: version.to_owned(),
-            digest: digest.to_string(),
+            digest: digest.to_owned(),
             decision_id,
             trace_id: None,
         }

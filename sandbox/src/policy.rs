@@ -267,7 +267,7 @@ impl Policy {
         let subject = Subject::new(
             self.name(),
             &self.inner.spec.version,
-            &self.inner.digest,
+            &self.inner.facts.digest,
             String::new(),
         );
         let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)?;
@@ -279,7 +279,7 @@ impl Policy {
         let subject = Subject::new(
             self.name(),
             &self.inner.spec.version,
-            &self.inner.digest,
+            &self.inner.facts.digest,
             "load".into(),
         );
         let mut store = self
@@ -425,14 +425,14 @@ impl Policy {
         let mut subject = Subject::new(
             &spec.name,
             &spec.version,
-            &self.inner.digest,
+            &self.inner.facts.digest,
             decision_id.clone(),
         );
         let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, || {
             let mut attributes = vec![
                 KeyValue::new("policy", spec.name.clone()),
                 KeyValue::new("version", spec.version.clone()),
-                KeyValue::new("digest", self.inner.digest.to_string()),
+                KeyValue::new("digest", self.inner.facts.digest.clone()),
                 KeyValue::new("decision_id", decision_id.clone()),
             ];
             if cached {
@@ -507,13 +507,13 @@ impl Policy {
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let context = serde_json::json!({
-            "policy": subject.policy,
-            "version": subject.version,
-            "time": now,
-            "decision_id": subject.decision_id,
-            "trace_id": subject.trace_id,
-        });
+        let context = GuestContext {
+            decision_id: &subject.decision_id,
+            policy: &subject.policy,
+            time: &now,
+            trace_id: subject.trace_id.as_deref(),
+            version: &subject.version,
+        };
         let mut document = Vec::with_capacity(input.len() + 256);
         document.extend_from_slice(b"{\"input\":");
         document.extend_from_slice(input);
@@ -892,4 +892,15 @@ impl Policy {
             },
         })
     }
+}
+
+/// The `context` of a guest's input document (DESIGN §2), serialized
+/// straight from the decision's subject.
+#[derive(Serialize)]
+struct GuestContext<'a> {
+    decision_id: &'a str,
+    policy: &'a str,
+    time: &'a str,
+    trace_id: Option<&'a str>,
+    version: &'a str,
 }

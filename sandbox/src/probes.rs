@@ -719,7 +719,7 @@ mod tests {
     }
 
     fn account_audited(grants: &Grants, audit: AuditLog) -> Account {
-        let subject = Subject::new("p", "v1", &Digest::of(b"m"), "d".into());
+        let subject = Subject::new("p", "v1", &Digest::of(b"m").to_string(), "d".into());
         Account {
             watch: Watch {
                 subject,

@@ -764,7 +764,7 @@ impl State {
             let mut subject = Subject::new(
                 &spec.name,
                 &version_name,
-                &policy.digest(),
+                &policy.digest().to_string(),
                 decision_id.clone(),
             );
             subject.trace_id = trace_id.clone();
