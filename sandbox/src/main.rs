@@ -14,6 +14,12 @@ use sandgate::audit::AuditLog;
 use sandgate::config::{self, AuditTarget, Config, EngineSettings, PolicySpec};
 use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
 
+/// mimalloc instead of the system allocator: the daemon allocates on every
+/// thread (HTTP workers, guests, the audit writer, the span exporter), and
+/// glibc's arenas made those threads wait on each other's locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sandgate",
