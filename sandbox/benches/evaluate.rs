@@ -1,12 +1,21 @@
 //! One evaluation of the `rbac` example end to end (fresh instance from
 //! `InstancePre`, input written, guest reads its role table from the
 //! read-only preopen, decision read back and validated), and instantiation
-//! alone, and a no-op guest (the host's fixed cost). Results and the command are in `docs/benchmarks.md`.
+//! alone, the evaluation traced (spans exported over OTLP/gRPC to a receiver
+//! in the same process), and a no-op guest (the host's fixed cost). Results and the command are in `docs/benchmarks.md`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -54,6 +63,21 @@ fn bench(c: &mut Criterion) {
             std::hint::black_box(e.decision.allow)
         })
     });
+    // The forward-auth shape: the request document a proxy's headers become.
+    let forward = std::fs::read(repo_root().join("examples/rbac/forward-auth-input.json"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let check = runtime.block_on(policy.evaluate(&forward, &options, &audit));
+    assert!(
+        check.decision.allow && check.decision.error.is_none(),
+        "{:?}",
+        check.decision
+    );
+    group.bench_function("evaluate_forward_auth", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let e = policy.evaluate(&forward, &options, &audit).await;
+            std::hint::black_box(e.decision.allow)
+        })
+    });
     group.bench_function("instantiate", |b| {
         b.to_async(&runtime).iter(|| async {
             policy
@@ -62,7 +86,46 @@ fn bench(c: &mut Criterion) {
                 .unwrap_or_else(|e| panic!("{e}"))
         })
     });
+    // The same evaluation traced: the `sandgate.evaluate` span and its two
+    // children made, ended and exported over OTLP/gRPC to a receiver in this
+    // process that decodes each request and counts its spans.
+    let received = Arc::new(AtomicU64::new(0));
+    let tracing = runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(
+            tonic::transport::Server::builder().serve_with_incoming_shutdown(
+                TraceServiceServer::new(Counter(Arc::clone(&received))),
+                tonic::transport::server::TcpIncoming::from(listener),
+                std::future::pending::<()>(),
+            ),
+        );
+        let settings = sandgate::config::TelemetrySettings {
+            otlp_endpoint: Some(format!("http://{addr}")),
+            ..Default::default()
+        };
+        sandgate::telemetry::traces::Tracing::start(&settings)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no tracer for an endpoint"))
+    });
+    let traced = sandgate::EvalOptions {
+        tracing: Some(tracing.clone()),
+        ..Default::default()
+    };
+    group.bench_function("evaluate_traced", |b| {
+        b.to_async(&runtime).iter(|| async {
+            let e = policy.evaluate(&input, &traced, &audit).await;
+            std::hint::black_box(e.decision.allow)
+        })
+    });
     group.finish();
+    tracing.shutdown();
+    assert!(
+        received.load(Ordering::Relaxed) > 0,
+        "the receiver got no spans"
+    );
 
     // The host's fixed cost: a guest that does nothing but answer allow.
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -90,6 +153,27 @@ const NOOP_GUEST: &str = r#"(module
   (func (export "sandgate_abi_version") (result i32) i32.const 1)
   (func (export "sandgate_alloc") (param i32) (result i32) i32.const 4096)
   (func (export "sandgate_evaluate") (param i32 i32) (result i64) i64.const 4398046511118))"#;
+
+/// An OTLP trace receiver that decodes each export and counts its spans.
+struct Counter(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for Counter {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans: usize = request
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(spans as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

@@ -141,6 +141,9 @@ struct Loaded {
     facts: ModuleFacts,
     /// The syscalls the eBPF probes expect of this policy's invocations.
     expected: Arc<Expected>,
+    /// `policy`, `version` and `digest` of every `sandgate.evaluate` span,
+    /// shared by reference so a traced decision copies none of them.
+    span_attributes: Vec<KeyValue>,
 }
 
 impl Policy {
@@ -171,8 +174,14 @@ impl Policy {
             policy: spec.name.clone(),
             message: e.to_string(),
         })?);
+        let span_attributes = vec![
+            KeyValue::new("policy", Arc::<str>::from(spec.name.as_str())),
+            KeyValue::new("version", Arc::<str>::from(spec.version.as_str())),
+            KeyValue::new("digest", Arc::<str>::from(facts.digest.as_str())),
+        ];
         let policy = Policy {
             inner: Arc::new(Loaded {
+                span_attributes,
                 expected: Arc::new(Expected::for_policy(&spec.grants, &spec.egress)),
                 grants: Arc::new(spec.grants.clone()),
                 bridge,
@@ -429,12 +438,9 @@ impl Policy {
             decision_id.clone(),
         );
         let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, || {
-            let mut attributes = vec![
-                KeyValue::new("policy", spec.name.clone()),
-                KeyValue::new("version", spec.version.clone()),
-                KeyValue::new("digest", self.inner.facts.digest.clone()),
-                KeyValue::new("decision_id", decision_id.clone()),
-            ];
+            let mut attributes = Vec::with_capacity(self.inner.span_attributes.len() + 2);
+            attributes.extend_from_slice(&self.inner.span_attributes);
+            attributes.push(KeyValue::new("decision_id", decision_id.clone()));
             if cached {
                 attributes.push(KeyValue::new("decision.cached", true));
             }

@@ -1020,14 +1020,24 @@ fn image_serves_its_default_config_and_exposes_its_ports() {
 // ---- Envoy -------------------------------------------------------------------------
 
 /// Envoy's protobuf descriptors, as envoy-types ships them beside its
-/// generated code (found through `cargo metadata`).
+/// generated code (found through `cargo metadata`, resolved for the host
+/// only: the build downloaded no other platform's packages, and the test
+/// runs offline).
 fn envoy_descriptors() -> DescriptorPool {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let rustc = run(Command::new("rustc").arg("-vV"));
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .expect("rustc -vV names the host triple");
     let out = run(Command::new(cargo).current_dir(repo_root()).args([
         "metadata",
         "--format-version",
         "1",
         "--offline",
+        "--filter-platform",
+        &host,
     ]));
     assert!(out.status.success(), "cargo metadata:\n{}", text(&out));
     let metadata: Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
