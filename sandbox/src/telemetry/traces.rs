@@ -3,7 +3,7 @@
 //! bridged HTTP call, and span events for refused WASI and egress calls and
 //! for guest log lines. A finished span is queued for the batch processor's
 //! own thread without waking it (it wakes when a batch is full or the delay
-//! has passed), and the export itself runs on the tokio runtime, so a slow or
+//! has passed), and the export itself runs on a one-thread runtime of its own, so a slow or
 //! unreachable collector never delays a decision; export failures are counted and reported in the log at most once
 //! per [`REPORT_EVERY`].
 //!
@@ -69,6 +69,18 @@ struct Inner {
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
     guest_log_level: i32,
     stats: Arc<ExportStats>,
+    /// The runtime the exports run on (one thread).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last clone may go away on a runtime thread, where a runtime
+        // cannot be dropped by waiting for it.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Counters of the OTLP exporter, for `/metrics`.
@@ -83,12 +95,21 @@ pub struct ExportStats {
 
 impl Tracing {
     /// Starts exporting per `settings`; `None` when no `otlp_endpoint` is set.
-    /// Must run inside the tokio runtime that will carry the exports.
     pub fn start(settings: &TelemetrySettings) -> anyhow::Result<Option<Tracing>> {
         let Some(endpoint) = &settings.otlp_endpoint else {
             return Ok(None);
         };
         let stats = Arc::new(ExportStats::default());
+        // Exports run on a runtime of their own: the OTLP clients' connection
+        // tasks and each batch's encoding never queue behind decisions on the
+        // request workers, nor wake them.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sandgate-otlp")
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start the OTLP export thread: {e}"))?;
+        let _exporting = runtime.enter();
         let processor = match settings.otlp_protocol {
             OtlpProtocol::Grpc => {
                 let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -130,6 +151,7 @@ impl Tracing {
             sampling_ratio = settings.sampling_ratio,
             "exporting traces over OTLP"
         );
+        drop(_exporting);
         Ok(Some(Tracing {
             inner: Arc::new(Inner {
                 provider,
@@ -137,6 +159,7 @@ impl Tracing {
                 metrics,
                 guest_log_level: settings.guest_log_level,
                 stats,
+                runtime: Some(runtime),
             }),
         }))
     }
@@ -321,9 +344,9 @@ fn resource(service_name: &str) -> Resource {
         .build()
 }
 
-/// Wraps the OTLP exporter to run each export on the tokio runtime (the
-/// tonic and reqwest clients need it; the batch processor's thread only waits
-/// for the result, at most [`EXPORT_TIMEOUT`]), to count what it exports and
+/// Wraps the OTLP exporter to run each export on the export runtime (the
+/// tonic and reqwest clients need one; the batch processor's thread only
+/// waits for the result, at most [`EXPORT_TIMEOUT`]), to count what it exports and
 /// fails, and to report failures in the log without flooding it.
 #[derive(Debug)]
 struct Counting<E> {
@@ -334,7 +357,7 @@ struct Counting<E> {
 }
 
 impl<E> Counting<E> {
-    /// Must be called on the tokio runtime that will run the exports.
+    /// Must be called inside the runtime that will run the exports.
     fn new(inner: E, endpoint: &str, stats: &Arc<ExportStats>) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| anyhow::anyhow!("OTLP export needs the tokio runtime: {e}"))?;
