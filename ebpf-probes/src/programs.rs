@@ -14,19 +14,16 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RawTracePointContext},
 };
-use sandgate_probes_common::{Active, Event, Inflight, event, phase, stat};
+use sandgate_probes_common::{Active, Event, NO_SYSCALL, event, phase, stat};
 
 /// The daemon's pid; set by the loader.
 #[unsafe(no_mangle)]
 static TARGET_TGID: u32 = 0;
 
-/// Per thread id: the invocation the thread is running a stretch of.
+/// Per thread id: the invocation the thread is running a stretch of, and
+/// the syscall it is in.
 #[map]
 static ACTIVE: HashMap<u32, Active> = HashMap::with_max_entries(16_384, 0);
-
-/// Per thread id: the syscall it is in, when it is inside an invocation.
-#[map]
-static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(16_384, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
@@ -70,7 +67,8 @@ pub fn guest_enter(ctx: ProbeContext) -> u32 {
         let active = Active {
             invocation,
             phase: phase::GUEST,
-            _pad: 0,
+            nr: NO_SYSCALL,
+            started_ns: 0,
         };
         if ACTIVE.insert(tid, active, 0).is_err() {
             count(stat::UNTRACKED);
@@ -156,8 +154,7 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     let Some(tid) = daemon_thread() else {
         return 0;
     };
-    // SAFETY: the verifier checks the active entry lookup; the copy is ours.
-    let Some(active) = (unsafe { ACTIVE.get(tid) }).copied() else {
+    let Some(active) = ACTIVE.get_ptr_mut(tid) else {
         return 0;
     };
     let nr: i64 = ctx.arg(1);
@@ -166,15 +163,11 @@ pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
     if nr == UPROBE_SYSCALL {
         return 0;
     }
-    let inflight = Inflight {
-        invocation: active.invocation,
-        // SAFETY: a helper without arguments.
-        started_ns: unsafe { bpf_ktime_get_ns() },
-        nr: nr as u32,
-        phase: active.phase,
-    };
-    if INFLIGHT.insert(tid, inflight, 0).is_err() {
-        count(stat::UNTRACKED);
+    // SAFETY: the entry belongs to this thread; only it writes it, and the
+    // verifier checked the pointer.
+    unsafe {
+        (*active).nr = nr as u32;
+        (*active).started_ns = bpf_ktime_get_ns();
     }
     0
 }
@@ -185,18 +178,25 @@ pub fn sys_exit(_ctx: RawTracePointContext) -> i32 {
     let Some(tid) = daemon_thread() else {
         return 0;
     };
-    // SAFETY: as in `sys_enter`.
-    let Some(inflight) = (unsafe { INFLIGHT.get(tid) }).copied() else {
+    let Some(active) = ACTIVE.get_ptr_mut(tid) else {
         return 0;
     };
-    let _ = INFLIGHT.remove(tid);
+    // SAFETY: as in `sys_enter`.
+    let (invocation, started_ns, nr, phase) = unsafe {
+        let entry = *active;
+        (*active).nr = NO_SYSCALL;
+        (entry.invocation, entry.started_ns, entry.nr, entry.phase)
+    };
+    if nr == NO_SYSCALL {
+        return 0;
+    }
     let record = Event {
-        invocation: inflight.invocation,
+        invocation,
         // SAFETY: a helper without arguments.
-        duration_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(inflight.started_ns),
+        duration_ns: unsafe { bpf_ktime_get_ns() }.saturating_sub(started_ns),
         kind: event::SYSCALL,
-        nr: inflight.nr,
-        phase: inflight.phase,
+        nr,
+        phase,
         tid,
     };
     send(record, u64::from(BPF_RB_NO_WAKEUP));
