@@ -3,9 +3,10 @@
 //! bridged HTTP call, and span events for refused WASI and egress calls and
 //! for guest log lines. A finished span is queued for the batch processor's
 //! own thread without waking it (it wakes when a batch is full or the delay
-//! has passed), and the export itself runs on a one-thread runtime of its own, so a slow or
-//! unreachable collector never delays a decision; export failures are counted and reported in the log at most once
-//! per [`REPORT_EVERY`].
+//! has passed), and the export itself runs on a one-thread runtime of its
+//! own, so a slow or unreachable collector never delays a decision; export
+//! failures are counted and reported in the log at most once per
+//! [`REPORT_EVERY`].
 //!
 //! [`Scope`] is what the evaluation path carries: the context of the span now
 //! open, plus the tracer that makes children. Without a tracer (`[telemetry]`
