@@ -70,15 +70,19 @@ struct Inner {
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
     guest_log_level: i32,
     stats: Arc<ExportStats>,
-    /// The runtime the exports run on (one thread).
-    runtime: Option<tokio::runtime::Runtime>,
+    /// Last, so the providers above, dropped first, still flush through it.
+    _runtime: ExportRuntime,
 }
 
-impl Drop for Inner {
+/// The one-thread runtime the exports run on. It stops without waiting for
+/// its thread when dropped: that may happen on a thread of another runtime
+/// (the last `Tracing` clone, or `Tracing::start` failing half way), where
+/// a runtime cannot be dropped by blocking.
+struct ExportRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ExportRuntime {
     fn drop(&mut self) {
-        // The last clone may go away on a runtime thread, where a runtime
-        // cannot be dropped by waiting for it.
-        if let Some(runtime) = self.runtime.take() {
+        if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
     }
@@ -110,7 +114,8 @@ impl Tracing {
             .enable_all()
             .build()
             .map_err(|e| anyhow::anyhow!("cannot start the OTLP export thread: {e}"))?;
-        let _exporting = runtime.enter();
+        let runtime = ExportRuntime(Some(runtime));
+        let exporting = runtime.0.as_ref().map(tokio::runtime::Runtime::enter);
         let processor = match settings.otlp_protocol {
             OtlpProtocol::Grpc => {
                 let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -152,7 +157,7 @@ impl Tracing {
             sampling_ratio = settings.sampling_ratio,
             "exporting traces over OTLP"
         );
-        drop(_exporting);
+        drop(exporting);
         Ok(Some(Tracing {
             inner: Arc::new(Inner {
                 provider,
@@ -160,7 +165,7 @@ impl Tracing {
                 metrics,
                 guest_log_level: settings.guest_log_level,
                 stats,
-                runtime: Some(runtime),
+                _runtime: runtime,
             }),
         }))
     }
