@@ -9,7 +9,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -49,35 +50,25 @@ fn bench(c: &mut Criterion) {
     let audit = sandgate::audit::AuditLog::disabled();
     let options = sandgate::EvalOptions::default();
 
-    let check = runtime.block_on(policy.evaluate(&input, &options, &audit));
-    assert!(
-        check.decision.allow && check.decision.error.is_none(),
-        "{:?}",
-        check.decision
-    );
-
-    let mut group = c.benchmark_group("rbac");
-    group.bench_function("evaluate", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let e = policy.evaluate(&input, &options, &audit).await;
-            std::hint::black_box(e.decision.allow)
-        })
-    });
+    assert_allowed(&runtime, &policy, &input, &options, &audit);
     // The forward-auth shape: the request document a proxy's headers become.
     let forward = std::fs::read(repo_root().join("examples/rbac/forward-auth-input.json"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let check = runtime.block_on(policy.evaluate(&forward, &options, &audit));
-    assert!(
-        check.decision.allow && check.decision.error.is_none(),
-        "{:?}",
-        check.decision
+    assert_allowed(&runtime, &policy, &forward, &options, &audit);
+
+    let mut group = c.benchmark_group("rbac");
+    bench_evaluation(
+        &mut group, &runtime, "evaluate", &policy, &input, &options, &audit,
     );
-    group.bench_function("evaluate_forward_auth", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let e = policy.evaluate(&forward, &options, &audit).await;
-            std::hint::black_box(e.decision.allow)
-        })
-    });
+    bench_evaluation(
+        &mut group,
+        &runtime,
+        "evaluate_forward_auth",
+        &policy,
+        &forward,
+        &options,
+        &audit,
+    );
     group.bench_function("instantiate", |b| {
         b.to_async(&runtime).iter(|| async {
             policy
@@ -121,12 +112,15 @@ fn bench(c: &mut Criterion) {
         check.trace_id.is_some(),
         "a traced decision names its trace"
     );
-    group.bench_function("evaluate_traced", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let e = policy.evaluate(&input, &traced, &audit).await;
-            std::hint::black_box(e.decision.allow)
-        })
-    });
+    bench_evaluation(
+        &mut group,
+        &runtime,
+        "evaluate_traced",
+        &policy,
+        &input,
+        &traced,
+        &audit,
+    );
     group.finish();
     // Shutting down exports what is queued (and waits for it).
     tracing.shutdown();
@@ -146,13 +140,45 @@ fn bench(c: &mut Criterion) {
         ))
         .unwrap_or_else(|e| panic!("{e}"));
     let mut group = c.benchmark_group("noop");
-    group.bench_function("evaluate", |b| {
-        b.to_async(&runtime).iter(|| async {
-            let e = noop.evaluate(b"{}", &options, &audit).await;
+    bench_evaluation(
+        &mut group, &runtime, "evaluate", &noop, b"{}", &options, &audit,
+    );
+    group.finish();
+}
+
+/// Evaluates `input` once; the benchmark stops unless the decision is an
+/// allow without error (a benchmark of a failing evaluation measures nothing).
+fn assert_allowed(
+    runtime: &tokio::runtime::Runtime,
+    policy: &sandgate::Policy,
+    input: &[u8],
+    options: &sandgate::EvalOptions,
+    audit: &sandgate::audit::AuditLog,
+) {
+    let check = runtime.block_on(policy.evaluate(input, options, audit));
+    assert!(
+        check.decision.allow && check.decision.error.is_none(),
+        "{:?}",
+        check.decision
+    );
+}
+
+/// One evaluation of `input` end to end, as benchmark `name` of `group`.
+fn bench_evaluation(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    policy: &sandgate::Policy,
+    input: &[u8],
+    options: &sandgate::EvalOptions,
+    audit: &sandgate::audit::AuditLog,
+) {
+    group.bench_function(name, |b| {
+        b.to_async(runtime).iter(|| async {
+            let e = policy.evaluate(input, options, audit).await;
             std::hint::black_box(e.decision.allow)
         })
     });
-    group.finish();
 }
 
 const NOOP_GUEST: &str = r#"(module
