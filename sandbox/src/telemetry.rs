@@ -4,6 +4,7 @@
 //! out after each evaluation (the bridge's egress denials arrive in the
 //! `Evaluation`).
 
+mod queue;
 pub mod traces;
 pub mod view;
 
@@ -56,6 +57,8 @@ pub mod names {
     pub const OTLP_SPANS_EXPORTED: &str = "sandgate_otlp_spans_exported";
     /// Counter: OTLP export requests that failed (collector unreachable, refused, timed out).
     pub const OTLP_EXPORT_FAILURES: &str = "sandgate_otlp_export_failures";
+    /// Counter: spans dropped because the export queue was full.
+    pub const OTLP_SPANS_DROPPED: &str = "sandgate_otlp_spans_dropped";
     /// Counter: reloads of the config and modules, by `result` (`ok` or `failed`).
     pub const RELOADS: &str = "sandgate_reloads";
     /// Gauge: 1 when the last reload failed (the previous generation still serves), else 0.
@@ -580,6 +583,11 @@ impl Collector for ExportCounters {
                     names::OTLP_EXPORT_FAILURES,
                     "OTLP span export requests that failed",
                     self.stats.export_failures.load(Ordering::Relaxed),
+                ),
+                (
+                    names::OTLP_SPANS_DROPPED,
+                    "Spans dropped because the OTLP export queue was full",
+                    self.stats.spans_dropped.load(Ordering::Relaxed),
                 ),
             ],
         )

@@ -4,7 +4,8 @@
 //! span tree of a forward-auth request through real nginx in the client's
 //! trace, a bridged call that carries the decision's trace to the service it
 //! calls, a hostile guest's refused calls as events, resource attributes and
-//! sampling, and a collector that is down.
+//! sampling, a burst of decisions exported whole, and collectors that are
+//! down or stop answering.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -568,6 +569,144 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         logs.contains(&dead.to_string()),
         "the log names the endpoint:\n{logs}"
     );
+}
+
+/// The value of an unlabelled counter in a `/metrics` page.
+fn counter(metrics: &str, name: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `count` decisions from `concurrency` clients at once, each an allow.
+async fn burst(client: &reqwest::Client, daemon: &Daemon, count: usize, concurrency: usize) {
+    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    let mut workers = tokio::task::JoinSet::new();
+    for worker in 0..concurrency {
+        let (client, url) = (client.clone(), daemon.url("/v1/policies/rbac/evaluate"));
+        let share = count / concurrency + usize::from(worker < count % concurrency);
+        workers.spawn(async move {
+            for _ in 0..share {
+                let started = Instant::now();
+                let answer: Value = json_body(
+                    client
+                        .post(&url)
+                        .body(input)
+                        .send()
+                        .await
+                        .expect("evaluate"),
+                )
+                .await;
+                assert_eq!(answer["allow"], true, "{answer}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(2),
+                    "a decision waited on the exporter: {:?}",
+                    started.elapsed()
+                );
+            }
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done.expect("a client task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_decisions_is_exported_whole() {
+    // More spans than the export queue holds, made faster than one export
+    // at a time would send them.
+    const DECISIONS: usize = 6_400;
+    let (collector, received) = grpc_receiver().await;
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{collector}"), ""),
+        &rbac_policy("rbac"),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    burst(&client, &daemon, DECISIONS, 32).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let evaluations = received
+            .spans()
+            .iter()
+            .filter(|g| g.span.name == "sandgate.evaluate")
+            .count();
+        if evaluations >= DECISIONS {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{evaluations} of {DECISIONS} decisions' spans arrived\n{}",
+            daemon.metrics(&client).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = received.spans().len() as u64;
+    let metrics = daemon.metrics(&client).await;
+    assert_eq!(
+        counter(&metrics, "sandgate_otlp_spans_dropped_total"),
+        Some(0),
+        "{metrics}"
+    );
+    assert_eq!(
+        counter(&metrics, "sandgate_otlp_spans_exported_total"),
+        Some(spans),
+        "{metrics}"
+    );
+    let traces: std::collections::HashSet<String> =
+        received.spans().iter().map(Got::trace_id).collect();
+    assert_eq!(traces.len(), DECISIONS, "one trace per decision");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
+    // Accepts connections and never answers: every export waits for its
+    // deadline while decisions keep coming.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = listener.local_addr().expect("addr");
+    let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{silent}"), ""),
+        &rbac_policy("rbac"),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    // The queue holds 16384 spans and the exports under way 2048 more; each
+    // hung export frees its batch after its 5 s deadline, so bursts
+    // outrun them however slowly this machine makes decisions.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        burst(&client, &daemon, 2_000, 16).await;
+        let metrics = daemon.metrics(&client).await;
+        if counter(&metrics, "sandgate_otlp_spans_dropped_total").is_some_and(|d| d > 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no span counted as dropped:\n{metrics}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !daemon.logs().contains("OTLP span queue full") {
+        assert!(
+            Instant::now() < deadline,
+            "drops not reported:\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        daemon.logs().contains(&silent.to_string()),
+        "the log names the endpoint"
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

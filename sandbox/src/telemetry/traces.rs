@@ -1,12 +1,11 @@
 //! OpenTelemetry traces (DESIGN §8): one `sandgate.evaluate` span per
 //! decision with `instantiate` and `evaluate` children, a client span per
 //! bridged HTTP call, and span events for refused WASI and egress calls and
-//! for guest log lines. A finished span is queued for the batch processor's
-//! own thread without waking it (it wakes when a batch is full or the delay
-//! has passed), and the export itself runs on a one-thread runtime of its
+//! for guest log lines. A finished span is queued without waking anything
+//! ([`super::queue`]), and the export runs on a one-thread runtime of its
 //! own, so a slow or unreachable collector never delays a decision; export
-//! failures are counted and reported in the log at most once per
-//! [`REPORT_EVERY`].
+//! failures and dropped spans are counted and reported in the log at most
+//! once per [`REPORT_EVERY`].
 //!
 //! [`Scope`] is what the evaluation path carries: the context of the span now
 //! open, plus the tracer that makes children. Without a tracer (`[telemetry]`
@@ -29,26 +28,18 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
-    SpanExporter,
-};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter};
 
+use super::queue::{EXPORT_TIMEOUT, SpanQueue};
 use crate::config::{OtlpProtocol, TelemetrySettings};
 
-/// How often a failing exporter may say so in the log.
+/// How often a failing exporter, or a full span queue, may say so in the log.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
-/// How long spans wait in the batch before export.
-const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
-/// Deadline of one export request.
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Spans held while the collector is slow; beyond this they are dropped.
-const MAX_QUEUE: usize = 16_384;
 
-/// The daemon's tracer: an OTLP exporter behind a batch processor. Cheap to clone.
+/// The daemon's tracer: an OTLP exporter behind the span queue. Cheap to clone.
 #[derive(Clone)]
 pub struct Tracing {
     inner: Arc<Inner>,
@@ -93,6 +84,8 @@ impl Drop for ExportRuntime {
 pub struct ExportStats {
     pub spans_exported: AtomicU64,
     pub export_failures: AtomicU64,
+    /// Spans that found the export queue full.
+    pub spans_dropped: AtomicU64,
     /// Failures not yet reported in the log, and when the log last heard of them.
     unreported: AtomicU64,
     last_report: Mutex<Option<Instant>>,
@@ -114,28 +107,33 @@ impl Tracing {
             .enable_all()
             .build()
             .map_err(|e| anyhow::anyhow!("cannot start the OTLP export thread: {e}"))?;
+        let handle = runtime.handle().clone();
         let runtime = ExportRuntime(Some(runtime));
-        let exporting = runtime.0.as_ref().map(tokio::runtime::Runtime::enter);
+        // The tonic exporter makes its channel in the runtime it will use.
+        let exporting = handle.enter();
+        let resource = resource(&settings.service_name);
         let processor = match settings.otlp_protocol {
             OtlpProtocol::Grpc => {
-                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .with_endpoint(endpoint.clone())
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
-                batch(Counting::new(exporter, endpoint, &stats)?)
+                exporter.set_resource(&resource);
+                SpanQueue::start(exporter, endpoint, &stats, &handle)
             }
             OtlpProtocol::HttpProtobuf => {
                 let url = http_traces_url(endpoint);
                 crate::install_tls_provider();
                 let client = reqwest::Client::builder().timeout(EXPORT_TIMEOUT).build()?;
-                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_http()
                     .with_http_client(client)
                     .with_endpoint(url.clone())
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
-                batch(Counting::new(exporter, &url, &stats)?)
+                exporter.set_resource(&resource);
+                SpanQueue::start(exporter, &url, &stats, &handle)
             }
         };
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -144,12 +142,12 @@ impl Tracing {
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_sampler(sampler)
-            .with_resource(resource(&settings.service_name))
+            .with_resource(resource.clone())
             .build();
         let tracer = provider.tracer("sandgate");
         let metrics = match settings.otlp_metrics_interval {
             None => None,
-            Some(interval) => Some(OtlpMetrics::start(settings, endpoint, interval)?),
+            Some(interval) => Some(OtlpMetrics::start(settings, endpoint, interval, resource)?),
         };
         tracing::info!(
             endpoint = %endpoint,
@@ -192,19 +190,6 @@ impl Tracing {
     }
 }
 
-/// The SDK's thread-based batch processor: ending a span is a push onto a
-/// bounded queue, with no task or thread woken per span (the async-runtime
-/// processor wakes its task for every span, several per decision).
-fn batch<E: SpanExporter + 'static>(exporter: E) -> BatchSpanProcessor {
-    let config = BatchConfigBuilder::default()
-        .with_scheduled_delay(SCHEDULED_DELAY)
-        .with_max_queue_size(MAX_QUEUE)
-        .build();
-    BatchSpanProcessor::builder(exporter)
-        .with_batch_config(config)
-        .build()
-}
-
 /// The daemon's decision metrics as OpenTelemetry instruments, exported over
 /// OTLP on the traces' endpoint beside the Prometheus endpoint. Names follow
 /// OpenTelemetry conventions (`sandgate.decisions`, …); the labels are those
@@ -222,6 +207,7 @@ impl OtlpMetrics {
         settings: &TelemetrySettings,
         endpoint: &str,
         interval: Duration,
+        resource: Resource,
     ) -> anyhow::Result<OtlpMetrics> {
         let builder = opentelemetry_otlp::MetricExporter::builder();
         let exporter = match settings.otlp_protocol {
@@ -249,7 +235,7 @@ impl OtlpMetrics {
         .build();
         let provider = SdkMeterProvider::builder()
             .with_reader(reader)
-            .with_resource(resource(&settings.service_name))
+            .with_resource(resource)
             .build();
         let meter = provider.meter("sandgate");
         Ok(OtlpMetrics {
@@ -350,87 +336,25 @@ fn resource(service_name: &str) -> Resource {
         .build()
 }
 
-/// Wraps the OTLP exporter to run each export on the export runtime (the
-/// tonic and reqwest clients need one; the batch processor's thread only
-/// waits for the result, at most [`EXPORT_TIMEOUT`]), to count what it exports and
-/// fails, and to report failures in the log without flooding it.
-#[derive(Debug)]
-struct Counting<E> {
-    inner: Arc<E>,
-    runtime: tokio::runtime::Handle,
-    endpoint: String,
-    stats: Arc<ExportStats>,
-}
-
-impl<E> Counting<E> {
-    /// Must be called inside the runtime that will run the exports.
-    fn new(inner: E, endpoint: &str, stats: &Arc<ExportStats>) -> anyhow::Result<Self> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|e| anyhow::anyhow!("OTLP export needs the tokio runtime: {e}"))?;
-        Ok(Counting {
-            inner: Arc::new(inner),
-            runtime,
-            endpoint: endpoint.to_owned(),
-            stats: Arc::clone(stats),
-        })
-    }
-}
-
-impl<E: SpanExporter + 'static> SpanExporter for Counting<E> {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let spans = batch.len() as u64;
-        let inner = Arc::clone(&self.inner);
-        let export = self.runtime.spawn(async move {
-            tokio::time::timeout(EXPORT_TIMEOUT, inner.export(batch))
-                .await
-                .unwrap_or(Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)))
-        });
-        let result = export.await.unwrap_or_else(|e| {
-            Err(OTelSdkError::InternalFailure(format!(
-                "export task ended: {e}"
-            )))
-        });
-        match &result {
-            Ok(()) => {
-                self.stats
-                    .spans_exported
-                    .fetch_add(spans, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.stats.export_failures.fetch_add(1, Ordering::Relaxed);
-                let unreported = self.stats.unreported.fetch_add(1, Ordering::Relaxed) + 1;
-                let mut last = self
-                    .stats
-                    .last_report
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                if last.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
-                    *last = Some(Instant::now());
-                    self.stats.unreported.store(0, Ordering::Relaxed);
-                    tracing::warn!(
-                        endpoint = %self.endpoint,
-                        failures = unreported,
-                        "OTLP trace export failed ({spans} spans dropped); decisions are unaffected: {e}"
-                    );
-                }
-            }
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        // Called while the provider is built, before any export shares `inner`.
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.set_resource(resource),
-            None => tracing::error!("OTLP exporter resource set after exports began; ignored"),
+impl ExportStats {
+    /// Counts one export request's outcome and reports failures in the
+    /// log, at most once per [`REPORT_EVERY`].
+    pub(super) fn exported(&self, spans: u64, result: OTelSdkResult, endpoint: &str) {
+        let Err(e) = result else {
+            self.spans_exported.fetch_add(spans, Ordering::Relaxed);
+            return;
+        };
+        self.export_failures.fetch_add(1, Ordering::Relaxed);
+        let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            *last = Some(Instant::now());
+            self.unreported.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                endpoint = %endpoint,
+                failures = unreported,
+                "OTLP trace export failed ({spans} spans dropped); decisions are unaffected: {e}"
+            );
         }
     }
 }

@@ -1,0 +1,231 @@
+//! The span processor between the request workers and the OTLP exporter.
+//!
+//! Ending a span appends it to a queue under a short lock and wakes nothing,
+//! except once per filled batch. The export task, on the export runtime,
+//! takes the whole queue when a batch has filled or [`SCHEDULED_DELAY`] has
+//! passed, and sends it in batches of at most [`BATCH`] spans, up to
+//! [`MAX_IN_FLIGHT`] of them at once: on a busy machine an export round trip
+//! can take milliseconds, and one batch at a time would fall behind the spans
+//! a loaded daemon makes. (The SDK's batch processor exports one batch at a
+//! time and drops what no longer fits its queue without telling anyone.)
+//!
+//! A span that finds the queue full is dropped, counted
+//! (`sandgate_otlp_spans_dropped_total`) and reported in the log at most once
+//! per [`REPORT_EVERY`]: a trace with missing spans is never silent.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
+use std::time::{Duration, Instant};
+
+use opentelemetry::Context;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
+
+use super::traces::{ExportStats, REPORT_EVERY};
+
+/// Spans per export request.
+pub const BATCH: usize = 512;
+/// Spans held while the collector is slow; beyond this they are dropped.
+pub const MAX_QUEUE: usize = 16_384;
+/// Export requests under way at once.
+pub const MAX_IN_FLIGHT: usize = 4;
+/// How long a span waits in a batch that does not fill.
+pub const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
+/// Deadline of one export request.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `force_flush` waits for the queue to be exported.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Queues finished spans for the export task; see the module comment.
+#[derive(Debug)]
+pub struct SpanQueue {
+    shared: Arc<Shared>,
+    control: async_mpsc::UnboundedSender<Control>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    spans: Mutex<Vec<SpanData>>,
+    batch_filled: Notify,
+    stats: Arc<ExportStats>,
+}
+
+/// What the processor asks of the export task; each carries the reply's sender.
+enum Control {
+    Flush(mpsc::Sender<OTelSdkResult>),
+    Shutdown(mpsc::Sender<OTelSdkResult>),
+}
+
+impl SpanQueue {
+    /// Starts the export task on `runtime`. The exporter must already have its
+    /// resource: the task owns it from here on.
+    pub fn start<E: SpanExporter + 'static>(
+        exporter: E,
+        endpoint: &str,
+        stats: &Arc<ExportStats>,
+        runtime: &tokio::runtime::Handle,
+    ) -> SpanQueue {
+        let shared = Arc::new(Shared {
+            spans: Mutex::new(Vec::with_capacity(BATCH)),
+            batch_filled: Notify::new(),
+            stats: Arc::clone(stats),
+        });
+        let (control, commands) = async_mpsc::unbounded_channel();
+        let task = ExportTask {
+            shared: Arc::clone(&shared),
+            exporter: Arc::new(exporter),
+            endpoint: Arc::from(endpoint),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            drops_reported: 0,
+            last_drop_report: None,
+        };
+        runtime.spawn(task.run(commands));
+        SpanQueue { shared, control }
+    }
+
+    fn ask(
+        &self,
+        command: fn(mpsc::Sender<OTelSdkResult>) -> Control,
+        wait: Duration,
+    ) -> OTelSdkResult {
+        let (reply, answer) = mpsc::channel();
+        self.control
+            .send(command(reply))
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        match answer.recv_timeout(wait) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(wait)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(OTelSdkError::InternalFailure(
+                "the OTLP export task has stopped".into(),
+            )),
+        }
+    }
+}
+
+impl SpanProcessor for SpanQueue {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        let mut spans = lock(&self.shared.spans);
+        if spans.len() >= MAX_QUEUE {
+            drop(spans);
+            self.shared
+                .stats
+                .spans_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        spans.push(span);
+        let filled = spans.len() == BATCH;
+        drop(spans);
+        if filled {
+            self.shared.batch_filled.notify_one();
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.ask(Control::Flush, FLUSH_TIMEOUT)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.ask(Control::Shutdown, timeout)
+    }
+}
+
+struct ExportTask<E> {
+    shared: Arc<Shared>,
+    exporter: Arc<E>,
+    endpoint: Arc<str>,
+    in_flight: Arc<Semaphore>,
+    drops_reported: u64,
+    last_drop_report: Option<Instant>,
+}
+
+impl<E: SpanExporter + 'static> ExportTask<E> {
+    async fn run(mut self, mut commands: async_mpsc::UnboundedReceiver<Control>) {
+        loop {
+            let command = tokio::select! {
+                () = self.shared.batch_filled.notified() => None,
+                () = tokio::time::sleep(SCHEDULED_DELAY) => None,
+                command = commands.recv() => Some(command),
+            };
+            self.send_queue().await;
+            self.report_drops();
+            match command {
+                None => {}
+                Some(Some(Control::Flush(reply))) => {
+                    self.settle().await;
+                    let _ = reply.send(Ok(()));
+                }
+                Some(Some(Control::Shutdown(reply))) => {
+                    self.settle().await;
+                    let _ = reply.send(self.exporter.shutdown());
+                    return;
+                }
+                // Every processor handle is gone.
+                Some(None) => {
+                    self.settle().await;
+                    let _ = self.exporter.shutdown();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the whole queue and starts its export, a batch per request.
+    async fn send_queue(&self) {
+        let mut spans =
+            std::mem::replace(&mut *lock(&self.shared.spans), Vec::with_capacity(BATCH));
+        while !spans.is_empty() {
+            let batch = spans.split_off(spans.len().saturating_sub(BATCH));
+            let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
+                return;
+            };
+            let exporter = Arc::clone(&self.exporter);
+            let stats = Arc::clone(&self.shared.stats);
+            let endpoint = Arc::clone(&self.endpoint);
+            tokio::spawn(async move {
+                let count = batch.len() as u64;
+                let result = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch))
+                    .await
+                    .unwrap_or(Err(OTelSdkError::Timeout(EXPORT_TIMEOUT)));
+                stats.exported(count, result, &endpoint);
+                drop(permit);
+            });
+        }
+    }
+
+    /// Waits until no export is under way.
+    async fn settle(&self) {
+        if let Ok(all) = self.in_flight.acquire_many(MAX_IN_FLIGHT as u32).await {
+            drop(all);
+        }
+    }
+
+    fn report_drops(&mut self) {
+        let dropped = self.shared.stats.spans_dropped.load(Ordering::Relaxed);
+        if dropped == self.drops_reported
+            || self
+                .last_drop_report
+                .is_some_and(|at| at.elapsed() < REPORT_EVERY)
+        {
+            return;
+        }
+        tracing::warn!(
+            endpoint = %self.endpoint,
+            dropped = dropped - self.drops_reported,
+            total = dropped,
+            "OTLP span queue full ({MAX_QUEUE} spans): spans dropped; the collector or the export cannot keep up"
+        );
+        self.drops_reported = dropped;
+        self.last_drop_report = Some(Instant::now());
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
