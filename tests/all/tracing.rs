@@ -616,7 +616,7 @@ async fn burst(client: &reqwest::Client, daemon: &Daemon, count: usize, concurre
 async fn a_burst_of_decisions_is_exported_whole() {
     // More spans than the export queue holds, made faster than one export
     // at a time would send them.
-    const DECISIONS: usize = 6_400;
+    const DECISIONS: usize = 11_000;
     let (collector, received) = grpc_receiver().await;
     let dir = tempdir();
     let config = daemon_config(
@@ -678,7 +678,7 @@ async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    // The queue holds 16384 spans and the exports under way 2048 more; each
+    // The queue holds 32768 spans and the exports under way 2048 more; each
     // hung export frees its batch after its 5 s deadline, so bursts
     // outrun them however slowly this machine makes decisions.
     let deadline = Instant::now() + Duration::from_secs(90);

@@ -2,9 +2,9 @@
 //!
 //! Ending a span appends it to a queue under a short lock and wakes nothing,
 //! except once per filled batch. The export task, on the export runtime,
-//! takes the whole queue when a batch has filled or [`SCHEDULED_DELAY`] has
-//! passed, and sends it in batches of at most [`BATCH`] spans, up to
-//! [`MAX_IN_FLIGHT`] of them at once: on a busy machine an export round trip
+//! wakes when a batch has filled or [`SCHEDULED_DELAY`] has passed, and sends
+//! the queue in batches of at most [`BATCH`] spans, up to [`MAX_IN_FLIGHT`]
+//! of them at once: on a busy machine an export round trip
 //! can take milliseconds, and one batch at a time would fall behind the spans
 //! a loaded daemon makes. (The SDK's batch processor exports one batch at a
 //! time and drops what no longer fits its queue without telling anyone.)
@@ -27,7 +27,7 @@ use super::traces::{ExportStats, REPORT_EVERY};
 /// Spans per export request.
 pub const BATCH: usize = 512;
 /// Spans held while the collector is slow; beyond this they are dropped.
-pub const MAX_QUEUE: usize = 16_384;
+pub const MAX_QUEUE: usize = 32_768;
 /// Export requests under way at once.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// How long a span waits in a batch that does not fill.
@@ -154,7 +154,6 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
                 command = commands.recv() => Some(command),
             };
             self.send_queue().await;
-            self.report_drops();
             match command {
                 None => {}
                 Some(Some(Control::Flush(reply))) => {
@@ -176,15 +175,23 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
         }
     }
 
-    /// Takes the whole queue and starts its export, a batch per request.
-    async fn send_queue(&self) {
-        let mut spans =
-            std::mem::replace(&mut *lock(&self.shared.spans), Vec::with_capacity(BATCH));
-        while !spans.is_empty() {
-            let batch = spans.split_off(spans.len().saturating_sub(BATCH));
+    /// Exports the queue, a batch per request, each batch taken when an
+    /// export slot is free (spans waiting for one still count against
+    /// [`MAX_QUEUE`]).
+    async fn send_queue(&mut self) {
+        loop {
+            self.report_drops();
             let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
                 return;
             };
+            let batch = {
+                let mut spans = lock(&self.shared.spans);
+                let keep = spans.len().saturating_sub(BATCH);
+                spans.split_off(keep)
+            };
+            if batch.is_empty() {
+                return;
+            }
             let exporter = Arc::clone(&self.exporter);
             let stats = Arc::clone(&self.shared.stats);
             let endpoint = Arc::clone(&self.endpoint);

@@ -3,7 +3,7 @@
 //! every trace it receives. It lets a user without Jaeger see what the daemon
 //! exports: point `[telemetry] otlp_endpoint` at it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -127,42 +127,22 @@ pub fn render(request: &ExportTraceServiceRequest) -> String {
         });
         traces[at].1.push((service, span));
     }
-    let mut out = String::new();
+    let mut out = String::with_capacity(spans.len() * 160);
+    let mut tree = Tree::default();
     for (trace, members) in traces {
-        let ids: HashSet<&[u8]> = members.iter().map(|(_, s)| s.span_id.as_slice()).collect();
-        let mut children: HashMap<&[u8], Vec<&Span>> = HashMap::new();
-        let mut roots = Vec::new();
-        for (_, span) in &members {
-            if ids.contains(&span.parent_span_id.as_slice()) {
-                children
-                    .entry(span.parent_span_id.as_slice())
-                    .or_default()
-                    .push(span);
-            } else {
-                roots.push(*span);
-            }
-        }
-        for list in children.values_mut() {
-            list.sort_by_key(|s| s.start_time_unix_nano);
-        }
-        roots.sort_by_key(|s| s.start_time_unix_nano);
         let service = members.first().map(|(s, _)| *s).unwrap_or("?");
-        let _ = writeln!(
-            out,
-            "trace {} ({service}, {} spans)",
-            hex(trace),
-            members.len()
-        );
-        for root in roots {
-            let remote = (!root.parent_span_id.is_empty())
-                .then(|| format!(" (child of remote span {})", hex(&root.parent_span_id)));
-            write_span(
-                &mut out,
-                root,
-                &children,
-                1,
-                remote.as_deref().unwrap_or(""),
-            );
+        out.push_str("trace ");
+        hex(&mut out, trace);
+        let _ = writeln!(out, " ({service}, {} spans)", members.len());
+        tree.build(members.iter().map(|(_, span)| *span));
+        for &root in &tree.roots {
+            let mut note = String::new();
+            if !root.parent_span_id.is_empty() {
+                note.push_str(" (child of remote span ");
+                hex(&mut note, &root.parent_span_id);
+                note.push(')');
+            }
+            write_span(&mut out, root, &tree, 1, &note);
         }
         out.push('\n');
     }
@@ -172,38 +152,87 @@ pub fn render(request: &ExportTraceServiceRequest) -> String {
 /// One trace's id and its spans, each with the service that sent it.
 type Trace<'a> = (&'a [u8], Vec<(&'a str, &'a Span)>);
 
-fn write_span(
-    out: &mut String,
-    span: &Span,
-    children: &HashMap<&[u8], Vec<&Span>>,
-    depth: usize,
-    note: &str,
-) {
-    let indent = "  ".repeat(depth);
+/// The parent links of one trace's spans, in buffers reused from trace to
+/// trace: no hashing, O(n log n) in the trace's spans.
+#[derive(Default)]
+struct Tree<'a> {
+    /// The trace's span ids, sorted, to tell local parents from remote ones.
+    ids: Vec<&'a [u8]>,
+    /// Spans with a parent in the trace, by parent id, then start time.
+    children: Vec<&'a Span>,
+    /// Spans without one, by start time.
+    roots: Vec<&'a Span>,
+}
+
+impl<'a> Tree<'a> {
+    fn build(&mut self, spans: impl Iterator<Item = &'a Span> + Clone) {
+        self.ids.clear();
+        self.children.clear();
+        self.roots.clear();
+        self.ids.extend(spans.clone().map(|s| s.span_id.as_slice()));
+        self.ids.sort_unstable();
+        for span in spans {
+            if self
+                .ids
+                .binary_search(&span.parent_span_id.as_slice())
+                .is_ok()
+            {
+                self.children.push(span);
+            } else {
+                self.roots.push(span);
+            }
+        }
+        self.children
+            .sort_by_key(|s| (s.parent_span_id.as_slice(), s.start_time_unix_nano));
+        self.roots.sort_by_key(|s| s.start_time_unix_nano);
+    }
+
+    fn children_of(&self, span: &Span) -> &[&'a Span] {
+        let id = span.span_id.as_slice();
+        let from = self
+            .children
+            .partition_point(|c| c.parent_span_id.as_slice() < id);
+        let to = self
+            .children
+            .partition_point(|c| c.parent_span_id.as_slice() <= id);
+        &self.children[from..to]
+    }
+}
+
+fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note: &str) {
+    let indent = |out: &mut String| (0..depth).for_each(|_| out.push_str("  "));
     let micros = span
         .end_time_unix_nano
         .saturating_sub(span.start_time_unix_nano)
         / 1_000;
-    let _ = write!(out, "{indent}{} {micros}µs{note}", span.name);
+    indent(out);
+    let _ = write!(out, "{} {micros}µs{note}", span.name);
     attributes(out, &span.attributes);
     if let Some(status) = &span.status
         && status.code == status::StatusCode::Error as i32
     {
-        let _ = writeln!(out, "{indent}  ✗ {}", status.message);
+        indent(out);
+        out.push_str("  ✗ ");
+        out.push_str(&status.message);
+        out.push('\n');
     }
     for event in &span.events {
-        let _ = write!(out, "{indent}  • {}", event.name);
+        indent(out);
+        out.push_str("  • ");
+        out.push_str(&event.name);
         attributes(out, &event.attributes);
     }
-    for child in children.get(span.span_id.as_slice()).into_iter().flatten() {
-        write_span(out, child, children, depth + 1, "");
+    for child in tree.children_of(span) {
+        write_span(out, child, tree, depth + 1, "");
     }
 }
 
 /// ` key=value` for each attribute, then the end of the line.
 fn attributes(out: &mut String, list: &[KeyValue]) {
     for kv in list {
-        let _ = write!(out, " {}=", kv.key);
+        out.push(' ');
+        out.push_str(&kv.key);
+        out.push('=');
         value(out, kv.value.as_ref());
     }
     out.push('\n');
@@ -211,7 +240,10 @@ fn attributes(out: &mut String, list: &[KeyValue]) {
 
 fn value(out: &mut String, v: Option<&AnyValue>) {
     let _ = match v.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => write!(out, "{s}"),
+        Some(any_value::Value::StringValue(s)) => {
+            out.push_str(s);
+            Ok(())
+        }
         Some(any_value::Value::BoolValue(b)) => write!(out, "{b}"),
         Some(any_value::Value::IntValue(i)) => write!(out, "{i}"),
         Some(any_value::Value::DoubleValue(d)) => write!(out, "{d}"),
@@ -220,11 +252,12 @@ fn value(out: &mut String, v: Option<&AnyValue>) {
     };
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+fn hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 #[cfg(test)]
