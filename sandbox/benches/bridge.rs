@@ -84,12 +84,20 @@ fn call_guest(url: &str) -> String {
 
 fn bench(c: &mut Criterion) {
     build_guests();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // The service runs on a thread of its own, as a service in another
+    // process would; both clients run on the benchmark's thread, reqwest's
+    // connection task included, so each exchange wakes the service's thread
+    // and is woken by it the same way on either side.
+    let service = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
-    let url = runtime.block_on(decision_service());
+    let url = service.block_on(decision_service());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(dir.path().join("call.wat"), call_guest(&url)).unwrap_or_else(|e| panic!("{e}"));
     let remote = repo_root().join("target/guests/wasm32-wasip1/release/remote_decision.wasm");

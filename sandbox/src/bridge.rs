@@ -105,9 +105,30 @@ impl EgressRule {
         url.scheme() == self.scheme
             && url.username().is_empty()
             && url.password().is_none()
-            && url.host().map(|h| h.to_owned()).as_ref() == Some(&self.host)
+            && url.host().is_some_and(|host| self.is_host(&host))
             && url.port_or_known_default() == Some(self.port)
-            && segments(url).starts_with(&self.segments)
+            && self.is_path_prefix_of(url)
+    }
+
+    fn is_host(&self, host: &Host<&str>) -> bool {
+        match (host, &self.host) {
+            (Host::Domain(a), Host::Domain(b)) => a == b,
+            (Host::Ipv4(a), Host::Ipv4(b)) => a == b,
+            (Host::Ipv6(a), Host::Ipv6(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    /// Whether this prefix's segments begin `url`'s path. Trailing empty
+    /// segments (`/a/`) need no trimming here: the prefix's own last segment
+    /// is never empty, so it cannot end inside them.
+    fn is_path_prefix_of(&self, url: &Url) -> bool {
+        let Some(mut path) = url.path_segments() else {
+            return self.segments.is_empty();
+        };
+        self.segments
+            .iter()
+            .all(|want| path.next() == Some(want.as_str()))
     }
 
     /// Whether every URL under `other` is also under this prefix.
@@ -703,6 +724,15 @@ mod tests {
         // Other spellings of the same IPv4 address normalise to it.
         assert!(rule.matches(&url("http://2130706433:8080/introspect")));
         assert!(rule.matches(&url("http://0x7f.0.0.1:8080/introspect")));
+        // A trailing slash names the same directory; the root prefix covers the host.
+        let dir = EgressRule::parse("http://auth.example/api/").unwrap_or_else(|e| panic!("{e}"));
+        assert!(dir.matches(&url("http://auth.example/api")));
+        assert!(dir.matches(&url("http://auth.example/api/v1/")));
+        assert!(!dir.matches(&url("http://auth.example/apiv1")));
+        assert!(!dir.matches(&url("http://auth.example.evil/api")));
+        let root = EgressRule::parse("http://auth.example").unwrap_or_else(|e| panic!("{e}"));
+        assert!(root.matches(&url("http://auth.example/anything/else")));
+        assert!(!root.matches(&url("http://other.example/")));
     }
 
     #[test]
