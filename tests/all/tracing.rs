@@ -527,18 +527,21 @@ async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller(
     );
 }
 
-#[tokio::test]
-async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
-    let dead = free_port();
+/// A daemon serving the `rbac` example and exporting traces to `endpoint`,
+/// ready, with a client for it (and the directory it lives in).
+async fn rbac_daemon_exporting_to(endpoint: &str) -> (tempfile::TempDir, Daemon, reqwest::Client) {
     let dir = tempdir();
-    let config = daemon_config(
-        dir.path(),
-        &telemetry(&format!("http://{dead}"), ""),
-        &rbac_policy("rbac"),
-    );
+    let config = daemon_config(dir.path(), &telemetry(endpoint, ""), &rbac_policy("rbac"));
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
+    (dir, daemon, client)
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
+    let dead = free_port();
+    let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{dead}")).await;
     let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
     for _ in 0..50 {
         let started = Instant::now();
@@ -618,15 +621,7 @@ async fn a_burst_of_decisions_is_exported_whole() {
     // at a time would send them.
     const DECISIONS: usize = 11_000;
     let (collector, received) = grpc_receiver().await;
-    let dir = tempdir();
-    let config = daemon_config(
-        dir.path(),
-        &telemetry(&format!("http://{collector}"), ""),
-        &rbac_policy("rbac"),
-    );
-    let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = client();
-    daemon.ready(&client).await;
+    let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{collector}")).await;
     burst(&client, &daemon, DECISIONS, 32).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -669,15 +664,7 @@ async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let silent = listener.local_addr().expect("addr");
     let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
-    let dir = tempdir();
-    let config = daemon_config(
-        dir.path(),
-        &telemetry(&format!("http://{silent}"), ""),
-        &rbac_policy("rbac"),
-    );
-    let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = client();
-    daemon.ready(&client).await;
+    let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{silent}")).await;
     // The queue holds 32768 spans and the exports under way 2048 more; each
     // hung export frees its batch after its 5 s deadline, so bursts
     // outrun them however slowly this machine makes decisions.
