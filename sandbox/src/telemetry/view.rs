@@ -21,6 +21,9 @@ use opentelemetry_proto::tonic::trace::v1::{Span, status};
 use prost::Message as _;
 use tonic::transport::server::TcpIncoming;
 
+/// HTTP/2 receive window per stream of the gRPC receiver.
+const RECEIVE_WINDOW: u32 = 4 << 20;
+
 /// Serves OTLP/gRPC on `grpc` and, when given, OTLP/HTTP on `http`
 /// (`POST /v1/traces`), printing each received trace to stdout. Runs until
 /// the process is stopped.
@@ -32,11 +35,17 @@ pub async fn serve(grpc: SocketAddr, http: Option<SocketAddr>) -> anyhow::Result
         "sandgate trace: OTLP/gRPC on {}",
         grpc_listener.local_addr()?
     );
-    let grpc_server = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-        TraceServiceServer::new(Printer),
-        TcpIncoming::from(grpc_listener),
-        std::future::pending::<()>(),
-    );
+    // An export request carries hundreds of spans (100 KiB and more): windows
+    // larger than HTTP/2's default 64 KiB let it arrive without the sender
+    // stopping for window updates part way.
+    let grpc_server = tonic::transport::Server::builder()
+        .initial_stream_window_size(RECEIVE_WINDOW)
+        .initial_connection_window_size(4 * RECEIVE_WINDOW)
+        .serve_with_incoming_shutdown(
+            TraceServiceServer::new(Printer),
+            TcpIncoming::from(grpc_listener),
+            std::future::pending::<()>(),
+        );
     match http {
         None => grpc_server.await?,
         Some(addr) => {
