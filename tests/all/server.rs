@@ -288,7 +288,7 @@ fn sleeping_guest(ms: u64) -> String {
     )
 }
 
-const ALICE_READS: &str = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+pub(crate) const ALICE_READS: &str = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
 const ALICE_DELETES: &str = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"delete","resource":{"type":"orders","id":"7"}}"#;
 
 async fn post(

@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 
 use crate::bridge::response_guest;
 use crate::nginx::{Backend, free_port, start_nginx};
-use crate::server::{Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
+use crate::server::{
+    ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy,
+};
 use crate::support::*;
 
 /// Every export request a receiver got.
@@ -483,7 +485,7 @@ async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller(
     let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    let input = ALICE_READS;
     // Sampled by the caller: recorded although the ratio is 0.
     let sampled = evaluate(
         &client,
@@ -529,20 +531,22 @@ async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller(
 
 /// A daemon serving the `rbac` example and exporting traces to `endpoint`,
 /// ready, with a client for it (and the directory it lives in).
-async fn rbac_daemon_exporting_to(endpoint: &str) -> (tempfile::TempDir, Daemon, reqwest::Client) {
+async fn rbac_daemon_exporting_to(
+    endpoint: &str,
+) -> (tempfile::TempDir, Arc<Daemon>, reqwest::Client) {
     let dir = tempdir();
     let config = daemon_config(dir.path(), &telemetry(endpoint, ""), &rbac_policy("rbac"));
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    (dir, daemon, client)
+    (dir, Arc::new(daemon), client)
 }
 
 #[tokio::test]
 async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
     let dead = free_port();
     let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{dead}")).await;
-    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    let input = ALICE_READS;
     for _ in 0..50 {
         let started = Instant::now();
         let answer: Value =
@@ -553,11 +557,7 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let metrics = daemon.metrics(&client).await;
-        let failures = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("sandgate_otlp_export_failures_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if failures.is_some_and(|f| f > 0) {
+        if counter(&metrics, "sandgate_otlp_export_failures_total").is_some_and(|f| f > 0) {
             break;
         }
         assert!(
@@ -583,24 +583,16 @@ fn counter(metrics: &str, name: &str) -> Option<u64> {
 }
 
 /// `count` decisions from `concurrency` clients at once, each an allow.
-async fn burst(client: &reqwest::Client, daemon: &Daemon, count: usize, concurrency: usize) {
-    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+async fn burst(client: &reqwest::Client, daemon: &Arc<Daemon>, count: usize, concurrency: usize) {
     let mut workers = tokio::task::JoinSet::new();
     for worker in 0..concurrency {
-        let (client, url) = (client.clone(), daemon.url("/v1/policies/rbac/evaluate"));
+        let (client, daemon) = (client.clone(), Arc::clone(daemon));
         let share = count / concurrency + usize::from(worker < count % concurrency);
         workers.spawn(async move {
             for _ in 0..share {
                 let started = Instant::now();
-                let answer: Value = json_body(
-                    client
-                        .post(&url)
-                        .body(input)
-                        .send()
-                        .await
-                        .expect("evaluate"),
-                )
-                .await;
+                let path = "/v1/policies/rbac/evaluate";
+                let answer = evaluate(&client, &daemon, path, ALICE_READS, None).await;
                 assert_eq!(answer["allow"], true, "{answer}");
                 assert!(
                     started.elapsed() < Duration::from_secs(2),
@@ -743,7 +735,7 @@ async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    let input = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
+    let input = ALICE_READS;
     for _ in 0..3 {
         let answer = evaluate(&client, &daemon, "/v1/policies/rbac/evaluate", input, None).await;
         assert_eq!(answer["allow"], true, "{answer}");
