@@ -11,18 +11,19 @@
 //!
 //! A span that finds the queue full is dropped, counted
 //! (`sandgate_otlp_spans_dropped_total`) and reported in the log at most once
-//! per [`REPORT_EVERY`]: a trace with missing spans is never silent.
+//! per [`REPORT_EVERY`](super::traces::REPORT_EVERY): a trace with missing
+//! spans is never silent.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
 
-use super::traces::{ExportStats, REPORT_EVERY};
+use super::traces::{ExportStats, Throttle};
 
 /// Spans per export request.
 pub const BATCH: usize = 512;
@@ -78,7 +79,7 @@ impl SpanQueue {
             endpoint: Arc::from(endpoint),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             drops_reported: 0,
-            last_drop_report: None,
+            drop_report: Throttle::default(),
         };
         runtime.spawn(task.run(commands));
         SpanQueue { shared, control }
@@ -142,7 +143,7 @@ struct ExportTask<E> {
     endpoint: Arc<str>,
     in_flight: Arc<Semaphore>,
     drops_reported: u64,
-    last_drop_report: Option<Instant>,
+    drop_report: Throttle,
 }
 
 impl<E: SpanExporter + 'static> ExportTask<E> {
@@ -215,11 +216,7 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
 
     fn report_drops(&mut self) {
         let dropped = self.shared.stats.spans_dropped.load(Ordering::Relaxed);
-        if dropped == self.drops_reported
-            || self
-                .last_drop_report
-                .is_some_and(|at| at.elapsed() < REPORT_EVERY)
-        {
+        if dropped == self.drops_reported || !self.drop_report.due() {
             return;
         }
         tracing::warn!(
@@ -229,7 +226,6 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
             "OTLP span queue full ({MAX_QUEUE} spans): spans dropped; the collector or the export cannot keep up"
         );
         self.drops_reported = dropped;
-        self.last_drop_report = Some(Instant::now());
     }
 }
 

@@ -2,7 +2,7 @@
 //! decision with `instantiate` and `evaluate` children, a client span per
 //! bridged HTTP call, and span events for refused WASI and egress calls and
 //! for guest log lines. A finished span is queued without waking anything
-//! ([`super::queue`]), and the export runs on a one-thread runtime of its
+//! (the `queue` module), and the export runs on a one-thread runtime of its
 //! own, so a slow or unreachable collector never delays a decision; export
 //! failures and dropped spans are counted and reported in the log at most
 //! once per [`REPORT_EVERY`].
@@ -88,7 +88,23 @@ pub struct ExportStats {
     pub spans_dropped: AtomicU64,
     /// Failures not yet reported in the log, and when the log last heard of them.
     unreported: AtomicU64,
-    last_report: Mutex<Option<Instant>>,
+    failure_report: Throttle,
+}
+
+/// Lets a repeated warning into the log at most once per [`REPORT_EVERY`].
+#[derive(Debug, Default)]
+pub(super) struct Throttle(Mutex<Option<Instant>>);
+
+impl Throttle {
+    /// Whether a warning may be logged now; if so, the next waits its turn.
+    pub(super) fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= REPORT_EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
 }
 
 impl Tracing {
@@ -345,11 +361,9 @@ impl ExportStats {
             return;
         };
         self.export_failures.fetch_add(1, Ordering::Relaxed);
-        let unreported = self.unreported.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
-            *last = Some(Instant::now());
-            self.unreported.store(0, Ordering::Relaxed);
+        self.unreported.fetch_add(1, Ordering::Relaxed);
+        if self.failure_report.due() {
+            let unreported = self.unreported.swap(0, Ordering::Relaxed);
             tracing::warn!(
                 endpoint = %endpoint,
                 failures = unreported,
