@@ -92,10 +92,13 @@ struct UsageError(String);
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The trace view is one receiver printing to one terminal: a single
+    // thread serves it without handing each export between threads.
+    let mut builder = match cli.command {
+        Command::Trace { .. } => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("sandgate: cannot start the async runtime: {e}");

@@ -529,6 +529,45 @@ async fn http_protobuf_export_names_the_service_and_sampling_follows_the_caller(
     );
 }
 
+#[tokio::test]
+async fn a_guest_that_logs_without_end_grows_its_span_only_to_the_event_limit() {
+    let (collector, received) = grpc_receiver().await;
+    let dir = tempdir();
+    // Logs 300 times at info before allowing; the ABI passes on 256 of them.
+    let wat = abi_guest(
+        r#"(import "sandgate" "log" (func $log (param i32 i32 i32)))
+  (data (i32.const 2048) "flood")"#,
+        &format!(
+            "(local $i i32)
+    (loop $again
+      (call $log (i32.const 2) (i32.const 2048) (i32.const 5))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 300))))
+    {ALLOW_RESULT}"
+        ),
+    );
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{collector}"), ""),
+        &wat_policy(dir.path(), "chatty", &wat, ""),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+
+    let answer = evaluate(&client, &daemon, "/v1/policies/chatty/evaluate", "{}", None).await;
+    assert_eq!(answer["allow"], true, "{answer}");
+    let trace_id = answer["trace_id"].as_str().expect("trace id");
+    let spans = received.trace(trace_id, 3).await;
+    let guest = &named(&spans, "evaluate").span;
+    assert_eq!(guest.events.len(), 128, "events kept");
+    assert!(guest.events.iter().all(|e| e.name == "guest.log"));
+    assert_eq!(
+        guest.dropped_events_count, 128,
+        "the events past the limit are counted as dropped"
+    );
+}
+
 /// A daemon serving the `rbac` example and exporting traces to `endpoint`,
 /// ready, with a client for it (and the directory it lives in).
 async fn rbac_daemon_exporting_to(

@@ -1,7 +1,7 @@
-//! The span processor between the request workers and the OTLP exporter.
+//! The span queue between the request workers and the OTLP exporter.
 //!
-//! Ending a span appends it to a queue under a short lock and wakes nothing,
-//! except once per filled batch. The export task, on the export runtime,
+//! A decision's ended spans are appended to a queue together, under a short
+//! lock, waking nothing except once per filled batch. The export task, on the export runtime,
 //! wakes when a batch has filled or [`SCHEDULED_DELAY`] has passed, and sends
 //! the queue in batches of at most [`BATCH`] spans, up to [`MAX_IN_FLIGHT`]
 //! of them at once: on a busy machine an export round trip
@@ -18,9 +18,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
-use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
 
 use super::traces::{ExportStats, Throttle};
@@ -35,14 +34,15 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const SCHEDULED_DELAY: Duration = Duration::from_millis(500);
 /// Deadline of one export request.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long `force_flush` waits for the queue to be exported.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the queue to be exported.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Queues finished spans for the export task; see the module comment.
 #[derive(Debug)]
 pub struct SpanQueue {
     shared: Arc<Shared>,
-    control: async_mpsc::UnboundedSender<Control>,
+    /// Asks the export task to stop; it answers on the sender it is given.
+    shutdown: async_mpsc::UnboundedSender<mpsc::Sender<OTelSdkResult>>,
 }
 
 #[derive(Debug)]
@@ -50,12 +50,6 @@ struct Shared {
     spans: Mutex<Vec<SpanData>>,
     batch_filled: Notify,
     stats: Arc<ExportStats>,
-}
-
-/// What the processor asks of the export task; each carries the reply's sender.
-enum Control {
-    Flush(mpsc::Sender<OTelSdkResult>),
-    Shutdown(mpsc::Sender<OTelSdkResult>),
 }
 
 impl SpanQueue {
@@ -72,7 +66,7 @@ impl SpanQueue {
             batch_filled: Notify::new(),
             stats: Arc::clone(stats),
         });
-        let (control, commands) = async_mpsc::unbounded_channel();
+        let (shutdown, requests) = async_mpsc::unbounded_channel();
         let task = ExportTask {
             shared: Arc::clone(&shared),
             exporter: Arc::new(exporter),
@@ -81,59 +75,48 @@ impl SpanQueue {
             drops_reported: 0,
             drop_report: Throttle::default(),
         };
-        runtime.spawn(task.run(commands));
-        SpanQueue { shared, control }
+        runtime.spawn(task.run(requests));
+        SpanQueue { shared, shutdown }
     }
 
-    fn ask(
-        &self,
-        command: fn(mpsc::Sender<OTelSdkResult>) -> Control,
-        wait: Duration,
-    ) -> OTelSdkResult {
-        let (reply, answer) = mpsc::channel();
-        self.control
-            .send(command(reply))
-            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
-        match answer.recv_timeout(wait) {
-            Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(wait)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(OTelSdkError::InternalFailure(
-                "the OTLP export task has stopped".into(),
-            )),
-        }
-    }
-}
-
-impl SpanProcessor for SpanQueue {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
+    /// Queues finished spans; what does not fit a full queue is dropped and counted.
+    pub fn push(&self, mut ended: Vec<SpanData>) {
+        if ended.is_empty() {
             return;
         }
         let mut spans = lock(&self.shared.spans);
-        if spans.len() >= MAX_QUEUE {
-            drop(spans);
+        let before = spans.len();
+        let room = MAX_QUEUE.saturating_sub(before);
+        let dropped = ended.len().saturating_sub(room);
+        ended.truncate(room);
+        spans.append(&mut ended);
+        let filled = before < BATCH && spans.len() >= BATCH;
+        drop(spans);
+        if dropped > 0 {
             self.shared
                 .stats
                 .spans_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            return;
+                .fetch_add(dropped as u64, Ordering::Relaxed);
         }
-        spans.push(span);
-        let filled = spans.len() == BATCH;
-        drop(spans);
         if filled {
             self.shared.batch_filled.notify_one();
         }
     }
 
-    fn force_flush(&self) -> OTelSdkResult {
-        self.ask(Control::Flush, FLUSH_TIMEOUT)
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.ask(Control::Shutdown, timeout)
+    /// Exports what is queued, stops the export task and shuts the exporter
+    /// down; at once when it has stopped already.
+    pub fn shutdown(&self) -> OTelSdkResult {
+        let (reply, answer) = mpsc::channel();
+        self.shutdown
+            .send(reply)
+            .map_err(|_| OTelSdkError::AlreadyShutdown)?;
+        match answer.recv_timeout(SHUTDOWN_TIMEOUT) {
+            Ok(result) => result,
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(OTelSdkError::Timeout(SHUTDOWN_TIMEOUT)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(OTelSdkError::InternalFailure(
+                "the OTLP export task has stopped".into(),
+            )),
+        }
     }
 }
 
@@ -147,26 +130,25 @@ struct ExportTask<E> {
 }
 
 impl<E: SpanExporter + 'static> ExportTask<E> {
-    async fn run(mut self, mut commands: async_mpsc::UnboundedReceiver<Control>) {
+    async fn run(
+        mut self,
+        mut shutdown: async_mpsc::UnboundedReceiver<mpsc::Sender<OTelSdkResult>>,
+    ) {
         loop {
-            let command = tokio::select! {
+            let request = tokio::select! {
                 () = self.shared.batch_filled.notified() => None,
                 () = tokio::time::sleep(SCHEDULED_DELAY) => None,
-                command = commands.recv() => Some(command),
+                request = shutdown.recv() => Some(request),
             };
             self.send_queue().await;
-            match command {
+            match request {
                 None => {}
-                Some(Some(Control::Flush(reply))) => {
-                    self.settle().await;
-                    let _ = reply.send(Ok(()));
-                }
-                Some(Some(Control::Shutdown(reply))) => {
+                Some(Some(reply)) => {
                     self.settle().await;
                     let _ = reply.send(self.exporter.shutdown());
                     return;
                 }
-                // Every processor handle is gone.
+                // The queue is gone.
                 Some(None) => {
                     self.settle().await;
                     let _ = self.exporter.shutdown();

@@ -17,21 +17,24 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    SpanContext, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
+    Event, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags,
 };
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, SpanExporter};
+use opentelemetry_sdk::trace::{
+    IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents,
+    SpanExporter, SpanLinks,
+};
 
 use super::queue::{EXPORT_TIMEOUT, SpanQueue};
 use crate::config::{OtlpProtocol, TelemetrySettings};
@@ -54,27 +57,64 @@ impl std::fmt::Debug for Tracing {
 }
 
 struct Inner {
-    provider: SdkTracerProvider,
-    tracer: SdkTracer,
+    /// Where finished spans go; the export task takes them from there.
+    queue: SpanQueue,
+    /// Parent-based ratio sampling, decided once per decision.
+    sampler: Sampler,
+    ids: RandomIdGenerator,
+    /// `sandgate` and its version, the scope every span is reported under.
+    scope: InstrumentationScope,
     /// The metrics exported over OTLP beside Prometheus, when configured.
     metrics: Option<OtlpMetrics>,
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
     guest_log_level: i32,
     stats: Arc<ExportStats>,
-    /// Last, so the providers above, dropped first, still flush through it.
+    /// Last, so the queue and the metrics provider above, dropped first,
+    /// still flush through it.
     _runtime: ExportRuntime,
 }
 
-/// The one-thread runtime the exports run on. It stops without waiting for
-/// its thread when dropped: that may happen on a thread of another runtime
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Spans still queued are exported (a stopped task answers at once).
+        let _ = self.queue.shutdown();
+    }
+}
+
+/// The runtime the exports run on: a current-thread runtime driven by a
+/// thread of its own, `sandgate-otlp`. Dropping it tells that thread to stop
+/// and does not wait for it: that may happen on a thread of another runtime
 /// (the last `Tracing` clone, or `Tracing::start` failing half way), where
-/// a runtime cannot be dropped by blocking.
-struct ExportRuntime(Option<tokio::runtime::Runtime>);
+/// nothing may block.
+struct ExportRuntime {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl ExportRuntime {
+    fn start() -> std::io::Result<ExportRuntime> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("sandgate-otlp".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+                runtime.shutdown_background();
+            })?;
+        Ok(ExportRuntime {
+            handle,
+            stop: Some(stop),
+        })
+    }
+}
 
 impl Drop for ExportRuntime {
     fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
     }
 }
@@ -117,18 +157,13 @@ impl Tracing {
         // Exports run on a runtime of their own: the OTLP clients' connection
         // tasks and each batch's encoding never queue behind decisions on the
         // request workers, nor wake them.
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("sandgate-otlp")
-            .enable_all()
-            .build()
+        let runtime = ExportRuntime::start()
             .map_err(|e| anyhow::anyhow!("cannot start the OTLP export thread: {e}"))?;
-        let handle = runtime.handle().clone();
-        let runtime = ExportRuntime(Some(runtime));
+        let handle = runtime.handle.clone();
         // The tonic exporter makes its channel in the runtime it will use.
         let exporting = handle.enter();
         let resource = resource(&settings.service_name);
-        let processor = match settings.otlp_protocol {
+        let queue = match settings.otlp_protocol {
             OtlpProtocol::Grpc => {
                 let mut exporter = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
@@ -155,12 +190,9 @@ impl Tracing {
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             settings.sampling_ratio,
         )));
-        let provider = SdkTracerProvider::builder()
-            .with_span_processor(processor)
-            .with_sampler(sampler)
-            .with_resource(resource.clone())
+        let scope = InstrumentationScope::builder("sandgate")
+            .with_version(env!("CARGO_PKG_VERSION"))
             .build();
-        let tracer = provider.tracer("sandgate");
         let metrics = match settings.otlp_metrics_interval {
             None => None,
             Some(interval) => Some(OtlpMetrics::start(settings, endpoint, interval, resource)?),
@@ -174,8 +206,10 @@ impl Tracing {
         drop(exporting);
         Ok(Some(Tracing {
             inner: Arc::new(Inner {
-                provider,
-                tracer,
+                queue,
+                sampler,
+                ids: RandomIdGenerator::default(),
+                scope,
                 metrics,
                 guest_log_level: settings.guest_log_level,
                 stats,
@@ -195,7 +229,7 @@ impl Tracing {
 
     /// Exports what is buffered and stops the exporters (at daemon shutdown).
     pub fn shutdown(&self) {
-        if let Err(e) = self.inner.provider.shutdown() {
+        if let Err(e) = self.inner.queue.shutdown() {
             tracing::warn!("trace exporter shutdown: {e}");
         }
         if let Some(metrics) = &self.inner.metrics
@@ -404,48 +438,173 @@ impl Parent {
     }
 }
 
+/// At most this many events are kept per span (the SDK's default limit);
+/// more are counted as dropped, so a guest that logs without end cannot grow
+/// a span without bound.
+const MAX_EVENTS_PER_SPAN: usize = 128;
+
 /// The span an evaluation is in now. Cheap to clone; every method is a no-op
 /// on spans that are not recorded (no tracer, or not sampled).
+///
+/// Spans are recorded straight into the SDK's [`SpanData`], which the OTLP
+/// exporter takes as it is: a decision's spans share one reference to the
+/// tracer, and nothing else shared between request workers is touched while
+/// they are open. (Through the SDK's tracer each span start and end updates
+/// reference counts every worker shares; on a busy daemon that contention cost
+/// three times the work itself.)
 #[derive(Clone)]
 pub struct Scope {
-    tracing: Option<Tracing>,
-    cx: Context,
+    /// The context of this scope's span: what children descend from and
+    /// bridged calls propagate. Invalid without a tracer or caller's trace.
+    cx: SpanContext,
+    /// The trace's recorder, when its spans are exported.
+    trace: Option<Arc<Trace>>,
+    /// This scope's own span, while recording; `None` for the caller's
+    /// remote span and for spans not sampled.
+    span: Option<Arc<OpenSpan>>,
 }
 
 impl Default for Scope {
     fn default() -> Self {
         Scope {
-            tracing: None,
-            cx: Context::new(),
+            cx: SpanContext::empty_context(),
+            trace: None,
+            span: None,
         }
+    }
+}
+
+/// What a sampled decision's spans share: the tracer, referenced once per
+/// decision rather than once per span, and the spans that have ended. Those
+/// that end before the decision's own span are queued for export with it, so
+/// the queue's lock is taken once per decision and the trace arrives whole;
+/// those that end after it (the kernel's view of the invocation) one by one.
+struct Trace {
+    tracing: Tracing,
+    ended: Mutex<Ended>,
+}
+
+struct Ended {
+    spans: Vec<SpanData>,
+    /// Whether the `sandgate.evaluate` span has ended.
+    decision: bool,
+}
+
+impl Trace {
+    fn ended(&self, span: SpanData, decision: bool) {
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        ended.spans.push(span);
+        ended.decision |= decision;
+        if ended.decision {
+            let spans = std::mem::take(&mut ended.spans);
+            drop(ended);
+            self.tracing.inner.queue.push(spans);
+        }
+    }
+}
+
+/// A span being recorded; it ends at the latest when its last scope is
+/// dropped.
+struct OpenSpan {
+    data: Mutex<Option<SpanData>>,
+    trace: Arc<Trace>,
+    /// Whether this is the decision's own span, the root of its trace here.
+    decision: bool,
+}
+
+impl OpenSpan {
+    fn with<R>(&self, f: impl FnOnce(&mut SpanData) -> R) -> Option<R> {
+        self.data
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+            .map(f)
+    }
+
+    fn end(&self, at: SystemTime) {
+        let data = self.data.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut data) = data {
+            data.end_time = at;
+            self.trace.ended(data, self.decision);
+        }
+    }
+}
+
+impl Drop for OpenSpan {
+    fn drop(&mut self) {
+        self.end(SystemTime::now());
     }
 }
 
 /// Span attributes are passed as closures throughout, so the evaluation path
 /// builds none of them when it is not traced.
 impl Scope {
-    /// Opens the `sandgate.evaluate` span of one decision under `parent`.
+    /// Opens the `sandgate.evaluate` span of one decision under `parent`,
+    /// sampled per `sampling_ratio` unless the caller decided already.
     pub fn evaluation(
         tracing: Option<&Tracing>,
         parent: &Parent,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        let parent_cx = parent.context();
         let Some(tracing) = tracing else {
             return Scope {
-                tracing: None,
-                cx: parent_cx,
+                cx: parent.0.clone().unwrap_or_else(SpanContext::empty_context),
+                trace: None,
+                span: None,
             };
         };
-        let tracer = &tracing.inner.tracer;
-        let span = tracer
-            .span_builder("sandgate.evaluate")
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes())
-            .start_with_context(tracer, &parent_cx);
+        let inner = &tracing.inner;
+        let (trace_id, parent_cx) = match &parent.0 {
+            Some(remote) => (remote.trace_id(), parent.context()),
+            None => (inner.ids.new_trace_id(), Context::new()),
+        };
+        let name = "sandgate.evaluate";
+        let sampling = inner.sampler.should_sample(
+            Some(&parent_cx),
+            trace_id,
+            name,
+            &SpanKind::Server,
+            &[],
+            &[],
+        );
+        let sampled = sampling.decision == SamplingDecision::RecordAndSample;
+        let cx = SpanContext::new(
+            trace_id,
+            inner.ids.new_span_id(),
+            TraceFlags::default().with_sampled(sampled),
+            false,
+            sampling.trace_state,
+        );
+        if !sampled {
+            return Scope {
+                cx,
+                trace: None,
+                span: None,
+            };
+        }
+        let trace = Arc::new(Trace {
+            tracing: tracing.clone(),
+            // The decision's own span and its instantiate and evaluate children.
+            ended: Mutex::new(Ended {
+                spans: Vec::with_capacity(3),
+                decision: false,
+            }),
+        });
+        let parent = parent.0.as_ref();
+        let span = open(
+            &trace,
+            &cx,
+            parent.map_or(SpanId::INVALID, SpanContext::span_id),
+            parent.is_some(),
+            name.into(),
+            SpanKind::Server,
+            SystemTime::now(),
+            attributes(),
+        );
         Scope {
-            tracing: Some(tracing.clone()),
-            cx: parent_cx.with_span(span),
+            cx,
+            trace: Some(trace),
+            span: Some(span),
         }
     }
 
@@ -456,7 +615,7 @@ impl Scope {
         kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        self.start_child(name, kind, None, attributes)
+        self.start_child(name.into(), kind, SystemTime::now(), attributes)
     }
 
     /// Opens a child span that started at `start` (for work observed after
@@ -465,67 +624,88 @@ impl Scope {
         &self,
         name: &'static str,
         kind: SpanKind,
-        start: std::time::SystemTime,
+        start: SystemTime,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        self.start_child(name, kind, Some(start), attributes)
+        self.start_child(name.into(), kind, start, attributes)
     }
 
+    /// A child of a sampled span is sampled: the parent-based sampler's
+    /// answer, without asking it.
     fn start_child(
         &self,
-        name: impl Into<Cow<'static, str>>,
+        name: Cow<'static, str>,
         kind: SpanKind,
-        start: Option<std::time::SystemTime>,
+        start: SystemTime,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        let Some(tracing) = &self.tracing else {
+        let Some(trace) = &self.trace else {
             return self.clone();
         };
-        let tracer = &tracing.inner.tracer;
-        let mut builder = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes());
-        if let Some(start) = start {
-            builder = builder.with_start_time(start);
-        }
-        let span = builder.start_with_context(tracer, &self.cx);
+        let cx = SpanContext::new(
+            self.cx.trace_id(),
+            trace.tracing.inner.ids.new_span_id(),
+            self.cx.trace_flags(),
+            false,
+            self.cx.trace_state().clone(),
+        );
+        let span = open(
+            trace,
+            &cx,
+            self.cx.span_id(),
+            false,
+            name,
+            kind,
+            start,
+            attributes(),
+        );
         Scope {
-            tracing: Some(tracing.clone()),
-            cx: self.cx.with_span(span),
+            cx,
+            trace: Some(Arc::clone(trace)),
+            span: Some(span),
         }
     }
 
     /// The trace id decisions and audit lines carry: this trace's when
     /// tracing, else the caller's.
     pub fn trace_id(&self) -> Option<String> {
-        let span = self.cx.span().span_context().clone();
-        span.is_valid().then(|| span.trace_id().to_string())
+        self.cx.is_valid().then(|| self.cx.trace_id().to_string())
     }
 
     /// Whether spans of this trace are exported, even after this scope's
     /// own span ended (children may still be added then).
     pub fn is_sampled(&self) -> bool {
-        self.tracing.is_some() && self.cx.span().span_context().is_sampled()
+        self.trace.is_some()
     }
 
+    /// Whether this scope's own span is open and recorded.
     pub fn is_recording(&self) -> bool {
-        self.cx.span().is_recording()
+        self.span
+            .as_ref()
+            .and_then(|span| span.with(|_| ()))
+            .is_some()
     }
 
     pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        let span = self.cx.span();
-        if span.is_recording() {
-            span.add_event(name, attributes());
-        }
+        let Some(span) = &self.span else {
+            return;
+        };
+        span.with(|data| {
+            if data.events.events.len() < MAX_EVENTS_PER_SPAN {
+                let event = Event::new(name, SystemTime::now(), attributes(), 0);
+                data.events.events.push(event);
+            } else {
+                data.events.dropped_count += 1;
+            }
+        });
     }
 
     /// A guest `log` call, as an event when at or above the configured level.
     pub fn guest_log(&self, level: i32, message: &str) {
-        let Some(tracing) = &self.tracing else {
+        let Some(trace) = &self.trace else {
             return;
         };
-        if level < tracing.inner.guest_log_level || !self.is_recording() {
+        if level < trace.tracing.inner.guest_log_level {
             return;
         }
         let name = match level {
@@ -544,40 +724,77 @@ impl Scope {
     }
 
     pub fn set_attributes(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        let span = self.cx.span();
-        if span.is_recording() {
-            span.set_attributes(attributes());
+        if let Some(span) = &self.span {
+            span.with(|data| data.attributes.extend(attributes()));
         }
     }
 
     /// Marks the span failed with a DESIGN §3 error code.
     pub fn fail(&self, code: &str, message: &str) {
-        let span = self.cx.span();
-        span.set_attribute(KeyValue::new("error.code", code.to_owned()));
-        span.set_status(Status::error(format!("{code}: {message}")));
+        if let Some(span) = &self.span {
+            span.with(|data| {
+                data.attributes
+                    .push(KeyValue::new("error.code", code.to_owned()));
+                data.status = Status::error(format!("{code}: {message}"));
+            });
+        }
     }
 
     /// Ends this scope's own span at `end` (work observed after the fact).
-    pub fn end_at(&self, end: std::time::SystemTime) {
-        if self.tracing.is_some() {
-            self.cx.span().end_with_timestamp(end);
+    pub fn end_at(&self, end: SystemTime) {
+        if let Some(span) = &self.span {
+            span.end(end);
         }
     }
 
     /// Ends this scope's own span (never the caller's remote span).
     pub fn end(&self) {
-        if self.tracing.is_some() {
-            self.cx.span().end();
-        }
+        self.end_at(SystemTime::now());
     }
 
     /// Adds `traceparent` (and `tracestate`) naming this span, replacing any
     /// the guest set, so the called service joins the trace.
     pub fn inject(&self, headers: &mut http::HeaderMap) {
-        if self.cx.span().span_context().is_valid() {
-            TraceContextPropagator::new().inject_context(&self.cx, &mut HeaderInjector(headers));
+        if self.cx.is_valid() {
+            let cx = Context::new().with_remote_span_context(self.cx.clone());
+            TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
         }
     }
+}
+
+/// Starts recording a span.
+#[allow(clippy::too_many_arguments)]
+fn open(
+    trace: &Arc<Trace>,
+    cx: &SpanContext,
+    parent_span_id: SpanId,
+    parent_span_is_remote: bool,
+    name: Cow<'static, str>,
+    span_kind: SpanKind,
+    start_time: SystemTime,
+    attributes: Vec<KeyValue>,
+) -> Arc<OpenSpan> {
+    let data = SpanData {
+        span_context: cx.clone(),
+        parent_span_id,
+        parent_span_is_remote,
+        span_kind,
+        name,
+        start_time,
+        end_time: start_time,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: trace.tracing.inner.scope.clone(),
+    };
+    Arc::new(OpenSpan {
+        data: Mutex::new(Some(data)),
+        trace: Arc::clone(trace),
+        // Only the decision's span has no parent in this process.
+        decision: parent_span_is_remote || parent_span_id == SpanId::INVALID,
+    })
 }
 
 #[cfg(test)]
