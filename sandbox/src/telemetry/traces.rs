@@ -1,9 +1,9 @@
 //! OpenTelemetry traces (DESIGN §8): one `sandgate.evaluate` span per
 //! decision with `instantiate` and `evaluate` children, a client span per
 //! bridged HTTP call, and span events for refused WASI and egress calls and
-//! for guest log lines. A finished span is queued without waking anything
-//! (the `queue` module), and the export runs on a one-thread runtime of its
-//! own, so a slow or unreachable collector never delays a decision; export
+//! for guest log lines. A decision's spans are queued together when its own
+//! span ends, without waking anything (the `queue` module), and the export
+//! runs on a one-thread runtime of its own, so a slow or unreachable collector never delays a decision; export
 //! failures and dropped spans are counted and reported in the log at most
 //! once per [`REPORT_EVERY`].
 //!
@@ -448,10 +448,10 @@ const MAX_EVENTS_PER_SPAN: usize = 128;
 ///
 /// Spans are recorded straight into the SDK's [`SpanData`], which the OTLP
 /// exporter takes as it is: a decision's spans share one reference to the
-/// tracer, and nothing else shared between request workers is touched while
-/// they are open. (Through the SDK's tracer each span start and end updates
-/// reference counts every worker shares; on a busy daemon that contention cost
-/// three times the work itself.)
+/// tracer, and the shared queue is locked once per decision. (Through the
+/// SDK's tracer each span start and end updates reference counts all request
+/// workers share, and two workers tracing at once keep taking those cache
+/// lines from each other.)
 #[derive(Clone)]
 pub struct Scope {
     /// The context of this scope's span: what children descend from and
