@@ -678,14 +678,6 @@ impl Scope {
         self.trace.is_some()
     }
 
-    /// Whether this scope's own span is open and recorded.
-    pub fn is_recording(&self) -> bool {
-        self.span
-            .as_ref()
-            .and_then(|span| span.with(|_| ()))
-            .is_some()
-    }
-
     pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
         let Some(span) = &self.span else {
             return;
