@@ -25,7 +25,7 @@ use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
 use super::traces::{ExportStats, Throttle};
 
 /// Spans per export request.
-pub const BATCH: usize = 512;
+pub const BATCH: usize = 1024;
 /// Spans held while the collector is slow; beyond this they are dropped.
 pub const MAX_QUEUE: usize = 32_768;
 /// Export requests under way at once.
