@@ -593,18 +593,14 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         assert_eq!(answer["allow"], true, "{answer}");
         assert!(started.elapsed() < Duration::from_secs(1));
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let metrics = daemon.metrics(&client).await;
-        if counter(&metrics, "sandgate_otlp_export_failures_total").is_some_and(|f| f > 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no export failure counted:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_counted(
+        &daemon,
+        &client,
+        "sandgate_otlp_export_failures_total",
+        Duration::from_secs(15),
+        async || tokio::time::sleep(Duration::from_millis(100)).await,
+    )
+    .await;
     let logs = daemon.logs();
     assert!(logs.contains("OTLP trace export failed"), "{logs}");
     assert!(
@@ -619,6 +615,26 @@ fn counter(metrics: &str, name: &str) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Reads `/metrics` until the unlabelled counter `name` is above 0, running
+/// `between` before each new look; fails once `within` has passed.
+async fn until_counted(
+    daemon: &Daemon,
+    client: &reqwest::Client,
+    name: &str,
+    within: Duration,
+    mut between: impl AsyncFnMut(),
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let metrics = daemon.metrics(client).await;
+        if counter(&metrics, name).is_some_and(|n| n > 0) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} still 0:\n{metrics}");
+        between().await;
+    }
 }
 
 /// `count` decisions from `concurrency` clients at once, each an allow.
@@ -696,21 +712,17 @@ async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
     let silent = listener.local_addr().expect("addr");
     let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
     let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{silent}")).await;
-    // The queue holds 32768 spans and the exports under way 2048 more; each
+    // The queue holds 32768 spans and the exports under way 4096 more; each
     // hung export frees its batch after its 5 s deadline, so bursts
     // outrun them however slowly this machine makes decisions.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        burst(&client, &daemon, 2_000, 16).await;
-        let metrics = daemon.metrics(&client).await;
-        if counter(&metrics, "sandgate_otlp_spans_dropped_total").is_some_and(|d| d > 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no span counted as dropped:\n{metrics}"
-        );
-    }
+    until_counted(
+        &daemon,
+        &client,
+        "sandgate_otlp_spans_dropped_total",
+        Duration::from_secs(90),
+        async || burst(&client, &daemon, 2_000, 16).await,
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(15);
     while !daemon.logs().contains("OTLP span queue full") {
         assert!(
