@@ -1,15 +1,15 @@
 //! The span queue between the request workers and the OTLP exporter.
 //!
 //! A decision's ended spans are appended to a queue together, under a short
-//! lock, waking nothing except once per filled batch. The export task, on the export runtime,
-//! wakes when a batch has filled or [`SCHEDULED_DELAY`] has passed, and sends
-//! the queue in batches of at most [`BATCH`] spans, up to [`MAX_IN_FLIGHT`]
-//! of them at once: on a busy machine an export round trip
-//! can take milliseconds, and one batch at a time would fall behind the spans
-//! a loaded daemon makes. (The SDK's batch processor exports one batch at a
-//! time and drops what no longer fits its queue without telling anyone.)
+//! lock, waking nothing except once per filled batch. The export task, on
+//! the export runtime, wakes when a batch has filled or [`SCHEDULED_DELAY`]
+//! has passed, and sends the queue in batches of at most [`BATCH`] spans, up
+//! to [`MAX_IN_FLIGHT`] of them at once: on a busy machine an export round
+//! trip can take milliseconds, and one batch at a time would fall behind the
+//! spans a loaded daemon makes. (The SDK's batch processor exports one batch
+//! at a time and drops what no longer fits its queue without telling anyone.)
 //!
-//! A span that finds the queue full is dropped, counted
+//! A span that does not fit the full queue is dropped, counted
 //! (`sandgate_otlp_spans_dropped_total`) and reported in the log at most once
 //! per [`REPORT_EVERY`](super::traces::REPORT_EVERY): a trace with missing
 //! spans is never silent.
@@ -211,6 +211,8 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `mutex`, also after a panic elsewhere left it poisoned: the span
+/// data it guards stays usable.
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

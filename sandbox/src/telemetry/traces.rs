@@ -36,7 +36,7 @@ use opentelemetry_sdk::trace::{
     SpanExporter, SpanLinks,
 };
 
-use super::queue::{EXPORT_TIMEOUT, SpanQueue};
+use super::queue::{EXPORT_TIMEOUT, SpanQueue, lock};
 use crate::config::{OtlpProtocol, TelemetrySettings};
 
 /// How often a failing exporter, or a full span queue, may say so in the log.
@@ -138,7 +138,7 @@ pub(super) struct Throttle(Mutex<Option<Instant>>);
 impl Throttle {
     /// Whether a warning may be logged now; if so, the next waits its turn.
     pub(super) fn due(&self) -> bool {
-        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = lock(&self.0);
         let due = last.is_none_or(|at| at.elapsed() >= REPORT_EVERY);
         if due {
             *last = Some(Instant::now());
@@ -492,7 +492,7 @@ struct Ended {
 
 impl Trace {
     fn ended(&self, span: SpanData, decision: bool) {
-        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ended = lock(&self.ended);
         ended.spans.push(span);
         ended.decision |= decision;
         if ended.decision {
@@ -514,15 +514,11 @@ struct OpenSpan {
 
 impl OpenSpan {
     fn with<R>(&self, f: impl FnOnce(&mut SpanData) -> R) -> Option<R> {
-        self.data
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_mut()
-            .map(f)
+        lock(&self.data).as_mut().map(f)
     }
 
     fn end(&self, at: SystemTime) {
-        let data = self.data.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let data = lock(&self.data).take();
         if let Some(mut data) = data {
             data.end_time = at;
             self.trace.ended(data, self.decision);
@@ -590,12 +586,10 @@ impl Scope {
                 decision: false,
             }),
         });
-        let parent = parent.0.as_ref();
         let span = open(
             &trace,
             &cx,
-            parent.map_or(SpanId::INVALID, SpanContext::span_id),
-            parent.is_some(),
+            parent.0.as_ref(),
             name.into(),
             SpanKind::Server,
             SystemTime::now(),
@@ -649,16 +643,7 @@ impl Scope {
             false,
             self.cx.trace_state().clone(),
         );
-        let span = open(
-            trace,
-            &cx,
-            self.cx.span_id(),
-            false,
-            name,
-            kind,
-            start,
-            attributes(),
-        );
+        let span = open(trace, &cx, Some(&self.cx), name, kind, start, attributes());
         Scope {
             cx,
             trace: Some(Arc::clone(trace)),
@@ -754,21 +739,21 @@ impl Scope {
     }
 }
 
-/// Starts recording a span.
-#[allow(clippy::too_many_arguments)]
+/// Starts recording the span `cx` under `parent` (the caller's remote span,
+/// a span of this process, or none).
 fn open(
     trace: &Arc<Trace>,
     cx: &SpanContext,
-    parent_span_id: SpanId,
-    parent_span_is_remote: bool,
+    parent: Option<&SpanContext>,
     name: Cow<'static, str>,
     span_kind: SpanKind,
     start_time: SystemTime,
     attributes: Vec<KeyValue>,
 ) -> Arc<OpenSpan> {
+    let parent_span_is_remote = parent.is_some_and(SpanContext::is_remote);
     let data = SpanData {
         span_context: cx.clone(),
-        parent_span_id,
+        parent_span_id: parent.map_or(SpanId::INVALID, SpanContext::span_id),
         parent_span_is_remote,
         span_kind,
         name,
@@ -785,7 +770,7 @@ fn open(
         data: Mutex::new(Some(data)),
         trace: Arc::clone(trace),
         // Only the decision's span has no parent in this process.
-        decision: parent_span_is_remote || parent_span_id == SpanId::INVALID,
+        decision: parent.is_none() || parent_span_is_remote,
     })
 }
 
