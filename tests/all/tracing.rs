@@ -568,6 +568,131 @@ async fn a_guest_that_logs_without_end_grows_its_span_only_to_the_event_limit() 
     );
 }
 
+/// A guest that logs 128 messages of 16 KiB (at debug, so the daemon's own
+/// log leaves them out) and allows: what the ABI and the event limit let
+/// into one span, 2 MiB.
+fn loud_guest() -> String {
+    abi_guest(
+        r#"(import "sandgate" "log" (func $log (param i32 i32 i32)))"#,
+        &format!(
+            "(local $i i32)
+    (loop $again
+      (call $log (i32.const 1) (i32.const 4096) (i32.const 16384))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const 128))))
+    {ALLOW_RESULT}"
+        ),
+    )
+}
+
+/// A daemon serving `loud` and the `rbac` example, exporting to `endpoint`
+/// with debug guest logs as span events.
+async fn loud_daemon_exporting_to(endpoint: &str) -> (tempfile::TempDir, Daemon, reqwest::Client) {
+    let dir = tempdir();
+    let policies = format!(
+        "{}{}",
+        wat_policy(dir.path(), "loud", &loud_guest(), ""),
+        rbac_policy("rbac")
+    );
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(endpoint, "guest_log_level = \"debug\""),
+        &policies,
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    (dir, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_that_log_the_most_they_may_cost_no_other_decision_its_trace() {
+    // Four 2 MiB spans and an `rbac` decision end within one export's wait:
+    // more than the 4 MiB a gRPC receiver (tonic's default, as the
+    // OpenTelemetry Collector's and Jaeger's) takes in one request.
+    let (collector, received) = grpc_receiver().await;
+    let (_dir, daemon, client) = loud_daemon_exporting_to(&format!("http://{collector}")).await;
+    let mut traces = Vec::new();
+    for policy in ["loud", "loud", "rbac", "loud", "loud"] {
+        let path = format!("/v1/policies/{policy}/evaluate");
+        let answer = evaluate(&client, &daemon, &path, ALICE_READS, None).await;
+        assert_eq!(answer["allow"], true, "{path}: {answer}");
+        traces.push(answer["trace_id"].as_str().expect("trace id").to_owned());
+    }
+    for trace_id in &traces {
+        let spans = received.trace(trace_id, 3).await;
+        if named(&spans, "sandgate.evaluate").attr("policy").as_deref() == Some("loud") {
+            let guest = &named(&spans, "evaluate").span;
+            assert_eq!(guest.events.len(), 128, "every log line is kept");
+            assert!(
+                guest
+                    .events
+                    .iter()
+                    .all(|e| attr(&e.attributes, "log.message").is_some_and(|m| m.len() == 16384)),
+                "each message whole"
+            );
+        }
+    }
+    let metrics = daemon.metrics(&client).await;
+    assert_eq!(
+        counter(&metrics, "sandgate_otlp_export_failures_total"),
+        Some(0),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_collector_holds_a_loud_guests_spans_only_up_to_the_queues_bytes() {
+    // Accepts connections and never answers. The queue's 32768 spans would
+    // be 22 GiB of this guest's; it holds 64 MiB, so spans are dropped
+    // after some 40 decisions (with 4 exports of 2 MiB under way), a
+    // hundred spans and far from the span limit.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = listener.local_addr().expect("addr");
+    let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
+    let (_dir, daemon, client) = loud_daemon_exporting_to(&format!("http://{silent}")).await;
+    let mut decisions = 0;
+    until_counted(
+        &daemon,
+        &client,
+        "sandgate_otlp_spans_dropped_total",
+        Duration::from_secs(60),
+        async || {
+            let path = "/v1/policies/loud/evaluate";
+            let answer = evaluate(&client, &daemon, path, "{}", None).await;
+            assert_eq!(answer["allow"], true, "{answer}");
+            decisions += 1;
+            assert!(
+                decisions <= 100,
+                "no span dropped after {decisions} decisions"
+            );
+        },
+    )
+    .await;
+    let answer = evaluate(
+        &client,
+        &daemon,
+        "/v1/policies/rbac/evaluate",
+        ALICE_READS,
+        None,
+    )
+    .await;
+    assert_eq!(
+        answer["allow"], true,
+        "other policies keep serving: {answer}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !daemon.logs().contains("OTLP span queue full") {
+        assert!(
+            Instant::now() < deadline,
+            "drops not reported:\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+}
+
 /// A daemon serving the `rbac` example and exporting traces to `endpoint`,
 /// ready, with a client for it (and the directory it lives in).
 async fn rbac_daemon_exporting_to(

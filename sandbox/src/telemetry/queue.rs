@@ -9,7 +9,10 @@
 //! spans a loaded daemon makes. (The SDK's batch processor exports one batch
 //! at a time and drops what no longer fits its queue without telling anyone.)
 //!
-//! A span that does not fit the full queue is dropped, counted
+//! An export request holds at most [`BATCH`] spans and about
+//! [`MAX_REQUEST_BYTES`], so that a collector takes it: a guest's logged
+//! messages may make one span megabytes long. A span that does not fit the
+//! full queue ([`MAX_QUEUE`] spans, [`MAX_QUEUE_BYTES`]) is dropped, counted
 //! (`sandgate_otlp_spans_dropped_total`) and reported in the log at most once
 //! per [`REPORT_EVERY`](super::traces::REPORT_EVERY): a trace with missing
 //! spans is never silent.
@@ -18,6 +21,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
+use opentelemetry::trace::Status;
+use opentelemetry::{Array, KeyValue, Value};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
@@ -26,8 +31,18 @@ use super::traces::{ExportStats, Throttle};
 
 /// Spans per export request.
 pub const BATCH: usize = 1024;
+/// Bytes per export request, at most (as far as [`encoded_size`] tells),
+/// unless one span alone is larger: half the 4 MiB a gRPC receiver takes
+/// by default (tonic's, the OpenTelemetry Collector's and Jaeger's limit).
+/// Decisions' spans are a few hundred bytes, but a guest may log 128
+/// messages of 16 KiB into one span, and a request too large for the
+/// collector would lose every other span sent with it.
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// Spans held while the collector is slow; beyond this they are dropped.
 pub const MAX_QUEUE: usize = 32_768;
+/// Bytes of spans held, likewise: what a guest that logs all it may in every
+/// decision can make the daemon hold while the collector is slow.
+pub const MAX_QUEUE_BYTES: usize = 64 << 20;
 /// Export requests under way at once.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// How long a span waits in a batch that does not fill.
@@ -47,9 +62,16 @@ pub struct SpanQueue {
 
 #[derive(Debug)]
 struct Shared {
-    spans: Mutex<Vec<SpanData>>,
+    queue: Mutex<Queue>,
     batch_filled: Notify,
     stats: Arc<ExportStats>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    spans: Vec<SpanData>,
+    /// The [`encoded_size`] of `spans`, summed.
+    bytes: usize,
 }
 
 impl SpanQueue {
@@ -62,7 +84,10 @@ impl SpanQueue {
         runtime: &tokio::runtime::Handle,
     ) -> SpanQueue {
         let shared = Arc::new(Shared {
-            spans: Mutex::new(Vec::with_capacity(BATCH)),
+            queue: Mutex::new(Queue {
+                spans: Vec::with_capacity(BATCH),
+                bytes: 0,
+            }),
             batch_filled: Notify::new(),
             stats: Arc::clone(stats),
         });
@@ -84,14 +109,26 @@ impl SpanQueue {
         if ended.is_empty() {
             return;
         }
-        let mut spans = lock(&self.shared.spans);
-        let before = spans.len();
-        let room = MAX_QUEUE.saturating_sub(before);
-        let dropped = ended.len().saturating_sub(room);
-        ended.truncate(room);
-        spans.append(&mut ended);
-        let filled = before < BATCH && spans.len() >= BATCH;
-        drop(spans);
+        let sizes: Vec<usize> = ended.iter().map(encoded_size).collect();
+        let mut queue = lock(&self.shared.queue);
+        let (spans, bytes) = (queue.spans.len(), queue.bytes);
+        let mut added = 0;
+        let fits = sizes
+            .iter()
+            .take_while(|&&size| {
+                added += size;
+                bytes + added <= MAX_QUEUE_BYTES
+            })
+            .count()
+            .min(MAX_QUEUE.saturating_sub(spans));
+        let dropped = ended.len() - fits;
+        ended.truncate(fits);
+        queue.bytes += sizes[..fits].iter().sum::<usize>();
+        queue.spans.append(&mut ended);
+        // Wakes the export task once per request's worth of spans.
+        let filled = (spans < BATCH && queue.spans.len() >= BATCH)
+            || (bytes < MAX_REQUEST_BYTES && queue.bytes >= MAX_REQUEST_BYTES);
+        drop(queue);
         if dropped > 0 {
             self.shared
                 .stats
@@ -168,9 +205,10 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
                 return;
             };
             let batch = {
-                let mut spans = lock(&self.shared.spans);
-                let keep = spans.len().saturating_sub(BATCH);
-                spans.split_off(keep)
+                let mut queue = lock(&self.shared.queue);
+                let (keep, bytes) = batch_start(&queue.spans);
+                queue.bytes -= bytes;
+                queue.spans.split_off(keep)
             };
             if batch.is_empty() {
                 return;
@@ -205,14 +243,153 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
             endpoint = %self.endpoint,
             dropped = dropped - self.drops_reported,
             total = dropped,
-            "OTLP span queue full ({MAX_QUEUE} spans): spans dropped; the collector or the export cannot keep up"
+            "OTLP span queue full ({MAX_QUEUE} spans or {} MiB): spans dropped; the collector or the export cannot keep up",
+            MAX_QUEUE_BYTES >> 20
         );
         self.drops_reported = dropped;
     }
+}
+
+/// Where the next export request starts in `spans`, and its bytes: it takes
+/// the last ones, at most [`BATCH`] of them and [`MAX_REQUEST_BYTES`], and at
+/// least one.
+fn batch_start(spans: &[SpanData]) -> (usize, usize) {
+    let mut bytes = 0;
+    let mut start = spans.len();
+    while start > 0 && spans.len() - start < BATCH {
+        let size = encoded_size(&spans[start - 1]);
+        if bytes + size > MAX_REQUEST_BYTES && start < spans.len() {
+            break;
+        }
+        bytes += size;
+        start -= 1;
+    }
+    (start, bytes)
+}
+
+/// About the bytes `span` takes in an OTLP export request: its strings, plus
+/// a share for ids, times and protobuf framing. Errs high rather than low.
+fn encoded_size(span: &SpanData) -> usize {
+    const SPAN: usize = 96;
+    const EVENT: usize = 24;
+    let message = match &span.status {
+        Status::Error { description } => description.len(),
+        _ => 0,
+    };
+    SPAN + span.name.len()
+        + message
+        + attributes_size(&span.attributes)
+        + span
+            .events
+            .iter()
+            .map(|e| EVENT + e.name.len() + attributes_size(&e.attributes))
+            .sum::<usize>()
+        + span
+            .links
+            .iter()
+            .map(|l| SPAN + attributes_size(&l.attributes))
+            .sum::<usize>()
+}
+
+fn attributes_size(attributes: &[KeyValue]) -> usize {
+    const ATTRIBUTE: usize = 12;
+    attributes
+        .iter()
+        .map(|kv| {
+            let value = match &kv.value {
+                Value::String(s) => s.as_str().len(),
+                Value::Array(Array::String(list)) => {
+                    list.iter().map(|s| s.as_str().len() + 4).sum()
+                }
+                Value::Array(Array::Bool(list)) => 2 * list.len(),
+                Value::Array(Array::I64(list)) => 11 * list.len(),
+                Value::Array(Array::F64(list)) => 9 * list.len(),
+                _ => 11,
+            };
+            ATTRIBUTE + kv.key.as_str().len() + value
+        })
+        .sum()
 }
 
 /// Locks `mutex`, also after a panic elsewhere left it poisoned: the span
 /// data it guards stays usable.
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::SystemTime;
+
+    use opentelemetry::InstrumentationScope;
+    use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind};
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use prost::Message as _;
+
+    use super::*;
+
+    /// A decision's span with `events` guest log events of `message` bytes.
+    fn span(events: usize, message: usize) -> SpanData {
+        let mut logged = SpanEvents::default();
+        logged.events = (0..events)
+            .map(|_| {
+                let attributes = vec![
+                    KeyValue::new("log.severity", "info"),
+                    KeyValue::new("log.message", "m".repeat(message)),
+                ];
+                Event::new("guest.log", SystemTime::now(), attributes, 0)
+            })
+            .collect();
+        SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: SpanId::from(7),
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: Cow::Borrowed("evaluate"),
+            start_time: SystemTime::now(),
+            end_time: SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("policy", "rbac"),
+                KeyValue::new("digest", "sha256:".to_owned() + &"0".repeat(64)),
+                KeyValue::new("duration_us", 41_i64),
+                KeyValue::new("decision.allow", true),
+            ],
+            dropped_attributes_count: 0,
+            events: logged,
+            links: SpanLinks::default(),
+            status: Status::error("internal: a message"),
+            instrumentation_scope: InstrumentationScope::builder("sandgate").build(),
+        }
+    }
+
+    #[test]
+    fn the_size_estimate_is_never_below_the_encoded_size() {
+        for (events, message) in [(0, 0), (1, 10), (128, 16 * 1024), (3, 200_000)] {
+            let data = span(events, message);
+            let estimate = encoded_size(&data);
+            let encoded = opentelemetry_proto::tonic::trace::v1::Span::from(data).encoded_len();
+            assert!(
+                estimate >= encoded && estimate < encoded + encoded / 2 + 256,
+                "{events} events of {message} bytes: estimate {estimate}, encoded {encoded}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_take_the_newest_spans_up_to_the_count_and_byte_limits() {
+        let small: Vec<SpanData> = (0..3000).map(|_| span(0, 0)).collect();
+        let (start, bytes) = batch_start(&small);
+        assert_eq!(start, 3000 - BATCH);
+        assert_eq!(bytes, BATCH * encoded_size(&small[0]));
+
+        // 2 MiB spans: one per request.
+        let loud: Vec<SpanData> = (0..3).map(|_| span(128, 16 * 1024)).collect();
+        assert_eq!(batch_start(&loud), (2, encoded_size(&loud[2])));
+
+        // Larger than a request may be: sent alone all the same.
+        let huge = vec![span(0, 0), span(1, 3 * MAX_REQUEST_BYTES)];
+        assert_eq!(batch_start(&huge).0, 1);
+        assert_eq!(batch_start(&[]), (0, 0));
+    }
 }

@@ -23,6 +23,12 @@ use tonic::transport::server::TcpIncoming;
 
 /// HTTP/2 receive window per stream of the gRPC receiver.
 const RECEIVE_WINDOW: u32 = 4 << 20;
+/// Largest HTTP/2 frame the gRPC receiver accepts (HTTP/2's default is 16 KiB).
+const MAX_FRAME: u32 = 1 << 20;
+/// Largest export request taken, over either protocol (tonic's and axum's
+/// defaults are 4 and 2 MiB; sandgate sends about 2 MiB at most, other
+/// senders may send more).
+const MAX_REQUEST: usize = 16 << 20;
 
 /// Serves OTLP/gRPC on `grpc` and, when given, OTLP/HTTP on `http`
 /// (`POST /v1/traces`), printing each received trace to stdout. Runs until
@@ -41,8 +47,9 @@ pub async fn serve(grpc: SocketAddr, http: Option<SocketAddr>) -> anyhow::Result
     let grpc_server = tonic::transport::Server::builder()
         .initial_stream_window_size(RECEIVE_WINDOW)
         .initial_connection_window_size(4 * RECEIVE_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .serve_with_incoming_shutdown(
-            TraceServiceServer::new(Printer),
+            TraceServiceServer::new(Printer).max_decoding_message_size(MAX_REQUEST),
             TcpIncoming::from(grpc_listener),
             std::future::pending::<()>(),
         );
@@ -56,7 +63,9 @@ pub async fn serve(grpc: SocketAddr, http: Option<SocketAddr>) -> anyhow::Result
                 "sandgate trace: OTLP/HTTP on http://{}/v1/traces",
                 listener.local_addr()?
             );
-            let app = axum::Router::new().route("/v1/traces", axum::routing::post(http_export));
+            let app = axum::Router::new()
+                .route("/v1/traces", axum::routing::post(http_export))
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST));
             tokio::try_join!(
                 async { grpc_server.await.map_err(anyhow::Error::from) },
                 async {
