@@ -109,21 +109,23 @@ impl SpanQueue {
         if ended.is_empty() {
             return;
         }
-        let sizes: Vec<usize> = ended.iter().map(encoded_size).collect();
+        let size = |spans: &[SpanData]| spans.iter().map(encoded_size).sum::<usize>();
+        let all = size(&ended);
         let mut queue = lock(&self.shared.queue);
         let (spans, bytes) = (queue.spans.len(), queue.bytes);
-        let mut added = 0;
-        let fits = sizes
-            .iter()
-            .take_while(|&&size| {
-                added += size;
-                bytes + added <= MAX_QUEUE_BYTES
-            })
-            .count()
-            .min(MAX_QUEUE.saturating_sub(spans));
+        let mut fits = ended.len().min(MAX_QUEUE.saturating_sub(spans));
+        let mut added = if fits == ended.len() {
+            all
+        } else {
+            size(&ended[..fits])
+        };
+        while bytes + added > MAX_QUEUE_BYTES {
+            fits -= 1;
+            added -= encoded_size(&ended[fits]);
+        }
         let dropped = ended.len() - fits;
         ended.truncate(fits);
-        queue.bytes += sizes[..fits].iter().sum::<usize>();
+        queue.bytes += added;
         queue.spans.append(&mut ended);
         // Wakes the export task once per request's worth of spans.
         let filled = (spans < BATCH && queue.spans.len() >= BATCH)
