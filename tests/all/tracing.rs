@@ -534,18 +534,7 @@ async fn a_guest_that_logs_without_end_grows_its_span_only_to_the_event_limit() 
     let (collector, received) = grpc_receiver().await;
     let dir = tempdir();
     // Logs 300 times at info before allowing; the ABI passes on 256 of them.
-    let wat = abi_guest(
-        r#"(import "sandgate" "log" (func $log (param i32 i32 i32)))
-  (data (i32.const 2048) "flood")"#,
-        &format!(
-            "(local $i i32)
-    (loop $again
-      (call $log (i32.const 2) (i32.const 2048) (i32.const 5))
-      (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $again (i32.lt_u (local.get $i) (i32.const 300))))
-    {ALLOW_RESULT}"
-        ),
-    );
+    let wat = logging_guest(2, 300, 5);
     let config = daemon_config(
         dir.path(),
         &telemetry(&format!("http://{collector}"), ""),
@@ -568,18 +557,16 @@ async fn a_guest_that_logs_without_end_grows_its_span_only_to_the_event_limit() 
     );
 }
 
-/// A guest that logs 128 messages of 16 KiB (at debug, so the daemon's own
-/// log leaves them out) and allows: what the ABI and the event limit let
-/// into one span, 2 MiB.
-fn loud_guest() -> String {
+/// A guest that logs `times` messages of `bytes` at `level`, then allows.
+fn logging_guest(level: i32, times: u32, bytes: u32) -> String {
     abi_guest(
         r#"(import "sandgate" "log" (func $log (param i32 i32 i32)))"#,
         &format!(
             "(local $i i32)
     (loop $again
-      (call $log (i32.const 1) (i32.const 4096) (i32.const 16384))
+      (call $log (i32.const {level}) (i32.const 4096) (i32.const {bytes}))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
-      (br_if $again (i32.lt_u (local.get $i) (i32.const 128))))
+      (br_if $again (i32.lt_u (local.get $i) (i32.const {times}))))
     {ALLOW_RESULT}"
         ),
     )
@@ -591,7 +578,9 @@ async fn loud_daemon_exporting_to(endpoint: &str) -> (tempfile::TempDir, Daemon,
     let dir = tempdir();
     let policies = format!(
         "{}{}",
-        wat_policy(dir.path(), "loud", &loud_guest(), ""),
+        // 128 messages of 16 KiB (at debug, so the daemon's own log leaves
+        // them out): what the ABI and the event limit let into one span, 2 MiB.
+        wat_policy(dir.path(), "loud", &logging_guest(1, 128, 16 * 1024), ""),
         rbac_policy("rbac")
     );
     let config = daemon_config(
@@ -647,9 +636,7 @@ async fn a_silent_collector_holds_a_loud_guests_spans_only_up_to_the_queues_byte
     // be 22 GiB of this guest's; it holds 64 MiB, so spans are dropped
     // after some 40 decisions (with 4 exports of 2 MiB under way), a
     // hundred spans and far from the span limit.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let silent = listener.local_addr().expect("addr");
-    let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
+    let (silent, held) = silent_collector();
     let (_dir, daemon, client) = loud_daemon_exporting_to(&format!("http://{silent}")).await;
     let mut decisions = 0;
     until_counted(
@@ -681,15 +668,7 @@ async fn a_silent_collector_holds_a_loud_guests_spans_only_up_to_the_queues_byte
         answer["allow"], true,
         "other policies keep serving: {answer}"
     );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !daemon.logs().contains("OTLP span queue full") {
-        assert!(
-            Instant::now() < deadline,
-            "drops not reported:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_drops_are_logged(&daemon).await;
     drop(held);
 }
 
@@ -759,6 +738,31 @@ async fn until_counted(
         }
         assert!(Instant::now() < deadline, "{name} still 0:\n{metrics}");
         between().await;
+    }
+}
+
+/// A collector that accepts connections and never answers, and the thread
+/// holding them open.
+fn silent_collector() -> (
+    SocketAddr,
+    std::thread::JoinHandle<Vec<std::io::Result<std::net::TcpStream>>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = listener.local_addr().expect("addr");
+    let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
+    (silent, held)
+}
+
+/// Waits for the daemon to log that its span queue was full.
+async fn until_drops_are_logged(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !daemon.logs().contains("OTLP span queue full") {
+        assert!(
+            Instant::now() < deadline,
+            "drops not reported:\n{}",
+            daemon.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -833,9 +837,7 @@ async fn a_burst_of_decisions_is_exported_whole() {
 async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
     // Accepts connections and never answers: every export waits for its
     // deadline while decisions keep coming.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let silent = listener.local_addr().expect("addr");
-    let held = std::thread::spawn(move || listener.incoming().take(16).collect::<Vec<_>>());
+    let (silent, held) = silent_collector();
     let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{silent}")).await;
     // The queue holds 32768 spans and the exports under way 4096 more; each
     // hung export frees its batch after its 5 s deadline, so bursts
@@ -848,15 +850,7 @@ async fn a_collector_that_stops_answering_costs_spans_not_decisions() {
         async || burst(&client, &daemon, 2_000, 16).await,
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !daemon.logs().contains("OTLP span queue full") {
-        assert!(
-            Instant::now() < deadline,
-            "drops not reported:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_drops_are_logged(&daemon).await;
     assert!(
         daemon.logs().contains(&silent.to_string()),
         "the log names the endpoint"
