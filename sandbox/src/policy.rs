@@ -438,7 +438,9 @@ impl Policy {
             decision_id.clone(),
         );
         let trace = Scope::evaluation(options.tracing.as_ref(), &options.parent, || {
-            let mut attributes = Vec::with_capacity(self.inner.span_attributes.len() + 2);
+            // Room for what the decision adds later too (allow, duration,
+            // epochs, error code), so the list is not moved as it grows.
+            let mut attributes = Vec::with_capacity(self.inner.span_attributes.len() + 6);
             attributes.extend_from_slice(&self.inner.span_attributes);
             attributes.push(KeyValue::new("decision_id", decision_id.clone()));
             if cached {
