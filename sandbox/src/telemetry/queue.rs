@@ -1,9 +1,12 @@
 //! The span queue between the request workers and the OTLP exporter.
 //!
-//! A decision's ended spans are appended to a queue together, under a short
-//! lock, waking nothing except once per filled batch. The export task, on
-//! the export runtime, wakes when a batch has filled or [`SCHEDULED_DELAY`]
-//! has passed, and sends the queue in batches of at most [`BATCH`] spans, up
+//! A decision's ended spans are queued together, as the one list they were
+//! collected in, under a short lock, waking nothing except once per filled
+//! batch. (Copying them into a buffer shared with the export task made each
+//! request worker wait for memory the export task had last read: two points
+//! of traced throughput, docs/benchmarks.md.) The export task, on the export
+//! runtime, wakes when a batch has filled or [`SCHEDULED_DELAY`] has passed,
+//! and sends the queue, oldest first, in batches of at most [`BATCH`] spans, up
 //! to [`MAX_IN_FLIGHT`] of them at once: on a busy machine an export round
 //! trip can take milliseconds, and one batch at a time would fall behind the
 //! spans a loaded daemon makes. (The SDK's batch processor exports one batch
@@ -17,6 +20,7 @@
 //! per [`REPORT_EVERY`](super::traces::REPORT_EVERY): a trace with missing
 //! spans is never silent.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
@@ -32,9 +36,10 @@ use super::traces::{ExportStats, Throttle};
 /// Spans per export request.
 pub const BATCH: usize = 1024;
 /// Bytes per export request, at most (as far as [`encoded_size`] tells),
-/// unless one span alone is larger: half the 4 MiB a gRPC receiver takes
-/// by default (tonic's, the OpenTelemetry Collector's and Jaeger's limit).
-/// Decisions' spans are a few hundred bytes, but a guest may log 128
+/// unless one decision's spans alone are larger (they travel together):
+/// half the 4 MiB a gRPC receiver takes by default (tonic's, the
+/// OpenTelemetry Collector's and Jaeger's limit). Decisions' spans are a
+/// few hundred bytes, but a guest may log 128
 /// messages of 16 KiB into one span, and a request too large for the
 /// collector would lose every other span sent with it.
 pub const MAX_REQUEST_BYTES: usize = 2 << 20;
@@ -67,11 +72,38 @@ struct Shared {
     stats: Arc<ExportStats>,
 }
 
+/// The spans waiting, as they were pushed: a decision's together, each
+/// list with its [`encoded_size`]. The lists are queued as they are, so a
+/// request worker writes nothing into memory the export task last read.
 #[derive(Debug, Default)]
 struct Queue {
-    spans: Vec<SpanData>,
-    /// The [`encoded_size`] of `spans`, summed.
+    lists: VecDeque<(Vec<SpanData>, usize)>,
+    /// Spans in `lists`.
+    spans: usize,
+    /// Their sizes, summed.
     bytes: usize,
+}
+
+impl Queue {
+    /// Takes the oldest lists for one export request: at most [`BATCH`]
+    /// spans and [`MAX_REQUEST_BYTES`], and at least one list (a
+    /// decision's spans travel together).
+    fn take_batch(&mut self) -> Vec<Vec<SpanData>> {
+        let (mut spans, mut bytes) = (0, 0);
+        let mut lists = Vec::new();
+        while let Some((list, size)) = self.lists.front() {
+            let full = spans + list.len() > BATCH || bytes + size > MAX_REQUEST_BYTES;
+            if full && !lists.is_empty() {
+                break;
+            }
+            spans += list.len();
+            bytes += size;
+            lists.extend(self.lists.pop_front().map(|(list, _)| list));
+        }
+        self.spans -= spans;
+        self.bytes -= bytes;
+        lists
+    }
 }
 
 impl SpanQueue {
@@ -84,10 +116,7 @@ impl SpanQueue {
         runtime: &tokio::runtime::Handle,
     ) -> SpanQueue {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue {
-                spans: Vec::with_capacity(BATCH),
-                bytes: 0,
-            }),
+            queue: Mutex::new(Queue::default()),
             batch_filled: Notify::new(),
             stats: Arc::clone(stats),
         });
@@ -112,7 +141,7 @@ impl SpanQueue {
         let size = |spans: &[SpanData]| spans.iter().map(encoded_size).sum::<usize>();
         let all = size(&ended);
         let mut queue = lock(&self.shared.queue);
-        let (spans, bytes) = (queue.spans.len(), queue.bytes);
+        let (spans, bytes) = (queue.spans, queue.bytes);
         let mut fits = ended.len().min(MAX_QUEUE.saturating_sub(spans));
         let mut added = if fits == ended.len() {
             all
@@ -125,10 +154,13 @@ impl SpanQueue {
         }
         let dropped = ended.len() - fits;
         ended.truncate(fits);
-        queue.bytes += added;
-        queue.spans.append(&mut ended);
+        if fits > 0 {
+            queue.spans += fits;
+            queue.bytes += added;
+            queue.lists.push_back((ended, added));
+        }
         // Wakes the export task once per request's worth of spans.
-        let filled = (spans < BATCH && queue.spans.len() >= BATCH)
+        let filled = (spans < BATCH && queue.spans >= BATCH)
             || (bytes < MAX_REQUEST_BYTES && queue.bytes >= MAX_REQUEST_BYTES);
         drop(queue);
         if dropped > 0 {
@@ -206,15 +238,12 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
             let Ok(permit) = Arc::clone(&self.in_flight).acquire_owned().await else {
                 return;
             };
-            let batch = {
-                let mut queue = lock(&self.shared.queue);
-                let (keep, bytes) = batch_start(&queue.spans);
-                queue.bytes -= bytes;
-                queue.spans.split_off(keep)
-            };
-            if batch.is_empty() {
+            let lists = lock(&self.shared.queue).take_batch();
+            if lists.is_empty() {
                 return;
             }
+            let mut batch = Vec::with_capacity(lists.iter().map(Vec::len).sum());
+            lists.into_iter().for_each(|list| batch.extend(list));
             let exporter = Arc::clone(&self.exporter);
             let stats = Arc::clone(&self.shared.stats);
             let endpoint = Arc::clone(&self.endpoint);
@@ -250,23 +279,6 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
         );
         self.drops_reported = dropped;
     }
-}
-
-/// Where the next export request starts in `spans`, and its bytes: it takes
-/// the last ones, at most [`BATCH`] of them and [`MAX_REQUEST_BYTES`], and at
-/// least one.
-fn batch_start(spans: &[SpanData]) -> (usize, usize) {
-    let mut bytes = 0;
-    let mut start = spans.len();
-    while start > 0 && spans.len() - start < BATCH {
-        let size = encoded_size(&spans[start - 1]);
-        if bytes + size > MAX_REQUEST_BYTES && start < spans.len() {
-            break;
-        }
-        bytes += size;
-        start -= 1;
-    }
-    (start, bytes)
 }
 
 /// About the bytes `span` takes in an OTLP export request: its strings, plus
@@ -378,20 +390,48 @@ mod tests {
         }
     }
 
-    #[test]
-    fn requests_take_the_newest_spans_up_to_the_count_and_byte_limits() {
-        let small: Vec<SpanData> = (0..3000).map(|_| span(0, 0)).collect();
-        let (start, bytes) = batch_start(&small);
-        assert_eq!(start, 3000 - BATCH);
-        assert_eq!(bytes, BATCH * encoded_size(&small[0]));
+    /// A queue of `lists`, sized as `push` sizes them.
+    fn queue(lists: Vec<Vec<SpanData>>) -> Queue {
+        let mut queue = Queue::default();
+        for list in lists {
+            let size = list.iter().map(encoded_size).sum();
+            queue.spans += list.len();
+            queue.bytes += size;
+            queue.lists.push_back((list, size));
+        }
+        queue
+    }
 
-        // 2 MiB spans: one per request.
-        let loud: Vec<SpanData> = (0..3).map(|_| span(128, 16 * 1024)).collect();
-        assert_eq!(batch_start(&loud), (2, encoded_size(&loud[2])));
+    fn decision() -> Vec<SpanData> {
+        vec![span(0, 0), span(0, 0), span(0, 0)]
+    }
+
+    #[test]
+    fn requests_take_the_oldest_decisions_up_to_the_count_and_byte_limits() {
+        let mut small = queue((0..1000).map(|_| decision()).collect());
+        let first = small.take_batch();
+        assert_eq!(
+            first.len(),
+            BATCH / 3,
+            "whole decisions, at most {BATCH} spans"
+        );
+        assert_eq!(small.spans, 3 * (1000 - BATCH / 3));
+        assert_eq!(small.bytes, small.spans * encoded_size(&span(0, 0)));
+        while !small.take_batch().is_empty() {}
+        assert_eq!((small.spans, small.bytes), (0, 0));
+
+        // A 2 MiB span per decision: one decision per request.
+        let loud = || vec![span(0, 0), span(128, 16 * 1024), span(0, 0)];
+        let mut loud = queue(vec![loud(), loud(), decision()]);
+        assert_eq!(loud.take_batch().len(), 1);
+        assert_eq!(loud.take_batch().len(), 1);
+        assert_eq!(loud.take_batch().len(), 1);
+        assert_eq!((loud.spans, loud.bytes), (0, 0));
 
         // Larger than a request may be: sent alone all the same.
-        let huge = vec![span(0, 0), span(1, 3 * MAX_REQUEST_BYTES)];
-        assert_eq!(batch_start(&huge).0, 1);
-        assert_eq!(batch_start(&[]), (0, 0));
+        let mut huge = queue(vec![vec![span(1, 3 * MAX_REQUEST_BYTES)], decision()]);
+        assert_eq!(huge.take_batch()[0].len(), 1);
+        assert_eq!(huge.take_batch()[0].len(), 3);
+        assert!(huge.take_batch().is_empty());
     }
 }
