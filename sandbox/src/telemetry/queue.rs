@@ -39,9 +39,9 @@ pub const BATCH: usize = 1024;
 /// unless one decision's spans alone are larger (they travel together):
 /// half the 4 MiB a gRPC receiver takes by default (tonic's, the
 /// OpenTelemetry Collector's and Jaeger's limit). Decisions' spans are a
-/// few hundred bytes, but a guest may log 128
-/// messages of 16 KiB into one span, and a request too large for the
-/// collector would lose every other span sent with it.
+/// few hundred bytes, but a guest may log 128 messages of 16 KiB into one
+/// span, and a request too large for the collector would lose every other
+/// span sent with it.
 pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 /// Spans held while the collector is slow; beyond this they are dropped.
 pub const MAX_QUEUE: usize = 32_768;
