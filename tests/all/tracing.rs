@@ -574,24 +574,39 @@ fn logging_guest(level: i32, times: u32, bytes: u32) -> String {
 
 /// A daemon serving `loud` and the `rbac` example, exporting to `endpoint`
 /// with debug guest logs as span events.
-async fn loud_daemon_exporting_to(endpoint: &str) -> (tempfile::TempDir, Daemon, reqwest::Client) {
+async fn loud_daemon_exporting_to(
+    endpoint: &str,
+) -> (tempfile::TempDir, Arc<Daemon>, reqwest::Client) {
+    daemon_exporting_to(endpoint, "guest_log_level = \"debug\"", |dir| {
+        format!(
+            "{}{}",
+            // 128 messages of 16 KiB (at debug, so the daemon's own log leaves
+            // them out): what the ABI and the event limit let into one span, 2 MiB.
+            wat_policy(dir, "loud", &logging_guest(1, 128, 16 * 1024), ""),
+            rbac_policy("rbac")
+        )
+    })
+    .await
+}
+
+/// A ready daemon serving `policies` (written into its directory) and
+/// exporting traces to `endpoint` with the `extra` telemetry keys, with a
+/// client for it (and the directory it lives in).
+async fn daemon_exporting_to(
+    endpoint: &str,
+    extra: &str,
+    policies: impl FnOnce(&std::path::Path) -> String,
+) -> (tempfile::TempDir, Arc<Daemon>, reqwest::Client) {
     let dir = tempdir();
-    let policies = format!(
-        "{}{}",
-        // 128 messages of 16 KiB (at debug, so the daemon's own log leaves
-        // them out): what the ABI and the event limit let into one span, 2 MiB.
-        wat_policy(dir.path(), "loud", &logging_guest(1, 128, 16 * 1024), ""),
-        rbac_policy("rbac")
-    );
     let config = daemon_config(
         dir.path(),
-        &telemetry(endpoint, "guest_log_level = \"debug\""),
-        &policies,
+        &telemetry(endpoint, extra),
+        &policies(dir.path()),
     );
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
-    (dir, daemon, client)
+    (dir, Arc::new(daemon), client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -677,12 +692,7 @@ async fn a_silent_collector_holds_a_loud_guests_spans_only_up_to_the_queues_byte
 async fn rbac_daemon_exporting_to(
     endpoint: &str,
 ) -> (tempfile::TempDir, Arc<Daemon>, reqwest::Client) {
-    let dir = tempdir();
-    let config = daemon_config(dir.path(), &telemetry(endpoint, ""), &rbac_policy("rbac"));
-    let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = client();
-    daemon.ready(&client).await;
-    (dir, Arc::new(daemon), client)
+    daemon_exporting_to(endpoint, "", |_| rbac_policy("rbac")).await
 }
 
 #[tokio::test]

@@ -85,6 +85,13 @@ struct Queue {
 }
 
 impl Queue {
+    /// Queues `list`, whose spans' sizes sum to `size`.
+    fn add(&mut self, list: Vec<SpanData>, size: usize) {
+        self.spans += list.len();
+        self.bytes += size;
+        self.lists.push_back((list, size));
+    }
+
     /// Takes the oldest lists for one export request: at most [`BATCH`]
     /// spans and [`MAX_REQUEST_BYTES`], and at least one list (a
     /// decision's spans travel together).
@@ -155,9 +162,7 @@ impl SpanQueue {
         let dropped = ended.len() - fits;
         ended.truncate(fits);
         if fits > 0 {
-            queue.spans += fits;
-            queue.bytes += added;
-            queue.lists.push_back((ended, added));
+            queue.add(ended, added);
         }
         // Wakes the export task once per request's worth of spans.
         let filled = (spans < BATCH && queue.spans >= BATCH)
@@ -242,6 +247,7 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
             if lists.is_empty() {
                 return;
             }
+            // Flattened outside the lock: request workers never wait on it.
             let mut batch = Vec::with_capacity(lists.iter().map(Vec::len).sum());
             lists.into_iter().for_each(|list| batch.extend(list));
             let exporter = Arc::clone(&self.exporter);
@@ -395,9 +401,7 @@ mod tests {
         let mut queue = Queue::default();
         for list in lists {
             let size = list.iter().map(encoded_size).sum();
-            queue.spans += list.len();
-            queue.bytes += size;
-            queue.lists.push_back((list, size));
+            queue.add(list, size);
         }
         queue
     }

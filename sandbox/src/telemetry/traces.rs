@@ -3,9 +3,9 @@
 //! bridged HTTP call, and span events for refused WASI and egress calls and
 //! for guest log lines. A decision's spans are queued together when its own
 //! span ends, without waking anything (the `queue` module), and the export
-//! runs on a one-thread runtime of its own, so a slow or unreachable collector never delays a decision; export
-//! failures and dropped spans are counted and reported in the log at most
-//! once per [`REPORT_EVERY`].
+//! runs on a one-thread runtime of its own, so a slow or unreachable
+//! collector never delays a decision; export failures and dropped spans are
+//! counted and reported in the log at most once per [`REPORT_EVERY`].
 //!
 //! [`Scope`] is what the evaluation path carries: the context of the span now
 //! open, plus the tracer that makes children. Without a tracer (`[telemetry]`
