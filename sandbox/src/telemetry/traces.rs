@@ -979,22 +979,16 @@ mod tests {
         spans.open(data, decision);
     }
 
-    /// A decision's span 1, open, and its open children 2 and 3.
-    fn decision_and_children() -> Spans {
-        let mut spans = Spans::new();
-        record(&mut spans, 1, true);
-        record(&mut spans, 2, false);
-        record(&mut spans, 3, false);
-        spans
-    }
-
     fn ids(spans: &[SpanData]) -> Vec<SpanId> {
         spans.iter().map(|s| s.span_context.span_id()).collect()
     }
 
     #[test]
     fn a_decisions_spans_are_queued_together_when_its_own_span_ends() {
-        let mut spans = decision_and_children();
+        let mut spans = Spans::new();
+        record(&mut spans, 1, true);
+        record(&mut spans, 2, false);
+        record(&mut spans, 3, false);
         let at = SystemTime::now();
         assert!(
             spans.end(1, at).is_none(),
@@ -1009,7 +1003,10 @@ mod tests {
 
     #[test]
     fn a_span_that_outlives_its_decision_is_queued_when_it_ends() {
-        let mut spans = decision_and_children();
+        let mut spans = Spans::new();
+        record(&mut spans, 1, true);
+        record(&mut spans, 2, false);
+        record(&mut spans, 3, false);
         let at = SystemTime::now();
         assert!(spans.end(1, at).is_none());
         let queued = spans.end(0, at).expect("the decision ended");
