@@ -291,13 +291,13 @@ impl Bridge {
         record.duration = started.elapsed();
         match &result {
             Ok((status, _)) => span.set_attributes(|| {
-                [
+                vec![
                     KeyValue::new("http.response.status_code", i64::from(*status)),
                     KeyValue::new("sandgate.cached", record.cached),
                 ]
             }),
             Err(code) => {
-                span.set_attributes(|| [KeyValue::new("error.type", code_name(*code))]);
+                span.set_attributes(|| vec![KeyValue::new("error.type", code_name(*code))]);
                 span.fail(
                     code_name(*code),
                     &format!("bridge returned {code} to the guest"),

@@ -30,7 +30,7 @@ use crate::decision::{Decision, ErrorCode};
 use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
 use crate::fetch::Fetched;
 use crate::probes::{self, Expected, Probe, Watch};
-use crate::telemetry::traces::{Parent, Scope, Tracing, interned};
+use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied};
 
 /// Extra time the async deadline allows past `timeout_ms`, so the epoch
@@ -142,7 +142,7 @@ struct Loaded {
     /// The syscalls the eBPF probes expect of this policy's invocations.
     expected: Arc<Expected>,
     /// `policy`, `version` and `digest` of every `sandgate.evaluate` span,
-    /// interned, so a traced decision copies and counts none of them.
+    /// shared by reference so a traced decision copies none of them.
     span_attributes: Vec<KeyValue>,
 }
 
@@ -175,9 +175,9 @@ impl Policy {
             message: e.to_string(),
         })?);
         let span_attributes = vec![
-            KeyValue::new("policy", interned(&spec.name)),
-            KeyValue::new("version", interned(&spec.version)),
-            KeyValue::new("digest", interned(&facts.digest)),
+            KeyValue::new("policy", Arc::<str>::from(spec.name.as_str())),
+            KeyValue::new("version", Arc::<str>::from(spec.version.as_str())),
+            KeyValue::new("digest", Arc::<str>::from(facts.digest.as_str())),
         ];
         let policy = Policy {
             inner: Arc::new(Loaded {
@@ -397,7 +397,7 @@ impl Policy {
         };
         let duration = started.elapsed();
         trace.set_attributes(|| {
-            [
+            vec![
                 KeyValue::new("decision.allow", decision.allow),
                 KeyValue::new("duration_us", duration.as_micros() as i64),
                 KeyValue::new("wasm.fuel_or_epochs", epochs as i64),
@@ -466,7 +466,7 @@ impl Policy {
         let (decision_id, subject, trace) = self.begin(options, true);
         let duration = started.elapsed();
         trace.set_attributes(|| {
-            [
+            vec![
                 KeyValue::new("decision.allow", decision.allow),
                 KeyValue::new("duration_us", duration.as_micros() as i64),
             ]

@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
@@ -35,7 +35,6 @@ use opentelemetry_sdk::trace::{
     IdGenerator, RandomIdGenerator, Sampler, SamplingDecision, ShouldSample, SpanData, SpanEvents,
     SpanExporter, SpanLinks,
 };
-use smallvec::SmallVec;
 
 use super::queue::{EXPORT_TIMEOUT, SpanQueue, lock};
 use crate::config::{OtlpProtocol, TelemetrySettings};
@@ -439,227 +438,97 @@ impl Parent {
     }
 }
 
-/// Distinct strings [`interned`] keeps for the process's life, at most.
-const MAX_INTERNED: usize = 4096;
-
-/// `text` as a span attribute value that copies as a plain reference: the
-/// same text every time it is asked for, kept for the process's life. For
-/// what every span of a loaded policy carries (its name, version and
-/// digest): a string shared by reference count instead would have each
-/// decision's span bump a count that the other request workers and the
-/// export thread keep bumping too. Past [`MAX_INTERNED`] distinct strings
-/// (a daemon that has loaded thousands of module versions) new ones are
-/// shared by reference count, so what is kept stays bounded.
-pub fn interned(text: &str) -> opentelemetry::StringValue {
-    static KEPT: Mutex<Option<std::collections::HashSet<&'static str>>> = Mutex::new(None);
-    let mut kept = lock(&KEPT);
-    let kept = kept.get_or_insert_with(Default::default);
-    if let Some(&text) = kept.get(text) {
-        return text.into();
-    }
-    if kept.len() >= MAX_INTERNED {
-        return Arc::<str>::from(text).into();
-    }
-    let text: &'static str = Box::leak(text.into());
-    kept.insert(text);
-    text.into()
-}
-
 /// At most this many events are kept per span (the SDK's default limit);
 /// more are counted as dropped, so a guest that logs without end cannot grow
 /// a span without bound.
 const MAX_EVENTS_PER_SPAN: usize = 128;
 
 /// The span an evaluation is in now. Cheap to clone; every method is a no-op
-/// on spans that are not recorded (no tracer, or not sampled). A span ends
-/// when [`Scope::end`] says so, at the latest when its last scope is dropped.
+/// on spans that are not recorded (no tracer, or not sampled).
 ///
-/// A decision's spans are recorded straight into the SDK's [`SpanData`],
-/// which the OTLP exporter takes as it is, in one list the decision's
-/// [`Trace`] holds: a span is written where it is exported from, never moved
-/// or allocated on its own, and the decision's scopes share one reference to
-/// the tracer. (Through the SDK's tracer each span start and end updates
-/// reference counts all request workers share, and two workers tracing at
-/// once keep taking those cache lines from each other.)
+/// Spans are recorded straight into the SDK's [`SpanData`], which the OTLP
+/// exporter takes as it is: a decision's spans share one reference to the
+/// tracer, and the shared queue is locked once per decision. (Through the
+/// SDK's tracer each span start and end updates reference counts all request
+/// workers share, and two workers tracing at once keep taking those cache
+/// lines from each other.)
+#[derive(Clone)]
 pub struct Scope {
     /// The context of this scope's span: what children descend from and
     /// bridged calls propagate. Invalid without a tracer or caller's trace.
     cx: SpanContext,
     /// The trace's recorder, when its spans are exported.
     trace: Option<Arc<Trace>>,
-    /// Whether `cx` names a span recorded in `trace` that this scope keeps
-    /// open; false for the caller's remote span and for spans not sampled.
-    recording: bool,
+    /// This scope's own span, while recording; `None` for the caller's
+    /// remote span and for spans not sampled.
+    span: Option<Arc<OpenSpan>>,
 }
 
 impl Default for Scope {
     fn default() -> Self {
-        Scope::unrecorded(SpanContext::empty_context())
-    }
-}
-
-impl Clone for Scope {
-    fn clone(&self) -> Self {
-        if let Some(trace) = self.recorded() {
-            trace.retain(self.cx.span_id());
-        }
         Scope {
-            cx: self.cx.clone(),
-            trace: self.trace.clone(),
-            recording: self.recording,
-        }
-    }
-}
-
-impl Drop for Scope {
-    fn drop(&mut self) {
-        if let Some(trace) = self.recorded() {
-            trace.release(self.cx.span_id());
+            cx: SpanContext::empty_context(),
+            trace: None,
+            span: None,
         }
     }
 }
 
 /// What a sampled decision's spans share: the tracer, referenced once per
-/// decision rather than once per span, and the spans themselves. When the
-/// decision's own span ends, the spans that have ended are queued for export
-/// as the list they were recorded in, so the queue's lock is taken once per
-/// decision and the trace arrives whole; spans that end after it (the
-/// kernel's view of the invocation) are queued as they end.
+/// decision rather than once per span, and the spans that have ended. Those
+/// that end before the decision's own span are queued for export with it, so
+/// the queue's lock is taken once per decision and the trace arrives whole;
+/// those that end after it (the kernel's view of the invocation) one by one.
 struct Trace {
     tracing: Tracing,
-    spans: Mutex<Spans>,
+    ended: Mutex<Ended>,
 }
 
-struct Spans {
-    /// The spans not yet queued, in the order they opened.
-    data: Vec<SpanData>,
-    /// What is known of each span in `data`, in the same order.
-    state: SmallVec<[SpanState; 4]>,
+struct Ended {
+    spans: Vec<SpanData>,
     /// Whether the `sandgate.evaluate` span has ended.
-    decision_ended: bool,
+    decision: bool,
 }
 
-#[derive(Clone, Copy)]
-struct SpanState {
-    /// Scopes of the span alive: the span ends when the last is dropped.
-    scopes: u32,
-    ended: bool,
+impl Trace {
+    fn ended(&self, span: SpanData, decision: bool) {
+        let mut ended = lock(&self.ended);
+        ended.spans.push(span);
+        ended.decision |= decision;
+        if ended.decision {
+            let spans = std::mem::take(&mut ended.spans);
+            drop(ended);
+            self.tracing.inner.queue.push(spans);
+        }
+    }
+}
+
+/// A span being recorded; it ends at the latest when its last scope is
+/// dropped.
+struct OpenSpan {
+    data: Mutex<Option<SpanData>>,
+    trace: Arc<Trace>,
     /// Whether this is the decision's own span, the root of its trace here.
     decision: bool,
 }
 
-impl Spans {
-    /// Room for the decision's own span and its instantiate and evaluate children.
-    fn new() -> Spans {
-        Spans {
-            data: Vec::with_capacity(3),
-            state: SmallVec::new(),
-            decision_ended: false,
-        }
+impl OpenSpan {
+    fn with<R>(&self, f: impl FnOnce(&mut SpanData) -> R) -> Option<R> {
+        lock(&self.data).as_mut().map(f)
     }
 
-    /// Records `span`, open, with one scope.
-    fn open(&mut self, span: SpanData, decision: bool) {
-        self.data.push(span);
-        self.state.push(SpanState {
-            scopes: 1,
-            ended: false,
-            decision,
-        });
-    }
-
-    fn find(&self, id: SpanId) -> Option<usize> {
-        self.data
-            .iter()
-            .position(|span| span.span_context.span_id() == id)
-    }
-
-    /// Ends span `i` at `at`; answers the spans to queue now, if any.
-    fn end(&mut self, i: usize, at: SystemTime) -> Option<Vec<SpanData>> {
-        let state = &mut self.state[i];
-        if state.ended {
-            return None;
+    fn end(&self, at: SystemTime) {
+        let data = lock(&self.data).take();
+        if let Some(mut data) = data {
+            data.end_time = at;
+            self.trace.ended(data, self.decision);
         }
-        state.ended = true;
-        self.decision_ended |= state.decision;
-        self.data[i].end_time = at;
-        if !self.decision_ended {
-            return None;
-        }
-        if self.state.iter().all(|state| state.ended) {
-            self.state.clear();
-            return Some(std::mem::take(&mut self.data));
-        }
-        // A span outlives the decision's: the others go, it stays.
-        let mut ended = Vec::new();
-        let mut j = 0;
-        while j < self.data.len() {
-            if self.state[j].ended {
-                self.state.remove(j);
-                ended.push(self.data.remove(j));
-            } else {
-                j += 1;
-            }
-        }
-        Some(ended)
     }
 }
 
-impl Trace {
-    fn spans(&self) -> MutexGuard<'_, Spans> {
-        lock(&self.spans)
-    }
-
-    /// Applies `f` to span `id` while it is open.
-    fn with_open<R>(&self, id: SpanId, f: impl FnOnce(&mut SpanData) -> R) -> Option<R> {
-        let mut spans = self.spans();
-        let i = spans.find(id)?;
-        if spans.state[i].ended {
-            return None;
-        }
-        Some(f(&mut spans.data[i]))
-    }
-
-    fn end(&self, id: SpanId, at: SystemTime) {
-        let ready = {
-            let mut spans = self.spans();
-            let Some(i) = spans.find(id) else {
-                return;
-            };
-            spans.end(i, at)
-        };
-        self.queue(ready);
-    }
-
-    /// One more scope of span `id`.
-    fn retain(&self, id: SpanId) {
-        let mut spans = self.spans();
-        if let Some(i) = spans.find(id) {
-            spans.state[i].scopes += 1;
-        }
-    }
-
-    /// One scope of span `id` fewer: the last ends the span.
-    fn release(&self, id: SpanId) {
-        let ready = {
-            let mut spans = self.spans();
-            let Some(i) = spans.find(id) else {
-                return;
-            };
-            let state = &mut spans.state[i];
-            state.scopes -= 1;
-            if state.scopes > 0 || state.ended {
-                return;
-            }
-            spans.end(i, SystemTime::now())
-        };
-        self.queue(ready);
-    }
-
-    fn queue(&self, ready: Option<Vec<SpanData>>) {
-        if let Some(spans) = ready {
-            self.tracing.inner.queue.push(spans);
-        }
+impl Drop for OpenSpan {
+    fn drop(&mut self) {
+        self.end(SystemTime::now());
     }
 }
 
@@ -674,7 +543,11 @@ impl Scope {
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
         let Some(tracing) = tracing else {
-            return Scope::unrecorded(parent.0.clone().unwrap_or_else(SpanContext::empty_context));
+            return Scope {
+                cx: parent.0.clone().unwrap_or_else(SpanContext::empty_context),
+                trace: None,
+                span: None,
+            };
         };
         let inner = &tracing.inner;
         let (trace_id, parent_cx) = match &parent.0 {
@@ -699,10 +572,22 @@ impl Scope {
             sampling.trace_state,
         );
         if !sampled {
-            return Scope::unrecorded(cx);
+            return Scope {
+                cx,
+                trace: None,
+                span: None,
+            };
         }
-        let span = span_data(
-            &inner.scope,
+        let trace = Arc::new(Trace {
+            tracing: tracing.clone(),
+            // The decision's own span and its instantiate and evaluate children.
+            ended: Mutex::new(Ended {
+                spans: Vec::with_capacity(3),
+                decision: false,
+            }),
+        });
+        let span = open(
+            &trace,
             &cx,
             parent.0.as_ref(),
             name.into(),
@@ -710,16 +595,10 @@ impl Scope {
             SystemTime::now(),
             attributes(),
         );
-        let mut spans = Spans::new();
-        spans.open(span, true);
-        let trace = Arc::new(Trace {
-            tracing: tracing.clone(),
-            spans: Mutex::new(spans),
-        });
         Scope {
             cx,
             trace: Some(trace),
-            recording: true,
+            span: Some(span),
         }
     }
 
@@ -757,43 +636,19 @@ impl Scope {
         let Some(trace) = &self.trace else {
             return self.clone();
         };
-        let inner = &trace.tracing.inner;
         let cx = SpanContext::new(
             self.cx.trace_id(),
-            inner.ids.new_span_id(),
+            trace.tracing.inner.ids.new_span_id(),
             self.cx.trace_flags(),
             false,
             self.cx.trace_state().clone(),
         );
-        let span = span_data(
-            &inner.scope,
-            &cx,
-            Some(&self.cx),
-            name,
-            kind,
-            start,
-            attributes(),
-        );
-        trace.spans().open(span, false);
+        let span = open(trace, &cx, Some(&self.cx), name, kind, start, attributes());
         Scope {
             cx,
             trace: Some(Arc::clone(trace)),
-            recording: true,
+            span: Some(span),
         }
-    }
-
-    /// A scope of span `cx` whose spans are not exported.
-    fn unrecorded(cx: SpanContext) -> Scope {
-        Scope {
-            cx,
-            trace: None,
-            recording: false,
-        }
-    }
-
-    /// The trace this scope's span is recorded in, if it is.
-    fn recorded(&self) -> Option<&Trace> {
-        self.trace.as_deref().filter(|_| self.recording)
     }
 
     /// The trace id decisions and audit lines carry: this trace's when
@@ -808,15 +663,11 @@ impl Scope {
         self.trace.is_some()
     }
 
-    /// Applies `f` to this scope's span while it is open.
-    fn with_span(&self, f: impl FnOnce(&mut SpanData)) {
-        if let Some(trace) = self.recorded() {
-            trace.with_open(self.cx.span_id(), f);
-        }
-    }
-
     pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        self.with_span(|data| {
+        let Some(span) = &self.span else {
+            return;
+        };
+        span.with(|data| {
             if data.events.events.len() < MAX_EVENTS_PER_SPAN {
                 let event = Event::new(name, SystemTime::now(), attributes(), 0);
                 data.events.events.push(event);
@@ -849,23 +700,27 @@ impl Scope {
         });
     }
 
-    pub fn set_attributes<I: IntoIterator<Item = KeyValue>>(&self, attributes: impl FnOnce() -> I) {
-        self.with_span(|data| data.attributes.extend(attributes()));
+    pub fn set_attributes(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        if let Some(span) = &self.span {
+            span.with(|data| data.attributes.extend(attributes()));
+        }
     }
 
     /// Marks the span failed with a DESIGN §3 error code.
     pub fn fail(&self, code: &str, message: &str) {
-        self.with_span(|data| {
-            data.attributes
-                .push(KeyValue::new("error.code", code.to_owned()));
-            data.status = Status::error(format!("{code}: {message}"));
-        });
+        if let Some(span) = &self.span {
+            span.with(|data| {
+                data.attributes
+                    .push(KeyValue::new("error.code", code.to_owned()));
+                data.status = Status::error(format!("{code}: {message}"));
+            });
+        }
     }
 
     /// Ends this scope's own span at `end` (work observed after the fact).
     pub fn end_at(&self, end: SystemTime) {
-        if let Some(trace) = self.recorded() {
-            trace.end(self.cx.span_id(), end);
+        if let Some(span) = &self.span {
+            span.end(end);
         }
     }
 
@@ -884,21 +739,22 @@ impl Scope {
     }
 }
 
-/// The record of span `cx`, open, under `parent` (the caller's remote span,
+/// Starts recording the span `cx` under `parent` (the caller's remote span,
 /// a span of this process, or none).
-fn span_data(
-    scope: &InstrumentationScope,
+fn open(
+    trace: &Arc<Trace>,
     cx: &SpanContext,
     parent: Option<&SpanContext>,
     name: Cow<'static, str>,
     span_kind: SpanKind,
     start_time: SystemTime,
     attributes: Vec<KeyValue>,
-) -> SpanData {
-    SpanData {
+) -> Arc<OpenSpan> {
+    let parent_span_is_remote = parent.is_some_and(SpanContext::is_remote);
+    let data = SpanData {
         span_context: cx.clone(),
         parent_span_id: parent.map_or(SpanId::INVALID, SpanContext::span_id),
-        parent_span_is_remote: parent.is_some_and(SpanContext::is_remote),
+        parent_span_is_remote,
         span_kind,
         name,
         start_time,
@@ -908,8 +764,14 @@ fn span_data(
         events: SpanEvents::default(),
         links: SpanLinks::default(),
         status: Status::Unset,
-        instrumentation_scope: scope.clone(),
-    }
+        instrumentation_scope: trace.tracing.inner.scope.clone(),
+    };
+    Arc::new(OpenSpan {
+        data: Mutex::new(Some(data)),
+        trace: Arc::clone(trace),
+        // Only the decision's span has no parent in this process.
+        decision: parent.is_none() || parent_span_is_remote,
+    })
 }
 
 #[cfg(test)]
@@ -954,86 +816,6 @@ mod tests {
             out.get("traceparent").and_then(|v| v.to_str().ok()),
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
         );
-    }
-
-    /// Records an open span `id` in `spans`.
-    fn record(spans: &mut Spans, id: u64, decision: bool) {
-        let cx = SpanContext::new(
-            opentelemetry::trace::TraceId::from(1),
-            SpanId::from(id),
-            TraceFlags::SAMPLED,
-            false,
-            Default::default(),
-        );
-        let scope = InstrumentationScope::builder("sandgate").build();
-        let kind = SpanKind::Internal;
-        let data = span_data(
-            &scope,
-            &cx,
-            None,
-            "span".into(),
-            kind,
-            SystemTime::now(),
-            vec![],
-        );
-        spans.open(data, decision);
-    }
-
-    fn ids(spans: &[SpanData]) -> Vec<SpanId> {
-        spans.iter().map(|s| s.span_context.span_id()).collect()
-    }
-
-    #[test]
-    fn a_decisions_spans_are_queued_together_when_its_own_span_ends() {
-        let mut spans = Spans::new();
-        record(&mut spans, 1, true);
-        record(&mut spans, 2, false);
-        record(&mut spans, 3, false);
-        let at = SystemTime::now();
-        assert!(
-            spans.end(1, at).is_none(),
-            "the decision's span is still open"
-        );
-        assert!(spans.end(2, at).is_none());
-        let queued = spans.end(0, at).expect("the decision ended");
-        assert_eq!(ids(&queued), [1, 2, 3].map(SpanId::from));
-        assert!(queued.iter().all(|s| s.end_time == at));
-        assert!(spans.data.is_empty() && spans.state.is_empty());
-    }
-
-    #[test]
-    fn a_span_that_outlives_its_decision_is_queued_when_it_ends() {
-        let mut spans = Spans::new();
-        record(&mut spans, 1, true);
-        record(&mut spans, 2, false);
-        record(&mut spans, 3, false);
-        let at = SystemTime::now();
-        assert!(spans.end(1, at).is_none());
-        let queued = spans.end(0, at).expect("the decision ended");
-        assert_eq!(ids(&queued), [1, 2].map(SpanId::from));
-        assert_eq!(ids(&spans.data), [SpanId::from(3)], "the open span stays");
-        assert_eq!(
-            spans.end(0, at).map(|q| ids(&q)),
-            Some(vec![SpanId::from(3)])
-        );
-        // Opened after the decision (the kernel's view of it): queued alone.
-        record(&mut spans, 4, false);
-        let i = spans.find(SpanId::from(4)).expect("recorded");
-        assert_eq!(
-            spans.end(i, at).map(|q| ids(&q)),
-            Some(vec![SpanId::from(4)])
-        );
-        assert!(
-            spans.find(SpanId::from(3)).is_none(),
-            "queued spans are gone"
-        );
-    }
-
-    #[test]
-    fn interned_text_is_kept_once() {
-        let (a, b) = (interned(&"rbac-".repeat(3)), interned(&"rbac-".repeat(3)));
-        assert_eq!(a.as_str(), "rbac-rbac-rbac-");
-        assert!(std::ptr::eq(a.as_str(), b.as_str()), "the same kept string");
     }
 
     #[test]
