@@ -145,15 +145,14 @@ impl SpanQueue {
         if ended.is_empty() {
             return;
         }
-        let size = |spans: &[SpanData]| spans.iter().map(encoded_size).sum::<usize>();
-        let all = size(&ended);
+        let all = list_size(&ended);
         let mut queue = lock(&self.shared.queue);
         let (spans, bytes) = (queue.spans, queue.bytes);
         let mut fits = ended.len().min(MAX_QUEUE.saturating_sub(spans));
         let mut added = if fits == ended.len() {
             all
         } else {
-            size(&ended[..fits])
+            list_size(&ended[..fits])
         };
         while bytes + added > MAX_QUEUE_BYTES {
             fits -= 1;
@@ -287,6 +286,11 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
     }
 }
 
+/// The [`encoded_size`] of `spans`, summed: what a list adds to the queue.
+fn list_size(spans: &[SpanData]) -> usize {
+    spans.iter().map(encoded_size).sum()
+}
+
 /// About the bytes `span` takes in an OTLP export request: its strings, plus
 /// a share for ids, times and protobuf framing. Errs high rather than low.
 fn encoded_size(span: &SpanData) -> usize {
@@ -400,7 +404,7 @@ mod tests {
     fn queue(lists: Vec<Vec<SpanData>>) -> Queue {
         let mut queue = Queue::default();
         for list in lists {
-            let size = list.iter().map(encoded_size).sum();
+            let size = list_size(&list);
             queue.add(list, size);
         }
         queue
