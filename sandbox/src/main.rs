@@ -64,8 +64,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Receive OTLP traces and print each trace's span tree (a terminal view
-    /// of what the daemon exports, for machines without Jaeger).
+    /// Receive OTLP traces and print their span trees (a terminal view of
+    /// what the daemon exports, for machines without Jaeger).
     Trace {
         /// OTLP/gRPC listen address (point `telemetry.otlp_endpoint` here).
         #[arg(long, default_value = "127.0.0.1:4317")]
@@ -73,6 +73,13 @@ enum Command {
         /// Also receive OTLP/HTTP (`POST /v1/traces`) on this address.
         #[arg(long)]
         http_listen: Option<std::net::SocketAddr>,
+        /// Print at most this many traces a second; the others are counted,
+        /// in one line a second.
+        #[arg(long, default_value_t = 100, value_name = "TRACES")]
+        max_per_second: u32,
+        /// Print every trace received (for a file or a pipe).
+        #[arg(long, conflicts_with = "max_per_second")]
+        all: bool,
     },
     /// Show a module's imports, exports, ABI version and the WASI it needs.
     Inspect {
@@ -145,8 +152,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Trace {
             listen,
             http_listen,
+            max_per_second,
+            all,
         } => {
-            sandgate::telemetry::view::serve(listen, http_listen).await?;
+            let limit = (!all).then_some(max_per_second);
+            sandgate::telemetry::view::serve(listen, http_listen, limit).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -4,8 +4,8 @@
 //! span tree of a forward-auth request through real nginx in the client's
 //! trace, a bridged call that carries the decision's trace to the service it
 //! calls, a hostile guest's refused calls as events, resource attributes and
-//! sampling, a burst of decisions exported whole, and collectors that are
-//! down or stop answering.
+//! sampling, a burst of decisions exported whole, collectors that are down
+//! or stop answering, and `sandgate trace`, the terminal view.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -969,5 +969,196 @@ async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
             r#"sandgate_decisions_total{policy="rbac",version="v1",allow="true",error="none"} 3"#
         ),
         "{metrics}"
+    );
+}
+
+/// `sandgate trace` run as a user runs it, its stdout in a file.
+struct TraceView {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl TraceView {
+    fn start(
+        dir: &std::path::Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        args: &[&str],
+    ) -> TraceView {
+        let out = dir.join("traces.txt");
+        let child = std::process::Command::new(sandgate_bin())
+            .args(["trace", "--listen", &grpc.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .args(args)
+            .stdout(std::fs::File::create(&out).expect("traces.txt"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("sandgate trace");
+        TraceView { child, out }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.out).expect("traces.txt")
+    }
+
+    /// Waits until what it printed satisfies `done`, and returns it.
+    async fn until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.text();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandgate trace never printed {what}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TraceView {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Printed trace blocks, and the traces the once-a-second lines say were not shown.
+fn shown_and_hidden(text: &str) -> (usize, u64) {
+    let shown = text.lines().filter(|l| l.starts_with("trace ")).count();
+    let hidden = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("… "))
+        .map(|l| {
+            l.split(' ')
+                .next()
+                .expect("a word")
+                .parse::<u64>()
+                .expect("a count")
+        })
+        .sum();
+    (shown, hidden)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandgate_trace_prints_decisions_trees_and_counts_the_traces_past_its_limit() {
+    let dir = tempdir();
+    let (grpc, http) = (free_port(), free_port());
+    let view = TraceView::start(dir.path(), grpc, http, &["--max-per-second", "5"]);
+    // Without the probes' `kernel.syscalls` spans, which may arrive in a
+    // later export than their decision's and so make a trace two blocks.
+    let (_daemon_dir, daemon, client) = daemon_exporting_to(
+        &format!("http://{grpc}"),
+        "\n[ebpf]\nmode = \"off\"",
+        |_| rbac_policy("rbac"),
+    )
+    .await;
+
+    // One decision over OTLP/gRPC: its whole tree, under the id it answered with.
+    let answer = evaluate(
+        &client,
+        &daemon,
+        "/v1/policies/rbac/evaluate",
+        ALICE_READS,
+        None,
+    )
+    .await;
+    let trace_id = answer["trace_id"].as_str().expect("a trace id").to_owned();
+    let header = format!("trace {trace_id} (sandgate, 3 spans)\n");
+    let text = view
+        .until("the decision's trace", |t| t.contains(&header))
+        .await;
+    let tree: Vec<&str> = text[text.find(&header).expect("the trace") + header.len()..]
+        .lines()
+        .take(3)
+        .collect();
+    assert!(tree[0].starts_with("  sandgate.evaluate "), "{text}");
+    assert!(
+        tree[0].contains(" policy=rbac ") && tree[0].contains(" decision.allow=true"),
+        "{text}"
+    );
+    assert!(tree[1].starts_with("    instantiate "), "{text}");
+    assert!(tree[2].starts_with("    evaluate "), "{text}");
+
+    // Far more decisions than 5 a second: every trace is either printed or
+    // counted in a once-a-second line, and most are counted.
+    const BURST: u64 = 300;
+    burst(&client, &daemon, BURST as usize, 16).await;
+    let text = view
+        .until("a count for every trace", |t| {
+            let (shown, hidden) = shown_and_hidden(t);
+            shown as u64 + hidden == BURST + 1
+        })
+        .await;
+    let (shown, hidden) = shown_and_hidden(&text);
+    assert!(
+        hidden > 0 && (shown as u64) < BURST / 2,
+        "{shown} shown, {hidden} hidden:\n{text}"
+    );
+    assert!(
+        text.contains(" more ")
+            && text.contains("not shown: at most 5 a second (--all prints every trace)"),
+        "{text}"
+    );
+
+    // OTLP/HTTP from another sender, in a second with room again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let request = ExportTraceServiceRequest {
+        resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+            resource: Some(opentelemetry_proto::tonic::resource::v1::Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                        value: Some(any_value::Value::StringValue("introspect".into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![0x5a; 16],
+                    span_id: vec![7; 8],
+                    name: "POST /introspect".into(),
+                    end_time_unix_nano: 42_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let url = format!("http://{http}/v1/traces");
+    let response = client
+        .post(&url)
+        .header("content-type", "application/x-protobuf")
+        .body(request.encode_to_vec())
+        .send()
+        .await
+        .expect("OTLP/HTTP export");
+    assert_eq!(response.status(), 200);
+    ExportTraceServiceResponse::decode(response.bytes().await.expect("a body"))
+        .expect("a response");
+    let header = format!(
+        "trace {} (introspect, 1 span)\n  POST /introspect 42µs\n",
+        "5a".repeat(16)
+    );
+    view.until("the OTLP/HTTP trace", |t| t.contains(&header))
+        .await;
+    let refused = client
+        .post(&url)
+        .body(vec![0x0a, 0xff])
+        .send()
+        .await
+        .expect("a bad export");
+    assert_eq!(refused.status(), 400);
+    assert!(
+        refused
+            .text()
+            .await
+            .expect("a reason")
+            .contains("not an ExportTraceServiceRequest")
     );
 }
