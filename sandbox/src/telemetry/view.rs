@@ -189,31 +189,23 @@ impl tonic::server::UnaryService<Export> for ExportMethod {
     type Future = std::future::Ready<Result<tonic::Response<Self::Response>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<Export>) -> Self::Future {
-        std::future::ready(match self.0.receive(request.into_inner()) {
-            Ok(text) => {
-                print(&text);
-                Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-            }
-            Err(e) => Err(tonic::Status::invalid_argument(format!(
-                "not an ExportTraceServiceRequest: {e}"
-            ))),
+        std::future::ready(match self.0.print(request.into_inner()) {
+            Ok(()) => Ok(tonic::Response::new(ExportTraceServiceResponse::default())),
+            Err(e) => Err(tonic::Status::invalid_argument(e.to_string())),
         })
     }
 }
 
 async fn http_export(State(view): State<Arc<View>>, body: Bytes) -> (StatusCode, Vec<u8>) {
-    match Export::decode(body).and_then(|export| view.receive(export)) {
-        Ok(text) => {
-            print(&text);
-            (
-                StatusCode::OK,
-                ExportTraceServiceResponse::default().encode_to_vec(),
-            )
-        }
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            format!("not an ExportTraceServiceRequest: {e}").into_bytes(),
+    match Export::decode(body)
+        .map_err(NotAnExport)
+        .and_then(|export| view.print(export))
+    {
+        Ok(()) => (
+            StatusCode::OK,
+            ExportTraceServiceResponse::default().encode_to_vec(),
         ),
+        Err(e) => (StatusCode::BAD_REQUEST, e.to_string().into_bytes()),
     }
 }
 
@@ -225,6 +217,11 @@ fn print(text: &str) {
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }
+
+/// Why an export request was refused, over either protocol.
+#[derive(Debug, thiserror::Error)]
+#[error("not an ExportTraceServiceRequest: {0}")]
+struct NotAnExport(prost::DecodeError);
 
 /// What has been printed this second, and what not.
 struct View {
@@ -270,17 +267,23 @@ impl View {
         render(&traces[..show])
     }
 
+    /// Prints what [`View::receive`] makes of `export`.
+    fn print(&self, export: Export) -> Result<(), NotAnExport> {
+        print(&self.receive(export).map_err(NotAnExport)?);
+        Ok(())
+    }
+
     /// The line saying what this second did not print, if anything; the next
     /// second starts.
     fn next_second(&self) -> Option<String> {
         let second = std::mem::take(&mut *super::queue::lock(&self.second));
+        let max = self.max_per_second?;
         (second.hidden_traces > 0).then(|| {
             format!(
-                "… {} more trace{} ({}) in the last second not shown: at most {} a second (--all prints every trace)\n\n",
+                "… {} more trace{} ({}) in the last second not shown: at most {max} a second (--all prints every trace)\n\n",
                 second.hidden_traces,
                 if second.hidden_traces == 1 { "" } else { "s" },
                 count(second.hidden_spans, "span"),
-                self.max_per_second.unwrap_or(u32::MAX),
             )
         })
     }
