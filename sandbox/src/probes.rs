@@ -25,11 +25,12 @@ mod expected;
 pub mod markers;
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
     num::NonZeroU32,
     path::Path,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, LazyLock, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -40,7 +41,7 @@ use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
     programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
 };
-use opentelemetry::{KeyValue, trace::SpanKind};
+use opentelemetry::{Key, KeyValue, trace::SpanKind};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -431,19 +432,29 @@ struct Account {
 /// An account folded for reporting.
 #[derive(Debug, PartialEq)]
 struct Summary {
-    /// (syscall, phase, count, nanoseconds), by syscall then phase.
-    rows: Vec<(String, &'static str, u64, u64)>,
+    /// By syscall name, then phase.
+    rows: Vec<Row>,
     total: u64,
     total_ns: u64,
     /// (syscall, count) of syscalls outside the expected set.
-    unexpected: Vec<(String, u64)>,
+    unexpected: Vec<(Cow<'static, str>, u64)>,
     wasi_denied: Vec<&'static str>,
+}
+
+/// One syscall's count and kernel time in one phase of an invocation.
+#[derive(Debug, PartialEq)]
+struct Row {
+    nr: u32,
+    phase: u32,
+    name: Cow<'static, str>,
+    count: u64,
+    ns: u64,
 }
 
 impl Account {
     fn summarise(&self) -> Summary {
-        let mut rows = Vec::new();
-        let mut unexpected: BTreeMap<String, u64> = BTreeMap::new();
+        let mut rows = Vec::with_capacity(self.syscalls.len());
+        let mut unexpected: BTreeMap<Cow<'static, str>, u64> = BTreeMap::new();
         let (mut total, mut total_ns) = (0, 0);
         for (&(nr, phase), &(count, ns)) in &self.syscalls {
             let name = expected::name(nr);
@@ -452,10 +463,19 @@ impl Account {
             if !self.watch.expected.allows(phase, nr) {
                 *unexpected.entry(name.clone()).or_default() += count;
             }
-            let phase_name = PHASES.get(phase as usize).copied().unwrap_or("unknown");
-            rows.push((name, phase_name, count, ns));
+            rows.push(Row {
+                nr,
+                phase,
+                name,
+                count,
+                ns,
+            });
         }
-        rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(b.1)));
+        rows.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then(phase_name(a.phase).cmp(phase_name(b.phase)))
+        });
         Summary {
             rows,
             total,
@@ -475,6 +495,39 @@ impl Account {
     }
 }
 
+fn phase_name(phase: u32) -> &'static str {
+    PHASES.get(phase as usize).copied().unwrap_or("unknown")
+}
+
+/// At most this many (syscall, phase) pairs get their attribute keys made
+/// once and kept; past that (never, with the kernel's few hundred syscalls
+/// and the six phases) each span makes its own.
+const MAX_INTERNED_KEYS: usize = 4096;
+
+/// The `syscall.<name>.<phase>.count` and `syscall.<name>.<phase>.time_ns`
+/// attribute keys of a `kernel.syscalls` span. Made once per syscall and
+/// phase and kept for the life of the process, so that a span's attributes
+/// are made, and copied for export, without a string allocated per syscall.
+fn syscall_keys(row: &Row) -> [Key; 2] {
+    /// (syscall nr, phase) → its two keys.
+    type Kept = HashMap<(u32, u32), [&'static str; 2]>;
+    static KEYS: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
+    let mut keys = KEYS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = keys.get(&(row.nr, row.phase)) {
+        return known.map(Key::from_static_str);
+    }
+    let prefix = format!("syscall.{}.{}", row.name, phase_name(row.phase));
+    let made = [format!("{prefix}.count"), format!("{prefix}.time_ns")];
+    if keys.len() >= MAX_INTERNED_KEYS {
+        return made.map(Key::from);
+    }
+    let kept = made.map(|key| &*Box::leak(key.into_boxed_str()));
+    keys.insert((row.nr, row.phase), kept);
+    kept.map(Key::from_static_str)
+}
+
 impl Summary {
     /// The `kernel.syscalls` span under the decision's span, and an audit
     /// line per unexpected syscall.
@@ -491,7 +544,7 @@ impl Summary {
             watch.audit.record(
                 &watch.subject,
                 &AuditRecord::KernelSyscall {
-                    syscall: syscall.clone(),
+                    syscall: syscall.to_string(),
                     count: *count,
                 },
             );
@@ -499,30 +552,30 @@ impl Summary {
         if !watch.trace.is_sampled() {
             return;
         }
+        // Per-syscall counts and times are attributes, not an event per
+        // syscall: an event costs the export about ten allocations and the
+        // receiver a message of its own, and attributes can be searched on.
         let span = watch.trace.child_at(
             "kernel.syscalls",
             SpanKind::Internal,
             account.started,
             || {
-                vec![
+                let mut attributes = Vec::with_capacity(5 + 2 * self.rows.len());
+                attributes.extend([
                     KeyValue::new("kernel.syscalls.count", self.total as i64),
                     KeyValue::new("kernel.syscalls.time_ns", self.total_ns as i64),
                     KeyValue::new("kernel.complete", complete),
                     KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
                     KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
-                ]
+                ]);
+                for row in &self.rows {
+                    let [count, time] = syscall_keys(row);
+                    attributes.push(KeyValue::new(count, row.count as i64));
+                    attributes.push(KeyValue::new(time, row.ns as i64));
+                }
+                attributes
             },
         );
-        for (syscall, phase, count, ns) in &self.rows {
-            span.event("syscall", || {
-                vec![
-                    KeyValue::new("syscall.name", syscall.clone()),
-                    KeyValue::new("sandgate.phase", *phase),
-                    KeyValue::new("syscall.count", *count as i64),
-                    KeyValue::new("syscall.time_ns", *ns as i64),
-                ]
-            });
-        }
         for (syscall, count) in &self.unexpected {
             span.event("kernel_syscall", || {
                 vec![
@@ -759,14 +812,44 @@ mod tests {
         let summary = account.summarise();
         assert_eq!(summary.total, 6);
         assert_eq!(summary.total_ns, 1250);
-        assert_eq!(summary.unexpected, vec![("openat".to_owned(), 3)]);
+        assert_eq!(summary.unexpected, vec![("openat".into(), 3)]);
         assert_eq!(summary.wasi_denied, vec!["path_open"]);
+        let rows: Vec<_> = summary
+            .rows
+            .iter()
+            .map(|r| (&*r.name, phase_name(r.phase), r.count, r.ns))
+            .collect();
         assert_eq!(
-            summary.rows[0],
-            ("futex".to_owned(), "guest", 2, 300),
-            "{:?}",
-            summary.rows
+            rows,
+            [
+                ("futex", "guest", 2, 300),
+                ("ioctl", "teardown", 1, 50),
+                ("openat", "guest", 3, 900)
+            ]
         );
+    }
+
+    #[test]
+    fn syscall_attribute_keys_name_the_syscall_and_phase_and_are_made_once() {
+        use syscalls::Sysno;
+        let row = |nr: u32, phase: u32| Row {
+            nr,
+            phase,
+            name: expected::name(nr),
+            count: 1,
+            ns: 1,
+        };
+        let openat = row(Sysno::openat.id() as u32, phase::INSTANTIATE);
+        let [count, time] = syscall_keys(&openat);
+        assert_eq!(count.as_str(), "syscall.openat.instantiate.count");
+        assert_eq!(time.as_str(), "syscall.openat.instantiate.time_ns");
+        let [again, _] = syscall_keys(&openat);
+        assert!(
+            std::ptr::eq(count.as_str(), again.as_str()),
+            "the key is kept, not made again"
+        );
+        let [unknown, _] = syscall_keys(&row(100_000, 99));
+        assert_eq!(unknown.as_str(), "syscall.syscall_100000.unknown.count");
     }
 
     #[test]

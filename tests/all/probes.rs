@@ -13,16 +13,30 @@ use crate::server::{Daemon, client, daemon_config, json_body, rbac_policy, wat_p
 use crate::support::*;
 use crate::tracing::{Got, Received, evaluate, grpc_receiver, named, telemetry};
 
-/// (syscall, phase) → count, from a `kernel.syscalls` span's events.
+/// (syscall, phase) → count, from a `kernel.syscalls` span's
+/// `syscall.<name>.<phase>.count` attributes.
 type Syscalls = HashMap<(String, String), u64>;
 
 fn syscalls(kernel: &Got) -> Syscalls {
     let mut out = Syscalls::new();
-    for event in kernel.span.events.iter().filter(|e| e.name == "syscall") {
-        let get = |key: &str| crate::tracing::attr(&event.attributes, key).unwrap_or_default();
-        let count: u64 = get("syscall.count").parse().expect("a count");
-        *out.entry((get("syscall.name"), get("sandgate.phase")))
-            .or_default() += count;
+    for kv in &kernel.span.attributes {
+        let Some((name, phase)) = kv
+            .key
+            .strip_prefix("syscall.")
+            .and_then(|k| k.strip_suffix(".count"))
+            .and_then(|k| k.split_once('.'))
+        else {
+            continue;
+        };
+        let count: u64 = kernel
+            .attr(&kv.key)
+            .and_then(|c| c.parse().ok())
+            .expect("an integer count");
+        let time = kernel
+            .attr(&format!("syscall.{name}.{phase}.time_ns"))
+            .and_then(|t| t.parse::<u64>().ok());
+        assert!(time.is_some(), "{} has no time_ns beside it", kv.key);
+        *out.entry((name.to_owned(), phase.to_owned())).or_default() += count;
     }
     out
 }

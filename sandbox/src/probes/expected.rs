@@ -4,6 +4,8 @@
 //! host, so an unexpected syscall means the host did something for it that
 //! its grants do not explain.
 
+use std::borrow::Cow;
+
 use sandgate_probes_common::phase;
 use syscalls::{Sysno, SysnoSet};
 
@@ -157,8 +159,8 @@ impl Expected {
 }
 
 /// The name of syscall `nr` on this architecture.
-pub fn name(nr: u32) -> String {
-    Sysno::new(nr as usize).map_or_else(|| format!("syscall_{nr}"), |s| s.name().to_owned())
+pub fn name(nr: u32) -> Cow<'static, str> {
+    Sysno::new(nr as usize).map_or_else(|| format!("syscall_{nr}").into(), |s| s.name().into())
 }
 
 #[cfg(test)]

@@ -425,7 +425,35 @@ fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note
         / 1_000;
     indent(out);
     let _ = write!(out, "{} {micros}µs{note}", span.name);
-    attributes(out, &span.attributes);
+    let (syscalls, plain): (Vec<&KeyValue>, Vec<&KeyValue>) = span
+        .attributes
+        .iter()
+        .partition(|kv| syscall_attribute(&kv.key).is_some());
+    attributes(out, plain);
+    // A `kernel.syscalls` span's `syscall.<name>.<phase>.{count,time_ns}`,
+    // a line per syscall and phase.
+    let mut rest = syscalls.as_slice();
+    while let Some((first, _)) = rest.split_first() {
+        let Some((group, _)) = syscall_attribute(&first.key) else {
+            break;
+        };
+        let len = rest
+            .iter()
+            .take_while(|kv| syscall_attribute(&kv.key).is_some_and(|(g, _)| g == group))
+            .count();
+        indent(out);
+        out.push_str("  · ");
+        out.push_str(group);
+        for kv in &rest[..len] {
+            let (_, field) = syscall_attribute(&kv.key).unwrap_or_default();
+            out.push(' ');
+            out.push_str(field);
+            out.push('=');
+            value(out, kv.value.as_ref());
+        }
+        out.push('\n');
+        rest = &rest[len..];
+    }
     if let Some(status) = &span.status
         && status.code == status::StatusCode::Error as i32
     {
@@ -445,8 +473,16 @@ fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note
     }
 }
 
+/// `syscall.<name>.<phase>` and `count` or `time_ns`, for an attribute of
+/// a `kernel.syscalls` span's syscalls.
+fn syscall_attribute(key: &str) -> Option<(&str, &str)> {
+    let (group, field) = key.rsplit_once('.')?;
+    let named = group.starts_with("syscall.") && group.matches('.').count() == 2;
+    (named && matches!(field, "count" | "time_ns")).then_some((group, field))
+}
+
 /// ` key=value` for each attribute, then the end of the line.
-fn attributes(out: &mut String, list: &[KeyValue]) {
+fn attributes<'a>(out: &mut String, list: impl IntoIterator<Item = &'a KeyValue>) {
     for kv in list {
         out.push(' ');
         out.push_str(&kv.key);
@@ -552,6 +588,36 @@ mod tests {
             format!(
                 "trace {} (sandgate, 3 spans)\n  sandgate.evaluate 2µs policy=snoop\n    ✗ wasi_denied: path_open\n    instantiate 2µs\n    evaluate 2µs\n      • wasi_denied wasi.call=path_open\n\n",
                 "ab".repeat(16)
+            )
+        );
+    }
+
+    #[test]
+    fn a_kernel_spans_syscalls_print_a_line_each() {
+        let int = |key: &str, i: i64| KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(i)),
+            }),
+            ..Default::default()
+        };
+        let root = span(0xcd, 1, None, "sandgate.evaluate", 0);
+        let mut kernel = span(0xcd, 2, Some(1), "kernel.syscalls", 0);
+        kernel.attributes = vec![
+            int("kernel.syscalls.count", 4),
+            int("syscall.openat.instantiate.count", 1),
+            int("syscall.openat.instantiate.time_ns", 2000),
+            int("syscall.statx.guest.count", 3),
+            int("syscall.statx.guest.time_ns", 900),
+        ];
+        let text = View::new(None)
+            .receive(export(vec![root, kernel]))
+            .expect("printed");
+        assert_eq!(
+            text,
+            format!(
+                "trace {} (sandgate, 2 spans)\n  sandgate.evaluate 2µs\n    kernel.syscalls 2µs kernel.syscalls.count=4\n      · syscall.openat.instantiate count=1 time_ns=2000\n      · syscall.statx.guest count=3 time_ns=900\n\n",
+                "cd".repeat(16)
             )
         );
     }
