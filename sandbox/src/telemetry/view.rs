@@ -425,34 +425,27 @@ fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note
         / 1_000;
     indent(out);
     let _ = write!(out, "{} {micros}µs{note}", span.name);
-    let (syscalls, plain): (Vec<&KeyValue>, Vec<&KeyValue>) = span
-        .attributes
-        .iter()
-        .partition(|kv| syscall_attribute(&kv.key).is_some());
+    let (mut plain, mut syscalls) = (Vec::new(), Vec::new());
+    for kv in &span.attributes {
+        match syscall_attribute(&kv.key) {
+            Some((group, field)) => syscalls.push((group, field, kv)),
+            None => plain.push(kv),
+        }
+    }
     attributes(out, plain);
     // A `kernel.syscalls` span's `syscall.<name>.<phase>.{count,time_ns}`,
     // a line per syscall and phase.
-    let mut rest = syscalls.as_slice();
-    while let Some((first, _)) = rest.split_first() {
-        let Some((group, _)) = syscall_attribute(&first.key) else {
-            break;
-        };
-        let len = rest
-            .iter()
-            .take_while(|kv| syscall_attribute(&kv.key).is_some_and(|(g, _)| g == group))
-            .count();
+    for row in syscalls.chunk_by(|a, b| a.0 == b.0) {
         indent(out);
         out.push_str("  · ");
-        out.push_str(group);
-        for kv in &rest[..len] {
-            let (_, field) = syscall_attribute(&kv.key).unwrap_or_default();
+        out.push_str(row[0].0);
+        for (_, field, kv) in row {
             out.push(' ');
             out.push_str(field);
             out.push('=');
             value(out, kv.value.as_ref());
         }
         out.push('\n');
-        rest = &rest[len..];
     }
     if let Some(status) = &span.status
         && status.code == status::StatusCode::Error as i32
