@@ -504,28 +504,36 @@ fn phase_name(phase: u32) -> &'static str {
 /// and the six phases) each span makes its own.
 const MAX_INTERNED_KEYS: usize = 4096;
 
-/// The `syscall.<name>.<phase>.count` and `syscall.<name>.<phase>.time_ns`
-/// attribute keys of a `kernel.syscalls` span. Made once per syscall and
-/// phase and kept for the life of the process, so that a span's attributes
-/// are made, and copied for export, without a string allocated per syscall.
-fn syscall_keys(row: &Row) -> [Key; 2] {
+/// Appends each row's `syscall.<name>.<phase>.count` and
+/// `syscall.<name>.<phase>.time_ns` attributes of a `kernel.syscalls` span.
+/// The keys are made once per syscall and phase and kept for the life of the
+/// process, so that a span's attributes are made, and copied for export,
+/// without a string allocated per syscall.
+fn push_syscall_attributes(rows: &[Row], attributes: &mut Vec<KeyValue>) {
     /// (syscall nr, phase) → its two keys.
     type Kept = HashMap<(u32, u32), [&'static str; 2]>;
     static KEYS: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
     let mut keys = KEYS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(known) = keys.get(&(row.nr, row.phase)) {
-        return known.map(Key::from_static_str);
+    for row in rows {
+        let [count, time] = match keys.get(&(row.nr, row.phase)) {
+            Some(known) => known.map(Key::from_static_str),
+            None => {
+                let prefix = format!("syscall.{}.{}", row.name, phase_name(row.phase));
+                let made = [format!("{prefix}.count"), format!("{prefix}.time_ns")];
+                if keys.len() >= MAX_INTERNED_KEYS {
+                    made.map(Key::from)
+                } else {
+                    let kept = made.map(|key| &*Box::leak(key.into_boxed_str()));
+                    keys.insert((row.nr, row.phase), kept);
+                    kept.map(Key::from_static_str)
+                }
+            }
+        };
+        attributes.push(KeyValue::new(count, row.count as i64));
+        attributes.push(KeyValue::new(time, row.ns as i64));
     }
-    let prefix = format!("syscall.{}.{}", row.name, phase_name(row.phase));
-    let made = [format!("{prefix}.count"), format!("{prefix}.time_ns")];
-    if keys.len() >= MAX_INTERNED_KEYS {
-        return made.map(Key::from);
-    }
-    let kept = made.map(|key| &*Box::leak(key.into_boxed_str()));
-    keys.insert((row.nr, row.phase), kept);
-    kept.map(Key::from_static_str)
 }
 
 impl Summary {
@@ -568,11 +576,7 @@ impl Summary {
                     KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
                     KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
                 ]);
-                for row in &self.rows {
-                    let [count, time] = syscall_keys(row);
-                    attributes.push(KeyValue::new(count, row.count as i64));
-                    attributes.push(KeyValue::new(time, row.ns as i64));
-                }
+                push_syscall_attributes(&self.rows, &mut attributes);
                 attributes
             },
         );
@@ -832,24 +836,41 @@ mod tests {
     #[test]
     fn syscall_attribute_keys_name_the_syscall_and_phase_and_are_made_once() {
         use syscalls::Sysno;
-        let row = |nr: u32, phase: u32| Row {
+        let row = |nr: u32, phase: u32, count: u64| Row {
             nr,
             phase,
             name: expected::name(nr),
-            count: 1,
-            ns: 1,
+            count,
+            ns: 10 * count,
         };
-        let openat = row(Sysno::openat.id() as u32, phase::INSTANTIATE);
-        let [count, time] = syscall_keys(&openat);
-        assert_eq!(count.as_str(), "syscall.openat.instantiate.count");
-        assert_eq!(time.as_str(), "syscall.openat.instantiate.time_ns");
-        let [again, _] = syscall_keys(&openat);
+        let rows = [
+            row(Sysno::openat.id() as u32, phase::INSTANTIATE, 1),
+            row(100_000, 99, 2),
+        ];
+        let made = |rows: &[Row]| {
+            let mut attributes = Vec::new();
+            push_syscall_attributes(rows, &mut attributes);
+            attributes
+        };
+        let first = made(&rows);
+        let listed: Vec<(&str, String)> = first
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.to_string()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("syscall.openat.instantiate.count", "1".to_owned()),
+                ("syscall.openat.instantiate.time_ns", "10".to_owned()),
+                ("syscall.syscall_100000.unknown.count", "2".to_owned()),
+                ("syscall.syscall_100000.unknown.time_ns", "20".to_owned()),
+            ]
+        );
+        let again = made(&rows[..1]);
         assert!(
-            std::ptr::eq(count.as_str(), again.as_str()),
+            std::ptr::eq(first[0].key.as_str(), again[0].key.as_str()),
             "the key is kept, not made again"
         );
-        let [unknown, _] = syscall_keys(&row(100_000, 99));
-        assert_eq!(unknown.as_str(), "syscall.syscall_100000.unknown.count");
     }
 
     #[test]
