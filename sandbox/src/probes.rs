@@ -6,7 +6,7 @@
 //! tracepoints, filtered in the kernel to this process and to threads inside
 //! a guest invocation. Each invocation the evaluation path [`watch`]es gets
 //! an account; a task folds the ring buffer's events into it and, when the
-//! invocation's end event arrives, reports it: a `kernel.syscalls` child span
+//! invocation's end event arrives, reports it: a `kernel` child span
 //! of the decision's span with per-syscall counts and time, and a
 //! `kernel_syscall` audit line for each syscall outside what the policy's
 //! grants explain ([`Expected`]).
@@ -505,7 +505,7 @@ fn phase_name(phase: u32) -> &'static str {
 const MAX_INTERNED_KEYS: usize = 4096;
 
 /// Appends each row's `syscall.<name>.<phase>.count` and
-/// `syscall.<name>.<phase>.time_ns` attributes of a `kernel.syscalls` span.
+/// `syscall.<name>.<phase>.time_ns` attributes of a `kernel` span.
 /// The keys are made once per syscall and phase and kept for the life of the
 /// process, so that a span's attributes are made, and copied for export,
 /// without a string allocated per syscall.
@@ -537,7 +537,7 @@ fn push_syscall_attributes(rows: &[Row], attributes: &mut Vec<KeyValue>) {
 }
 
 impl Summary {
-    /// The `kernel.syscalls` span under the decision's span, and an audit
+    /// The `kernel` span under the decision's span, and an audit
     /// line per unexpected syscall.
     fn emit(&self, account: &Account, complete: bool) {
         let watch = &account.watch;
@@ -563,11 +563,9 @@ impl Summary {
         // Per-syscall counts and times are attributes, not an event per
         // syscall: an event costs the export about ten allocations and the
         // receiver a message of its own, and attributes can be searched on.
-        let span = watch.trace.child_at(
-            "kernel.syscalls",
-            SpanKind::Internal,
-            account.started,
-            || {
+        let span = watch
+            .trace
+            .child_at("kernel", SpanKind::Internal, account.started, || {
                 let mut attributes = Vec::with_capacity(5 + 2 * self.rows.len());
                 attributes.extend([
                     KeyValue::new("kernel.syscalls.count", self.total as i64),
@@ -578,8 +576,7 @@ impl Summary {
                 ]);
                 push_syscall_attributes(&self.rows, &mut attributes);
                 attributes
-            },
-        );
+            });
         for (syscall, count) in &self.unexpected {
             span.event("kernel_syscall", || {
                 vec![

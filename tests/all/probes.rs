@@ -1,6 +1,6 @@
 //! eBPF probes against the real kernel (these tests run as root, as CI
 //! does): the syscalls a guest's invocation causes, seen by the programs the
-//! daemon attaches, in its decision's `kernel.syscalls` span; each charged to
+//! daemon attaches, in its decision's `kernel` span; each charged to
 //! its own invocation under load; and a daemon without the capabilities that
 //! runs and says why its probes are off.
 
@@ -13,7 +13,7 @@ use crate::server::{Daemon, client, daemon_config, json_body, rbac_policy, wat_p
 use crate::support::*;
 use crate::tracing::{Got, Received, evaluate, grpc_receiver, named, telemetry};
 
-/// (syscall, phase) → count, from a `kernel.syscalls` span's
+/// (syscall, phase) → count, from a `kernel` span's
 /// `syscall.<name>.<phase>.count` attributes.
 type Syscalls = HashMap<(String, String), u64>;
 
@@ -67,11 +67,11 @@ fn total(syscalls: &Syscalls, name: &str) -> u64 {
         .sum()
 }
 
-/// The decision's spans once its `kernel.syscalls` span arrived too.
+/// The decision's spans once its `kernel` span arrived too.
 async fn kernel_span(received: &Received, trace_id: &str) -> (Got, Got) {
     let spans = received.trace(trace_id, 4).await;
     let root = named(&spans, "sandgate.evaluate").clone();
-    let kernel = named(&spans, "kernel.syscalls").clone();
+    let kernel = named(&spans, "kernel").clone();
     assert_eq!(
         kernel.parent_id(),
         root.span_id(),
@@ -272,10 +272,7 @@ async fn a_thousand_concurrent_evaluations_are_each_charged_their_own_syscalls()
     let deadline = Instant::now() + Duration::from_secs(60);
     let spans = loop {
         let spans = received.spans();
-        let kernels = spans
-            .iter()
-            .filter(|g| g.span.name == "kernel.syscalls")
-            .count();
+        let kernels = spans.iter().filter(|g| g.span.name == "kernel").count();
         if kernels >= N || Instant::now() > deadline {
             break spans;
         }
@@ -283,7 +280,7 @@ async fn a_thousand_concurrent_evaluations_are_each_charged_their_own_syscalls()
     };
     let by_trace: HashMap<String, &Got> = spans
         .iter()
-        .filter(|g| g.span.name == "kernel.syscalls")
+        .filter(|g| g.span.name == "kernel")
         .map(|g| (g.trace_id(), g))
         .collect();
     let counters = settled_counters(&client, &daemon).await;

@@ -1047,7 +1047,7 @@ async fn sandgate_trace_prints_decisions_trees_and_counts_the_traces_past_its_li
     let dir = tempdir();
     let (grpc, http) = (free_port(), free_port());
     let view = TraceView::start(dir.path(), grpc, http, &["--max-per-second", "5"]);
-    // Without the probes' `kernel.syscalls` spans, which may arrive in a
+    // Without the probes' `kernel` spans, which may arrive in a
     // later export than their decision's and so make a trace two blocks.
     let (_daemon_dir, daemon, client) = daemon_exporting_to(
         &format!("http://{grpc}"),

@@ -248,7 +248,7 @@ impl View {
     /// The span trees of the traces in `export` this second still has room
     /// for, one block per trace in the order they first appear; the others
     /// are counted. A trace whose spans come in several requests (the
-    /// `kernel.syscalls` span follows its decision's) is a block in each.
+    /// `kernel` span follows its decision's) is a block in each.
     fn receive(&self, export: Export) -> Result<String, prost::DecodeError> {
         let traces = Received::group(&export)?;
         let show = {
@@ -433,7 +433,7 @@ fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note
         }
     }
     attributes(out, plain);
-    // A `kernel.syscalls` span's `syscall.<name>.<phase>.{count,time_ns}`,
+    // A `kernel` span's `syscall.<name>.<phase>.{count,time_ns}`,
     // a line per syscall and phase.
     for row in syscalls.chunk_by(|a, b| a.0 == b.0) {
         indent(out);
@@ -467,7 +467,7 @@ fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note
 }
 
 /// `syscall.<name>.<phase>` and `count` or `time_ns`, for an attribute of
-/// a `kernel.syscalls` span's syscalls.
+/// a `kernel` span's syscalls.
 fn syscall_attribute(key: &str) -> Option<(&str, &str)> {
     let (group, field) = key.rsplit_once('.')?;
     let named = group.starts_with("syscall.") && group.matches('.').count() == 2;
@@ -595,7 +595,7 @@ mod tests {
             ..Default::default()
         };
         let root = span(0xcd, 1, None, "sandgate.evaluate", 0);
-        let mut kernel = span(0xcd, 2, Some(1), "kernel.syscalls", 0);
+        let mut kernel = span(0xcd, 2, Some(1), "kernel", 0);
         kernel.attributes = vec![
             int("kernel.syscalls.count", 4),
             int("syscall.openat.instantiate.count", 1),
@@ -609,7 +609,7 @@ mod tests {
         assert_eq!(
             text,
             format!(
-                "trace {} (sandgate, 2 spans)\n  sandgate.evaluate 2µs\n    kernel.syscalls 2µs kernel.syscalls.count=4\n      · syscall.openat.instantiate count=1 time_ns=2000\n      · syscall.statx.guest count=3 time_ns=900\n\n",
+                "trace {} (sandgate, 2 spans)\n  sandgate.evaluate 2µs\n    kernel 2µs kernel.syscalls.count=4\n      · syscall.openat.instantiate count=1 time_ns=2000\n      · syscall.statx.guest count=3 time_ns=900\n\n",
                 "cd".repeat(16)
             )
         );
