@@ -20,50 +20,6 @@ use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// How long the daemon keeps freed memory for reuse before it goes back to
-/// the OS.
-///
-/// mimalloc's own delay is a second, counted from the first free after the
-/// last return; then everything free at that moment goes back. Under load
-/// that includes the span exporter's request buffers, freed an instant
-/// before and allocated again at once, which are then faulted back in page
-/// by page: with mimalloc's delay, every traced decision cost about 2 µs
-/// more (docs/benchmarks.md#the-allocators-purge-delay). Ten seconds, the
-/// decay time of jemalloc's default, makes that ten times rarer; what a
-/// burst or starting up needed is still returned seconds after.
-mod allocator {
-    use std::ffi::c_long;
-
-    use libmimalloc_sys as mi;
-
-    /// `mi_option_purge_delay` of mimalloc.h (the -sys crate has no name for it).
-    const PURGE_DELAY: mi::mi_option_t = 15;
-    /// Milliseconds freed memory is kept.
-    pub const DELAY_MS: c_long = 10_000;
-    /// The variables mimalloc reads the delay from; either leaves it to them.
-    pub const DELAY_VARIABLES: [&str; 2] = ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"];
-
-    /// Sets the delay to [`DELAY_MS`], unless the environment sets it.
-    pub fn set_purge_delay() {
-        if DELAY_VARIABLES
-            .iter()
-            .any(|name| std::env::var_os(name).is_some())
-        {
-            return;
-        }
-        // SAFETY: takes no pointers; sets one option. Another thread
-        // reading it meanwhile sees the old delay or the new one.
-        unsafe { mi::mi_option_set(PURGE_DELAY, DELAY_MS) }
-    }
-
-    /// The delay in force, in milliseconds (negative: memory is never returned).
-    #[cfg(test)]
-    pub fn purge_delay() -> c_long {
-        // SAFETY: takes no pointers; reads one option.
-        unsafe { mi::mi_option_get(PURGE_DELAY) }
-    }
-}
-
 #[derive(Parser)]
 #[command(
     name = "sandgate",
@@ -141,7 +97,6 @@ enum Command {
 struct UsageError(String);
 
 fn main() -> ExitCode {
-    allocator::set_purge_delay();
     let cli = Cli::parse();
     init_logging();
     // The trace view is one receiver printing to one terminal: a single
@@ -592,25 +547,4 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::allocator;
-
-    #[test]
-    fn freed_memory_is_kept_ten_seconds_unless_the_environment_sets_mimallocs_delay() {
-        let before = allocator::purge_delay();
-        allocator::set_purge_delay();
-        if allocator::DELAY_VARIABLES
-            .iter()
-            .any(|name| std::env::var_os(name).is_some())
-        {
-            assert_eq!(allocator::purge_delay(), before, "the environment's delay");
-        } else {
-            // mimalloc v3's default: option 15 is still the purge delay.
-            assert_eq!(before, 1000, "mimalloc's default purge delay");
-            assert_eq!(allocator::purge_delay(), allocator::DELAY_MS);
-        }
-    }
 }
