@@ -432,8 +432,6 @@ struct Account {
 /// An account folded for reporting.
 #[derive(Debug, PartialEq)]
 struct Summary {
-    /// By syscall name, then phase.
-    rows: Vec<Row>,
     total: u64,
     total_ns: u64,
     /// (syscall, count) of syscalls outside the expected set.
@@ -453,31 +451,16 @@ struct Row {
 
 impl Account {
     fn summarise(&self) -> Summary {
-        let mut rows = Vec::with_capacity(self.syscalls.len());
         let mut unexpected: BTreeMap<Cow<'static, str>, u64> = BTreeMap::new();
         let (mut total, mut total_ns) = (0, 0);
         for (&(nr, phase), &(count, ns)) in &self.syscalls {
-            let name = expected::name(nr);
             total += count;
             total_ns += ns;
             if !self.watch.expected.allows(phase, nr) {
-                *unexpected.entry(name.clone()).or_default() += count;
+                *unexpected.entry(expected::name(nr)).or_default() += count;
             }
-            rows.push(Row {
-                nr,
-                phase,
-                name,
-                count,
-                ns,
-            });
         }
-        rows.sort_by(|a, b| {
-            a.name
-                .cmp(&b.name)
-                .then(phase_name(a.phase).cmp(phase_name(b.phase)))
-        });
         Summary {
-            rows,
             total,
             total_ns,
             unexpected: unexpected.into_iter().collect(),
@@ -492,6 +475,28 @@ impl Account {
                 })
                 .collect(),
         }
+    }
+
+    /// Each syscall's count and time in each phase, by syscall name then
+    /// phase: what a sampled decision's `kernel` span lists.
+    fn rows(&self) -> Vec<Row> {
+        let mut rows: Vec<Row> = self
+            .syscalls
+            .iter()
+            .map(|(&(nr, phase), &(count, ns))| Row {
+                nr,
+                phase,
+                name: expected::name(nr),
+                count,
+                ns,
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then(phase_name(a.phase).cmp(phase_name(b.phase)))
+        });
+        rows
     }
 }
 
@@ -566,7 +571,8 @@ impl Summary {
         let span = watch
             .trace
             .child_at("kernel", SpanKind::Internal, account.started, || {
-                let mut attributes = Vec::with_capacity(5 + 2 * self.rows.len());
+                let rows = account.rows();
+                let mut attributes = Vec::with_capacity(5 + 2 * rows.len());
                 attributes.extend([
                     KeyValue::new("kernel.syscalls.count", self.total as i64),
                     KeyValue::new("kernel.syscalls.time_ns", self.total_ns as i64),
@@ -574,7 +580,7 @@ impl Summary {
                     KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
                     KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
                 ]);
-                push_syscall_attributes(&self.rows, &mut attributes);
+                push_syscall_attributes(&rows, &mut attributes);
                 attributes
             });
         for (syscall, count) in &self.unexpected {
@@ -815,8 +821,8 @@ mod tests {
         assert_eq!(summary.total_ns, 1250);
         assert_eq!(summary.unexpected, vec![("openat".into(), 3)]);
         assert_eq!(summary.wasi_denied, vec!["path_open"]);
-        let rows: Vec<_> = summary
-            .rows
+        let rows = account.rows();
+        let rows: Vec<_> = rows
             .iter()
             .map(|r| (&*r.name, phase_name(r.phase), r.count, r.ns))
             .collect();
