@@ -1,20 +1,19 @@
 //! The wasmtime engine shared by every policy: pooling allocation, epoch
 //! deadlines (one ticker thread), the memory limiter, and the caches of
-//! compiled modules (memory, then disk; modules pinned by URL are downloaded
-//! through `fetch` only when neither has them). `policy` asks it for compiled
-//! modules and creates a `Store` holding one evaluation's host state
-//! (`Invocation`).
+//! compiled modules (memory, then the authenticated disk cache of `cache`;
+//! modules pinned by URL are downloaded through `fetch` only when neither has
+//! them). `policy` asks it for compiled modules and creates a `Store` holding
+//! one evaluation's host state (`Invocation`).
+
+mod cache;
 
 use std::collections::HashMap;
-use std::fs;
-use std::hash::{Hash, Hasher};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sha2::Digest as _;
+pub use cache::{ArtifactCache, ArtifactKind, CacheRefused, CacheReport};
 use wasmtime::{
     Config, Enabled, InstanceAllocationStrategy, Module, PoolingAllocationConfig, ResourceLimiter,
 };
@@ -32,9 +31,6 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Tables are small in policy guests; this bounds a guest growing them.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// Format tag of a cache entry; bump when the layout changes.
-const CACHE_MAGIC: &[u8; 8] = b"SGMOD\x00\x00\x01";
-
 /// Compiled modules kept in memory, so a reload (or a rollback to a version
 /// loaded earlier) neither recompiles nor reads the disk cache.
 const MEMORY_CACHE_ENTRIES: usize = 64;
@@ -45,6 +41,8 @@ pub enum EngineError {
     Setup(String),
     #[error("module does not compile: {0}")]
     Compile(String),
+    #[error("the module's bytes have digest {actual}, not {expected}")]
+    DigestMismatch { expected: Digest, actual: Digest },
 }
 
 /// Where a compiled module came from.
@@ -72,7 +70,7 @@ impl std::fmt::Display for CompiledFrom {
 #[derive(Clone)]
 pub struct Engine {
     wasmtime: wasmtime::Engine,
-    cache: Option<Arc<ModuleCache>>,
+    cache: DiskCache,
     memory: Arc<Mutex<MemoryCache>>,
     fetcher: Arc<Fetcher>,
     _ticker: Arc<EpochTicker>,
@@ -100,10 +98,7 @@ impl Engine {
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let wasmtime =
             wasmtime::Engine::new(&config).map_err(|e| EngineError::Setup(format!("{e:#}")))?;
-        let cache = settings
-            .cache_dir
-            .as_ref()
-            .map(|dir| Arc::new(ModuleCache::new(dir, &wasmtime)));
+        let cache = DiskCache::open(settings.cache_dir.as_deref(), &wasmtime);
         let ticker = Arc::new(EpochTicker::start(wasmtime.clone()));
         Ok(Engine {
             wasmtime,
@@ -123,25 +118,73 @@ impl Engine {
         &self.wasmtime
     }
 
+    /// The directory of the disk cache when it is in use (configured and
+    /// trusted).
     pub fn cache_dir(&self) -> Option<&Path> {
-        self.cache.as_deref().map(|c| c.dir.as_path())
+        self.artifact_cache().map(ArtifactCache::dir)
     }
 
-    /// Compiles a module, or loads it from the disk cache when an intact entry
-    /// for this digest and engine configuration exists. May block: call it off
-    /// the request path.
+    /// The disk cache of compiled artifacts when it is in use: any artifact
+    /// derived from a module (bytes keyed by digest material) is stored and
+    /// authenticated there under the same trust rules as compiled modules.
+    pub fn artifact_cache(&self) -> Option<&ArtifactCache> {
+        match &self.cache {
+            DiskCache::On(cache) => Some(cache),
+            DiskCache::Off | DiskCache::Refused(_) => None,
+        }
+    }
+
+    /// Whether the disk cache is in use, off, or refused and why.
+    pub fn cache_report(&self) -> CacheReport {
+        match &self.cache {
+            DiskCache::Off => CacheReport {
+                state: "off",
+                dir: None,
+                reason: None,
+            },
+            DiskCache::On(cache) => CacheReport {
+                state: "on",
+                dir: Some(cache.dir().display().to_string()),
+                reason: None,
+            },
+            DiskCache::Refused(refused) => CacheReport {
+                state: "refused",
+                dir: Some(refused.path.display().to_string()),
+                reason: Some(refused.reason.clone()),
+            },
+        }
+    }
+
+    /// Compiles a module, or loads it from the caches when this process or
+    /// the disk cache holds an authenticated entry for this digest and engine
+    /// configuration. `bytes` must have `digest`: the cache entry written is
+    /// bound to it. May block: call it off the request path.
     pub fn compile(
         &self,
         bytes: &[u8],
         digest: &Digest,
     ) -> Result<(Module, CompiledFrom), EngineError> {
+        // A caller's mistake here would store one module under another's
+        // digest, which is exactly the poisoning the cache refuses.
+        let actual = Digest::of(bytes);
+        if actual != *digest {
+            return Err(EngineError::DigestMismatch {
+                expected: *digest,
+                actual,
+            });
+        }
         if let Some(found) = self.cached(digest) {
             return Ok(found);
         }
         let module = Module::new(&self.wasmtime, bytes)
             .map_err(|e| EngineError::Compile(format!("{e:#}")))?;
-        if let Some(cache) = &self.cache {
-            cache.store(digest, &module);
+        if let Some(cache) = self.artifact_cache() {
+            match module.serialize() {
+                Ok(payload) => cache.store(ArtifactKind::MODULE, digest, &payload),
+                Err(e) => {
+                    tracing::warn!(digest = %digest, error = %format!("{e:#}"), "cannot serialise a compiled module for the disk cache")
+                }
+            }
         }
         self.remember(digest, &module);
         Ok((module, CompiledFrom::Compiler))
@@ -154,7 +197,20 @@ impl Engine {
         if let Some(module) = in_memory {
             return Some((module, CompiledFrom::MemoryCache));
         }
-        let module = self.cache.as_ref()?.load(&self.wasmtime, digest)?;
+        let cache = self.artifact_cache()?;
+        let payload = cache.load(ArtifactKind::MODULE, digest)?;
+        // SAFETY: `load` returns only a payload authenticated with this
+        // daemon's private key over (format, kind, engine compatibility hash,
+        // digest, payload), so these are the bytes `Module::serialize` wrote
+        // in `compile` for a module whose bytes had `digest`, under this
+        // engine configuration; the bytes are in memory, verified as held.
+        let module = match unsafe { Module::deserialize(&self.wasmtime, &payload) } {
+            Ok(module) => module,
+            Err(e) => {
+                tracing::warn!(path = %cache.entry_path(ArtifactKind::MODULE, digest).display(), error = %format!("{e:#}"), "module cache entry refused by wasmtime; recompiling");
+                return None;
+            }
+        };
         self.remember(digest, &module);
         Some((module, CompiledFrom::DiskCache))
     }
@@ -199,6 +255,34 @@ impl MemoryCache {
     }
 }
 
+/// The disk cache as configured: off, in use, or refused (the daemon then
+/// compiles at every start and says why in its log, `/readyz` and `check`).
+#[derive(Clone)]
+enum DiskCache {
+    Off,
+    On(Arc<ArtifactCache>),
+    Refused(Arc<CacheRefused>),
+}
+
+impl DiskCache {
+    fn open(dir: Option<&Path>, engine: &wasmtime::Engine) -> DiskCache {
+        let Some(dir) = dir else {
+            return DiskCache::Off;
+        };
+        match ArtifactCache::open(dir, engine) {
+            Ok(cache) => DiskCache::On(Arc::new(cache)),
+            Err(refused) => {
+                tracing::warn!(
+                    path = %refused.path.display(),
+                    reason = %refused.reason,
+                    "module cache refused: not trusted, so nothing is read from or written to it; modules are compiled at every start"
+                );
+                DiskCache::Refused(Arc::new(refused))
+            }
+        }
+    }
+}
+
 /// Advances the engine's epoch every `EPOCH_TICK` until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
@@ -227,102 +311,6 @@ impl EpochTicker {
 impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Compiled modules on disk, keyed by module digest and engine configuration.
-///
-/// Entry layout: magic, sha256 of the payload, payload (`Module::serialize`).
-/// Entries are written to a temporary file and renamed into place, so a crash
-/// leaves either the old entry or the new one; an entry whose checksum does not
-/// match is recompiled, never deserialised.
-struct ModuleCache {
-    dir: PathBuf,
-    engine_key: String,
-}
-
-impl ModuleCache {
-    fn new(dir: &Path, engine: &wasmtime::Engine) -> ModuleCache {
-        let mut hasher = Sha256Hasher(sha2::Sha256::new());
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = hex::encode(&hasher.0.finalize()[..8]);
-        ModuleCache {
-            dir: dir.to_path_buf(),
-            engine_key,
-        }
-    }
-
-    fn entry_path(&self, digest: &Digest) -> PathBuf {
-        self.dir
-            .join(format!("{}-{}.cwasm", digest.hex(), self.engine_key))
-    }
-
-    fn load(&self, engine: &wasmtime::Engine, digest: &Digest) -> Option<Module> {
-        let path = self.entry_path(digest);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "module cache entry unreadable; recompiling");
-                return None;
-            }
-        };
-        let Some(payload) = verified_payload(&bytes) else {
-            tracing::warn!(path = %path.display(), "module cache entry is corrupt; recompiling");
-            return None;
-        };
-        // SAFETY: the payload is exactly what `Module::serialize` wrote for this
-        // engine configuration (the key includes its compatibility hash), and
-        // its checksum was verified above, so it is not torn or altered by
-        // accident. The cache directory belongs to the operator.
-        match unsafe { Module::deserialize(engine, payload) } {
-            Ok(module) => Some(module),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "module cache entry refused; recompiling");
-                None
-            }
-        }
-    }
-
-    fn store(&self, digest: &Digest, module: &Module) {
-        let path = self.entry_path(digest);
-        if let Err(e) = self.write_entry(&path, module) {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write module cache entry");
-        }
-    }
-
-    fn write_entry(&self, path: &Path, module: &Module) -> anyhow::Result<()> {
-        let payload = module.serialize()?;
-        fs::create_dir_all(&self.dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        tmp.write_all(CACHE_MAGIC)?;
-        tmp.write_all(&sha2::Sha256::digest(&payload))?;
-        tmp.write_all(&payload)?;
-        tmp.as_file().sync_all()?;
-        tmp.persist(path)?;
-        Ok(())
-    }
-}
-
-fn verified_payload(bytes: &[u8]) -> Option<&[u8]> {
-    let rest = bytes.strip_prefix(CACHE_MAGIC.as_slice())?;
-    if rest.len() < 32 {
-        return None;
-    }
-    let (sum, payload) = rest.split_at(32);
-    (sha2::Sha256::digest(payload).as_slice() == sum).then_some(payload)
-}
-
-struct Sha256Hasher(sha2::Sha256);
-
-impl Hasher for Sha256Hasher {
-    fn finish(&self) -> u64 {
-        let digest = self.0.clone().finalize();
-        u64::from_le_bytes(digest[..8].try_into().unwrap_or([0; 8]))
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
     }
 }
 
@@ -367,24 +355,5 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn corrupt_cache_payloads_are_rejected() {
-        let payload = b"compiled code";
-        let mut entry = CACHE_MAGIC.to_vec();
-        entry.extend_from_slice(&sha2::Sha256::digest(payload));
-        entry.extend_from_slice(payload);
-        assert_eq!(verified_payload(&entry), Some(&payload[..]));
-        let last = entry.len() - 1;
-        entry[last] ^= 1;
-        assert_eq!(verified_payload(&entry), None);
-        assert_eq!(verified_payload(b"SGMOD"), None);
-        assert_eq!(verified_payload(&entry[..20]), None);
     }
 }

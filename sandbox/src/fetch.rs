@@ -230,7 +230,10 @@ fn entry_path(dir: &Path, digest: &Digest) -> PathBuf {
 /// the same directory, fsynced, then renamed, so a reader sees the whole
 /// entry or none.
 fn store(dir: &Path, digest: &Digest, bytes: &[u8]) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
+    // Private like the compiled cache, though every read is re-verified
+    // against the pinned digest, so a planted file is never used.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(dir)?;
     let path = entry_path(dir, digest);
     let mut tmp = tempfile::Builder::new()
         .prefix(".download-")

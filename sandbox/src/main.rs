@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 use sandgate::audit::AuditLog;
 use sandgate::config::{self, AuditTarget, Config, EngineSettings, PolicySpec};
+use sandgate::engine::CacheReport;
 use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
 
 /// mimalloc instead of the system allocator: the daemon allocates on every
@@ -279,12 +280,13 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "config": config.source,
                 "server": {"listen": config.server.listen.to_string(), "grpc_listen": config.server.grpc_listen.map(|a| a.to_string())},
+                "module_cache": engine.cache_report(),
                 "policies": report,
                 "errors": failures,
             }))?
         );
     } else {
-        print_check(&config, &report, engine.cache_dir());
+        print_check(&config, &report, &engine.cache_report());
     }
     if !failures.is_empty() {
         for f in &failures {
@@ -299,15 +301,19 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_check(config: &Config, report: &[serde_json::Value], cache: Option<&Path>) {
+fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheReport) {
     println!("config {}: ok", config.source.display());
     println!("  listen {}", config.server.listen);
     if let Some(grpc) = config.server.grpc_listen {
         println!("  grpc_listen {grpc}");
     }
-    match cache {
-        Some(dir) => println!("  module cache {}", dir.display()),
-        None => println!("  module cache off"),
+    let dir = cache.dir.as_deref().unwrap_or_default();
+    match (cache.state, &cache.reason) {
+        ("on", _) => println!("  module cache {dir}"),
+        (_, Some(reason)) => println!(
+            "  module cache refused ({dir}): {reason}; modules are compiled at every start"
+        ),
+        _ => println!("  module cache off"),
     }
     if let Some(dir) = &config.engine.download_dir
         && config

@@ -501,8 +501,9 @@ fn kubernetes_sidecar_is_hardened_and_probed_where_it_listens() {
     }
     assert_eq!(config.ebpf, sandgate::config::EbpfMode::Off);
 
-    // The only writable place is the module cache: an emptyDir where
-    // SANDGATE_CACHE_DIR points.
+    // The only writable place is the module cache: a private directory the
+    // daemon creates in an emptyDir (which is world-writable, so the cache
+    // would refuse it).
     let cache = array_at(sidecar, "/env")
         .iter()
         .find(|e| e["name"] == "SANDGATE_CACHE_DIR")
@@ -510,7 +511,10 @@ fn kubernetes_sidecar_is_hardened_and_probed_where_it_listens() {
         .expect("SANDGATE_CACHE_DIR");
     let mount = array_at(sidecar, "/volumeMounts")
         .iter()
-        .find(|m| m["mountPath"] == cache)
+        .find(|m| {
+            m["mountPath"].as_str().map(std::path::Path::new)
+                == std::path::Path::new(cache).parent()
+        })
         .unwrap_or_else(|| panic!("nothing is mounted at {cache}"));
     assert!(mount["readOnly"] != true, "the cache must be writable");
     assert!(

@@ -8,6 +8,7 @@ mod support;
 mod abi;
 mod bridge;
 mod bridge_examples;
+mod cache;
 mod cli;
 mod config;
 mod deploy;

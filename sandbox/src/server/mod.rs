@@ -26,7 +26,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::{AuditTarget, Config, Digest, PolicySpec};
 use crate::decision::{Decision, DecisionError, ErrorCode, FailMode};
-use crate::engine::{Engine, EngineError};
+use crate::engine::{CacheReport, Engine, EngineError};
 use crate::policy::{DecisionCache, EvalOptions, Evaluation, Policy, RequestHeaders, Versions};
 use crate::probes::{ProbeReport, Probes};
 use crate::telemetry::traces::{Parent, Tracing};
@@ -896,6 +896,7 @@ impl State {
                 generation: generation.number,
                 last_reload: self.reloads.last(),
                 probes: self.probes.report(),
+                module_cache: self.engine.cache_report(),
                 policies,
             },
         )
@@ -948,6 +949,9 @@ pub(crate) struct Readiness {
     /// Whether the eBPF probes are attached, or why not (never affects
     /// readiness: with `mode = "auto"` the daemon serves without them).
     probes: ProbeReport,
+    /// Whether compiled modules are cached on disk, or why the cache
+    /// directory was refused (never affects readiness: modules compile).
+    module_cache: CacheReport,
     policies: BTreeMap<String, PolicyReadiness>,
 }
 
