@@ -29,8 +29,10 @@ use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
 use crate::telemetry::traces::Scope;
 
+mod redact;
 mod transport;
 
+use redact::Secret;
 use transport::Transport;
 
 /// `http_send` results (DESIGN §2).
@@ -60,7 +62,6 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const MAX_REDIRECTS: usize = 5;
 /// Entries kept per policy in the response cache.
 const CACHE_CAPACITY: u64 = 10_000;
-const REDACTED: &str = "[redacted]";
 
 /// One `egress.allow` prefix, parsed: a URL matches when scheme, host and
 /// port are equal and the prefix's path segments are a prefix of its own.
@@ -211,6 +212,8 @@ pub struct Bridge {
     transport: Option<Transport>,
     cache: Option<moka::future::Cache<[u8; 32], CachedResponse>>,
     stats: CacheStats,
+    /// Every credential of the policy, with the spellings to scrub.
+    secrets: Vec<Secret>,
 }
 
 /// Why the bridge could not be set up.
@@ -239,6 +242,11 @@ impl Bridge {
             transport,
             cache,
             stats: CacheStats::default(),
+            secrets: settings
+                .credentials
+                .iter()
+                .map(|c| Secret::new(&c.value))
+                .collect(),
         })
     }
 
@@ -369,6 +377,18 @@ impl Bridge {
             ) {
                 continue;
             }
+            // A compressed, transfer-coded or partial answer could carry a
+            // credential in a form redaction cannot see: the bridge asks for
+            // whole, unencoded bodies whatever the guest asked for.
+            if UNINSPECTABLE_REQUEST_HEADERS.contains(&name.as_str()) {
+                tracing::info!(
+                    policy = %subject.policy,
+                    decision_id = %subject.decision_id,
+                    header = name.as_str(),
+                    "guest request header dropped: the bridge must be able to inspect the answer for credentials"
+                );
+                continue;
+            }
             guest_headers.push((name, value));
         }
         let mut body = match &request.body {
@@ -422,6 +442,10 @@ impl Bridge {
             headers
                 .entry(header::ACCEPT)
                 .or_insert(HeaderValue::from_static("*/*"));
+            headers.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
             // The called service joins the decision's trace.
             span.inject(&mut headers);
             // One timeout per hop, from connecting to the body's last byte.
@@ -446,16 +470,20 @@ impl Bridge {
                 break (response, deadline);
             };
             hops += 1;
+            let location_text = redact::redact_str(location.as_str(), &self.secrets);
             if hops > MAX_REDIRECTS {
                 return Err(deny(
-                    location.as_str(),
+                    &location_text,
                     format!("more than {MAX_REDIRECTS} redirects"),
                 ));
             }
             if let Some(reason) = self.refusal(&location) {
                 return Err(deny(
-                    location.as_str(),
-                    format!("redirect from {url}: {reason}"),
+                    &location_text,
+                    format!(
+                        "redirect from {}: {reason}",
+                        redact::redact_str(url.as_str(), &self.secrets)
+                    ),
                 ));
             }
             // 303, and 301/302 after a POST, continue as GET without a body.
@@ -467,7 +495,7 @@ impl Bridge {
                 body = None;
             }
             url = location;
-            record.url = url.to_string();
+            record.url = location_text;
         };
 
         let status = response.status().as_u16();
@@ -495,13 +523,22 @@ impl Bridge {
             }
             bytes.extend_from_slice(&chunk);
         }
-        for credential in &self.settings.credentials {
-            for (_, value) in headers.iter_mut() {
-                if value.contains(&credential.value) {
-                    *value = value.replace(&credential.value, REDACTED);
-                }
+        if let Some(coding) = uninspectable_coding(response.headers())
+            && !bytes.is_empty()
+        {
+            return Err(deny(
+                &record.url,
+                format!(
+                    "the answer's body is encoded ({coding}) although the bridge asked for identity; it cannot be checked for credentials, so it is not handed to the guest"
+                ),
+            ));
+        }
+        if !self.secrets.is_empty() {
+            for (name, value) in headers.iter_mut() {
+                *name = redact::redact_str(name, &self.secrets);
+                *value = redact::redact_str(value, &self.secrets);
             }
-            bytes = redact(bytes, credential.value.as_bytes());
+            bytes = redact::redact(bytes, &self.secrets);
         }
         let document = serde_json::to_vec(&GuestResponse {
             status,
@@ -610,25 +647,38 @@ fn cache_max_age(headers: &HeaderMap) -> CacheControl {
     result
 }
 
-fn redact(bytes: Vec<u8>, secret: &[u8]) -> Vec<u8> {
-    if secret.is_empty()
-        || bytes.len() < secret.len()
-        || !bytes.windows(secret.len()).any(|w| w == secret)
-    {
-        return bytes;
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i..].starts_with(secret) {
-            out.extend_from_slice(REDACTED.as_bytes());
-            i += secret.len();
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+/// Request headers a guest may not send: they would let a peer answer in a
+/// form the bridge cannot scrub (compressed, transfer-coded, or a slice of a
+/// body too short to contain a whole credential).
+const UNINSPECTABLE_REQUEST_HEADERS: [&str; 4] = ["accept-encoding", "te", "range", "if-range"];
+
+/// The content or transfer coding of a response that is not plain bytes
+/// (`chunked` is undone by the transport), if any.
+fn uninspectable_coding(headers: &HeaderMap) -> Option<String> {
+    let codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| (header::CONTENT_ENCODING, v))
+        .chain(
+            headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .map(|v| (header::TRANSFER_ENCODING, v)),
+        );
+    for (name, value) in codings {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            let plain = coding.eq_ignore_ascii_case("identity")
+                || (name == header::TRANSFER_ENCODING && coding.eq_ignore_ascii_case("chunked"));
+            if !plain {
+                return Some(format!(
+                    "{name}: {}",
+                    coding.chars().take(32).collect::<String>()
+                ));
+            }
         }
     }
-    out
+    None
 }
 
 /// Adds `http_send` and `http_read` to the `sandgate` import module.
@@ -744,14 +794,5 @@ mod tests {
         let a = EgressRule::parse("http://h/a").unwrap_or_else(|e| panic!("{e}"));
         let ab = EgressRule::parse("http://h/a/b/").unwrap_or_else(|e| panic!("{e}"));
         assert!(a.covers(&ab) && !ab.covers(&a));
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        assert_eq!(
-            redact(b"x-secret-y-secret".to_vec(), b"secret"),
-            b"x-[redacted]-y-[redacted]".to_vec()
-        );
-        assert_eq!(redact(b"nothing".to_vec(), b"secret"), b"nothing".to_vec());
     }
 }

@@ -7,6 +7,7 @@
 //! `Registry` holds loaded policies by name for embedders.
 
 mod decision_cache;
+pub mod input;
 mod route;
 
 pub use decision_cache::DecisionCache;
@@ -510,8 +511,7 @@ impl Policy {
                 input.len()
             ));
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(input)
-            .map_err(|e| format!("input is not valid JSON: {e}"))?;
+        input::validate(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();

@@ -14,6 +14,7 @@ mod config;
 mod deploy;
 mod engine;
 mod examples;
+mod hostile_input;
 mod lifecycle;
 mod nginx;
 mod probes;

@@ -1,7 +1,10 @@
 //! The optional decision cache of a policy (`decision_cache_ttl_ms`): a
 //! completed decision is reused, within the TTL, for the same version and
 //! module digest and the same input up to JSON formatting (object keys
-//! sorted, whitespace dropped). Failed evaluations are never cached.
+//! sorted, whitespace dropped, one string escaping; numbers as written).
+//! Input a guest could read two ways (duplicate keys, invalid UTF-8, lone
+//! surrogates) has no key: it is refused before evaluation. Failed
+//! evaluations are never cached.
 
 use sha2::Digest as _;
 
@@ -24,16 +27,16 @@ impl DecisionCache {
         }
     }
 
-    /// The key of `input` for one version; `None` when the input is not JSON
-    /// (the evaluation reports it).
+    /// The key of `input` for one version: its canonical form
+    /// ([`input::canonical`]), so formatting does not matter but anything a
+    /// guest could read differently does. `None` when the input is refused
+    /// (the evaluation reports why, with the same parser).
     pub fn key(version: &str, digest: &Digest, input: &[u8]) -> Option<[u8; 32]> {
-        let document: serde_json::Value = serde_json::from_slice(input).ok()?;
+        let canonical = super::input::canonical(input).ok()?;
         let mut hasher = sha2::Sha256::new();
         hasher.update(version.as_bytes());
         hasher.update([0]);
         hasher.update(digest.0);
-        let mut canonical = Vec::with_capacity(input.len());
-        write_canonical(&document, &mut canonical);
         hasher.update(&canonical);
         Some(hasher.finalize().into())
     }
@@ -48,44 +51,6 @@ impl DecisionCache {
             self.entries.insert(key, decision.clone()).await;
         }
     }
-}
-
-/// JSON with object keys in byte order and no whitespace, whatever order
-/// `serde_json` keeps maps in.
-fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) {
-    use serde_json::Value;
-    match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.push(b'{');
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_scalar(&Value::String(k.clone()), out);
-                out.push(b':');
-                write_canonical(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(v, out);
-            }
-            out.push(b']');
-        }
-        scalar => write_scalar(scalar, out),
-    }
-}
-
-fn write_scalar(value: &serde_json::Value, out: &mut Vec<u8>) {
-    // Serialising a scalar into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, value);
 }
 
 #[cfg(test)]
@@ -114,5 +79,22 @@ mod tests {
             )
         );
         assert_eq!(key("v1", "{not json"), None);
+    }
+
+    #[test]
+    fn input_a_guest_could_read_two_ways_has_no_key() {
+        let digest = Digest::of(b"module");
+        let key = |input: &[u8]| DecisionCache::key("v1", &digest, input);
+        // A duplicated key used to share the key of its last value.
+        assert!(key(br#"{"user":"bob","user":"alice"}"#).is_none());
+        assert!(key(br#"{"user":"alice"}"#).is_some());
+        assert!(key(b"{\"a\":\"\xff\"}").is_none());
+        assert!(key(br#"{"a":"\ud800"}"#).is_none());
+        // Numbers an f64 cannot tell apart are different inputs.
+        assert_ne!(
+            key(br#"{"id":12345678901234567890123}"#),
+            key(br#"{"id":12345678901234567890124}"#)
+        );
+        assert_ne!(key(br#"{"n":1}"#), key(br#"{"n":1.0}"#));
     }
 }

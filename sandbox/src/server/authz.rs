@@ -183,21 +183,27 @@ fn reserved(name: &HeaderName) -> bool {
         || name.as_str().starts_with("x-sandgate-")
 }
 
-/// The decision's headers that are valid HTTP headers and not reserved;
-/// the others are skipped with a warning (a guest cannot break the answer).
+/// The decision's headers that are valid HTTP headers and not reserved, each
+/// name once (`X-User` and `x-user` are one header: the first spelling in
+/// byte order is kept); the others are skipped with a warning (a guest cannot
+/// break the answer nor forge the host's `x-sandgate-*` headers).
 pub(crate) fn decision_headers(answer: &Answer) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::with_capacity(answer.decision.headers.len());
+    let mut out: Vec<(HeaderName, HeaderValue)> = Vec::with_capacity(answer.decision.headers.len());
     for (name, value) in &answer.decision.headers {
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
         ) {
-            (Ok(name), Ok(value)) if !reserved(&name) => out.push((name, value)),
+            (Ok(name), Ok(value))
+                if !reserved(&name) && !out.iter().any(|(seen, _)| *seen == name) =>
+            {
+                out.push((name, value))
+            }
             _ => tracing::warn!(
                 policy = %answer.policy,
                 decision_id = %answer.decision_id,
                 header = %super::truncated(name, 64),
-                "decision header skipped: not a valid or permitted HTTP header"
+                "decision header skipped: not a valid or permitted HTTP header, or a repeated name"
             ),
         }
     }

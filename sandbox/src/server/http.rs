@@ -18,11 +18,13 @@ use axum::serve::ListenerExt;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Serialize;
+use serde::ser::SerializeMap;
 use tokio::net::TcpListener;
 
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest};
 use super::{Answer, Outcome, State};
 use crate::decision::{Decision, ErrorCode, FailMode};
+use crate::policy::input;
 use crate::telemetry;
 use crate::telemetry::traces::Parent;
 
@@ -109,8 +111,9 @@ async fn opa_data(
     let error = (status != StatusCode::OK)
         .then_some(answer.decision.error.as_ref())
         .flatten();
+    note_dropped_fields(&answer);
     let body = OpaBody {
-        result: &answer.decision,
+        result: ResultBody(&answer.decision),
         decision_id: &answer.decision_id,
         trace_id: answer.trace_id.as_deref(),
         code: error.map(|e| e.code),
@@ -119,19 +122,21 @@ async fn opa_data(
     json_answer(status, &answer, &body)
 }
 
-fn opa_input(body: &[u8]) -> Result<Bytes, String> {
+/// The `input` member of an OPA data request, as the caller wrote it (no
+/// re-encoding, so numbers and strings reach the guest unchanged). The whole
+/// body goes through the one input parser first.
+fn opa_input(body: &Bytes) -> Result<Bytes, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Bytes::from_static(b"null"));
     }
-    let document: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
-    let serde_json::Value::Object(mut document) = document else {
+    let members = input::members(body).map_err(|e| format!("body is not valid JSON: {e}"))?;
+    let Some(members) = members else {
         return Err("body must be a JSON object like {\"input\": …}".to_owned());
     };
-    let input = document.remove("input").unwrap_or(serde_json::Value::Null);
-    serde_json::to_vec(&input)
-        .map(Bytes::from)
-        .map_err(|e| format!("input cannot be re-encoded: {e}"))
+    Ok(members
+        .into_iter()
+        .find(|(name, _)| name == "input")
+        .map_or(Bytes::from_static(b"null"), |(_, range)| body.slice(range)))
 }
 
 /// `/v1/authz/{name}[/…]`, any method: forward-auth. Allow → 200 with the
@@ -354,23 +359,33 @@ fn json_status(answer: &Answer) -> StatusCode {
 }
 
 /// The decision with `policy`, `version`, `decision_id` (and `refused` when
-/// the daemon answered without evaluating).
-#[derive(Serialize)]
+/// the daemon answered without evaluating). The host's fields are the only
+/// ones of their names: a guest's `policy`, `version`, `decision_id`,
+/// `trace_id` or `refused` is dropped (logged at debug), never rendered
+/// beside or before the host's.
 struct DecisionBody<'a> {
-    #[serde(flatten)]
     decision: &'a Decision,
     policy: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     version: Option<&'a str>,
     decision_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     refused: Option<&'static str>,
 }
 
+/// Members of a JSON answer that only the host sets (`error` too: a guest
+/// that sets it is refused when its decision is read).
+const HOST_FIELDS: [&str; 6] = [
+    "policy",
+    "version",
+    "decision_id",
+    "trace_id",
+    "refused",
+    "error",
+];
+
 impl<'a> DecisionBody<'a> {
     fn new(answer: &'a Answer) -> Self {
+        note_dropped_fields(answer);
         DecisionBody {
             decision: &answer.decision,
             policy: &answer.policy,
@@ -382,9 +397,79 @@ impl<'a> DecisionBody<'a> {
     }
 }
 
+/// Says (at debug) which guest fields an answer leaves out.
+fn note_dropped_fields(answer: &Answer) {
+    for name in HOST_FIELDS {
+        if answer.decision.extra.contains_key(name) {
+            tracing::debug!(
+                policy = %answer.policy,
+                decision_id = %answer.decision_id,
+                field = name,
+                "guest decision field dropped: the host sets it"
+            );
+        }
+    }
+}
+
+/// Writes the decision's members into `map`: the guest's fields without
+/// the host's names, then the host's `error` when it set one.
+fn write_decision<M: SerializeMap>(map: &mut M, d: &Decision) -> Result<(), M::Error> {
+    map.serialize_entry("allow", &d.allow)?;
+    if let Some(reason) = &d.reason {
+        map.serialize_entry("reason", reason)?;
+    }
+    if let Some(status) = d.status {
+        map.serialize_entry("status", &status)?;
+    }
+    if !d.headers.is_empty() {
+        map.serialize_entry("headers", &d.headers)?;
+    }
+    for (name, value) in &d.extra {
+        if !HOST_FIELDS.contains(&name.as_str()) {
+            map.serialize_entry(name, value)?;
+        }
+    }
+    if let Some(error) = &d.error {
+        map.serialize_entry("error", error)?;
+    }
+    Ok(())
+}
+
+/// The decision as `/v1/data` gives it in `result`: the host's names are
+/// the host's there too, so a guest cannot plant a `decision_id` a client
+/// could take for the answer's own.
+struct ResultBody<'a>(&'a Decision);
+
+impl Serialize for ResultBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        write_decision(&mut map, self.0)?;
+        map.end()
+    }
+}
+
+impl Serialize for DecisionBody<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        write_decision(&mut map, self.decision)?;
+        map.serialize_entry("policy", self.policy)?;
+        if let Some(version) = self.version {
+            map.serialize_entry("version", version)?;
+        }
+        map.serialize_entry("decision_id", self.decision_id)?;
+        if let Some(trace_id) = self.trace_id {
+            map.serialize_entry("trace_id", trace_id)?;
+        }
+        if let Some(refused) = self.refused {
+            map.serialize_entry("refused", refused)?;
+        }
+        map.end()
+    }
+}
+
 #[derive(Serialize)]
 struct OpaBody<'a> {
-    result: &'a Decision,
+    result: ResultBody<'a>,
     decision_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
