@@ -13,6 +13,7 @@ mod config;
 mod deploy;
 mod engine;
 mod examples;
+mod hostile_guest;
 mod lifecycle;
 mod nginx;
 mod probes;
