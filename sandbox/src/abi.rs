@@ -14,6 +14,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::{Access, Grants};
 use crate::engine::MemoryLimiter;
+use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 use crate::wasi::{Denial, GuestOutput};
 use sandgate_probes_common::phase;
@@ -26,7 +27,7 @@ pub const MODULE: &str = "sandgate";
 pub const MAX_PATH_BYTES: usize = 4096;
 /// Longest guest log message kept; longer ones are truncated.
 pub const MAX_LOG_BYTES: usize = 16 * 1024;
-/// Guest log calls kept per evaluation; later ones are counted, not logged.
+/// Guest log calls per evaluation that become span events.
 pub const MAX_LOG_CALLS: u32 = 256;
 
 /// Imports of module `sandgate` this host provides.
@@ -80,7 +81,7 @@ impl Invocation {
             version = %self.subject.version,
             decision_id = %self.subject.decision_id,
             call = denial.call,
-            detail = %denial.detail,
+            detail = %Escaped(&denial.detail),
             "wasi call refused"
         );
         self.trace.event("wasi_denied", || {
@@ -276,26 +277,13 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// A guest `log` call: a span event and a daemon log line, up to
-/// `MAX_LOG_CALLS` per evaluation.
+/// A guest `log` call: kept in the evaluation's bounded output (written to
+/// the daemon log after the evaluation, off the request path) and, while
+/// kept and up to `MAX_LOG_CALLS`, a span event.
 fn log(inv: &mut Invocation, level: i32, message: &str) {
     inv.log_calls += 1;
-    if inv.log_calls > MAX_LOG_CALLS {
-        return;
-    }
-    inv.trace.guest_log(level, message);
-    let s = &inv.subject;
-    macro_rules! emit {
-        ($lvl:expr) => {
-            tracing::event!(target: "sandgate::guest", $lvl, policy = %s.policy, version = %s.version, decision_id = %s.decision_id, "{message}")
-        };
-    }
-    match level {
-        i32::MIN..=0 => emit!(tracing::Level::TRACE),
-        1 => emit!(tracing::Level::DEBUG),
-        2 => emit!(tracing::Level::INFO),
-        3 => emit!(tracing::Level::WARN),
-        _ => emit!(tracing::Level::ERROR),
+    if inv.output.log(level, message) && inv.log_calls <= MAX_LOG_CALLS {
+        inv.trace.guest_log(level, message);
     }
 }
 

@@ -27,6 +27,7 @@ use wasmtime::{Caller, Linker};
 use crate::abi::{self, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
+use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 
 mod redact;
@@ -342,7 +343,7 @@ impl Bridge {
             server
         });
         let deny = |url: &str, reason: String| {
-            tracing::warn!(policy = %subject.policy, decision_id = %subject.decision_id, %url, "egress refused: {reason}");
+            tracing::warn!(policy = %subject.policy, decision_id = %subject.decision_id, url = %Escaped(url), reason = %Escaped(&reason), "egress refused");
             span.event("egress_denied", || {
                 vec![
                     KeyValue::new("url.full", url.to_owned()),
@@ -589,7 +590,7 @@ async fn within<T>(
     match tokio::time::timeout_at(deadline, step).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => {
-            tracing::debug!(policy = %subject.policy, decision_id = %subject.decision_id, "bridged call failed: {e}");
+            tracing::debug!(policy = %subject.policy, decision_id = %subject.decision_id, error = %Escaped(&e.to_string()), "bridged call failed");
             Err(CONNECTION_ERROR)
         }
         Err(_) => Err(TIMEOUT),

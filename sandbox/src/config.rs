@@ -70,6 +70,28 @@ pub struct Config {
     pub policies: Vec<PolicySpec>,
 }
 
+impl Config {
+    /// Settings that are valid but work against each other, for `check` to
+    /// print and the daemon to log at startup.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let in_flight: u64 = self
+            .policies
+            .iter()
+            .map(|p| u64::from(p.max_in_flight))
+            .sum();
+        if in_flight > u64::from(self.engine.max_instances) {
+            warnings.push(format!(
+                "engine.max_instances = {} is below the sum of max_in_flight over the policies ({in_flight}): \
+                 busy policies can hold every instance, and the others' evaluations then wait for a free one \
+                 and fail with eval_timeout; raise engine.max_instances or lower max_in_flight",
+                self.engine.max_instances
+            ));
+        }
+        warnings
+    }
+}
+
 /// `[reload]`: how the daemon notices a changed config or module file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadSettings {

@@ -73,6 +73,10 @@ pub struct Engine {
     cache: DiskCache,
     memory: Arc<Mutex<MemoryCache>>,
     fetcher: Arc<Fetcher>,
+    /// One permit per instance slot of the pool (`max_instances`): taken
+    /// before instantiating, so a full pool makes an evaluation wait (up to
+    /// its deadline), never fail to instantiate.
+    instances: Arc<tokio::sync::Semaphore>,
     _ticker: Arc<EpochTicker>,
 }
 
@@ -105,6 +109,7 @@ impl Engine {
             cache,
             memory: Arc::new(Mutex::new(MemoryCache::default())),
             fetcher: Arc::new(Fetcher::new(settings)),
+            instances: Arc::new(tokio::sync::Semaphore::new(settings.max_instances as usize)),
             _ticker: ticker,
         })
     }
@@ -112,6 +117,11 @@ impl Engine {
     /// Downloads modules pinned by URL (through the download cache).
     pub fn fetcher(&self) -> &Fetcher {
         &self.fetcher
+    }
+
+    /// The instance slots of the pool, one permit each.
+    pub fn instances(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.instances
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {

@@ -92,6 +92,32 @@ enum Command {
     },
 }
 
+/// `println!` for the CLI's output: a closed pipe (`sandgate inspect … |
+/// head`) ends the process quietly with exit code 0, as it would end `cat`;
+/// any other write error is reported and exits 1. Never a panic.
+macro_rules! out {
+    () => {
+        write_stdout(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))
+    };
+}
+
+fn write_stdout(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("sandgate: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// An error that exits with code 2 (usage or configuration).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -216,20 +242,26 @@ async fn eval(
             // The module could not be loaded: still answer with the
             // fail-closed decision the daemon would give.
             let decision = sandgate::Decision::failed(e.code(), e.to_string(), spec.fail_mode);
-            println!("{}", serde_json::to_string(&decision)?);
+            out!("{}", serde_json::to_string(&decision)?);
             eprintln!("sandgate: {e}");
             audit.flush();
             return Ok(ExitCode::from(3));
         }
     };
     audit.flush();
-    println!("{}", serde_json::to_string(&evaluation.decision)?);
+    // The guest's output is written by the log writer thread: let it finish
+    // before the process exits.
+    sandgate::telemetry::log::flush(GUEST_LOG_FLUSH);
+    out!("{}", serde_json::to_string(&evaluation.decision)?);
     Ok(if evaluation.decision.error.is_some() {
         ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     })
 }
+
+/// How long `sandgate eval` waits for the guest's output to reach the log.
+const GUEST_LOG_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
     if path == Path::new("-") {
@@ -245,6 +277,9 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
+    for warning in config.warnings() {
+        eprintln!("sandgate: warning: {warning}");
+    }
     let engine = Engine::new(&config.engine)?;
     let mut report = Vec::new();
     let mut failures = Vec::new();
@@ -275,7 +310,7 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         }
     }
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "config": config.source,
@@ -302,18 +337,18 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheReport) {
-    println!("config {}: ok", config.source.display());
-    println!("  listen {}", config.server.listen);
+    out!("config {}: ok", config.source.display());
+    out!("  listen {}", config.server.listen);
     if let Some(grpc) = config.server.grpc_listen {
-        println!("  grpc_listen {grpc}");
+        out!("  grpc_listen {grpc}");
     }
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
-        ("on", _) => println!("  module cache {dir}"),
-        (_, Some(reason)) => println!(
+        ("on", _) => out!("  module cache {dir}"),
+        (_, Some(reason)) => out!(
             "  module cache refused ({dir}): {reason}; modules are compiled at every start"
         ),
-        _ => println!("  module cache off"),
+        _ => out!("  module cache off"),
     }
     if let Some(dir) = &config.engine.download_dir
         && config
@@ -322,7 +357,7 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
             .flat_map(|p| &p.versions)
             .any(|v| matches!(v.module, config::ModuleSource::Url(_)))
     {
-        println!("  downloads    {}", dir.display());
+        out!("  downloads    {}", dir.display());
     }
     for p in report {
         let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
@@ -345,12 +380,12 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
                 items.join(", ")
             }
         };
-        println!();
+        out!();
         let versions = p["versions"].as_array().cloned().unwrap_or_default();
         if versions.len() > 1 {
-            println!("policy {}", s(&p["name"]));
+            out!("policy {}", s(&p["name"]));
         } else {
-            println!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
+            out!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
         }
         for v in &versions {
             let label = if versions.len() > 1 {
@@ -364,7 +399,7 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
                 Some(from) => format!("read from {from}"),
                 None => "not read".to_owned(),
             };
-            println!(
+            out!(
                 "{label:<15} {}\n                {}; {fetched}; compiled: {}",
                 s(&v["module"]),
                 s(&v["digest"]),
@@ -373,19 +408,20 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
         }
         let routing = &p["routing"];
         if versions.len() > 1 {
-            println!(
+            out!(
                 "  routing       header {}, sticky {}",
                 routing["version_header"].as_str().unwrap_or("off"),
                 routing["sticky"].as_str().unwrap_or("off")
             );
         }
         if let Some(cache) = p["decision_cache"].as_object() {
-            println!(
+            out!(
                 "  decisions     cached {} ms, at most {} entries",
-                cache["ttl_ms"], cache["max_entries"]
+                cache["ttl_ms"],
+                cache["max_entries"]
             );
         }
-        println!(
+        out!(
             "  limits        timeout {} ms, memory {} MiB, output {} bytes, fail_mode {}",
             p["timeout_ms"],
             p["memory_limit_mb"],
@@ -393,15 +429,15 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
             s(&p["fail_mode"])
         );
         let w = &p["wasi"];
-        println!(
+        out!(
             "  wasi allow    {} (on_denied {})",
             list(&w["allow"]),
             s(&w["on_denied"])
         );
-        println!("  wasi granted  {}", list(&w["functions"]));
-        println!("  env           {}", list(&w["env"]));
+        out!("  wasi granted  {}", list(&w["functions"]));
+        out!("  env           {}", list(&w["env"]));
         if !list(&w["env_not_set"]).starts_with('(') {
-            println!(
+            out!(
                 "  env not set   {} (listed but absent from the daemon's environment)",
                 list(&w["env_not_set"])
             );
@@ -421,7 +457,7 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
                     .collect()
             })
             .unwrap_or_default();
-        println!(
+        out!(
             "  preopens      {}",
             if preopens.is_empty() {
                 "(none)".to_owned()
@@ -429,8 +465,8 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
                 preopens.join(", ")
             }
         );
-        println!("  refused       {}", list(&w["imports_refused"]));
-        println!("  egress allow  {}", list(&p["egress"]["allow"]));
+        out!("  refused       {}", list(&w["imports_refused"]));
+        out!("  egress allow  {}", list(&p["egress"]["allow"]));
         let credentials: Vec<String> = p["egress"]["credentials"]
             .as_array()
             .map(|a| {
@@ -447,7 +483,7 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
             })
             .unwrap_or_default();
         if !credentials.is_empty() {
-            println!("  credentials   {}", credentials.join(", "));
+            out!("  credentials   {}", credentials.join(", "));
         }
     }
 }
@@ -457,6 +493,9 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
 /// then serves until SIGTERM/SIGINT.
 async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let server = sandgate::server::Server::bind(config).await?;
     if let Some(addr) = server.http_addr() {
         eprintln!("sandgate: http listening on {addr}");
@@ -465,6 +504,7 @@ async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("sandgate: grpc listening on {addr}");
     }
     server.run_until_signalled().await?;
+    sandgate::telemetry::log::flush(GUEST_LOG_FLUSH);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -501,7 +541,7 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         },
     };
     if json {
-        println!(
+        out!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "module": path,
@@ -515,13 +555,13 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             }))?
         );
     } else {
-        println!("module {} ({digest})", path.display());
+        out!("module {} ({digest})", path.display());
         match &abi_result {
-            Ok(v) => println!("  abi version   {v}"),
-            Err(e) => println!("  abi           invalid: {e}"),
+            Ok(v) => out!("  abi version   {v}"),
+            Err(e) => out!("  abi           invalid: {e}"),
         }
-        println!("  exports       {}", exports.join(", "));
-        println!("  imports");
+        out!("  exports       {}", exports.join(", "));
+        out!("  imports");
         for (m, n, _) in &imports {
             let group = if m == wasi::MODULE {
                 wasi::group_of(n)
@@ -530,9 +570,9 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             } else {
                 String::new()
             };
-            println!("    {m}::{n}{group}");
+            out!("    {m}::{n}{group}");
         }
-        println!(
+        out!(
             "  wasi needs    {}",
             if groups.is_empty() {
                 "nothing".to_owned()

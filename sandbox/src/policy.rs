@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 
 use crate::abi::{self, AbiViolation, Invocation};
@@ -31,6 +32,7 @@ use crate::decision::{Decision, ErrorCode};
 use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
 use crate::fetch::Fetched;
 use crate::probes::{self, Expected, Probe, Watch};
+use crate::telemetry::log::{Escaped, GuestBatch};
 use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied};
 
@@ -124,6 +126,9 @@ pub struct Evaluation {
     pub egress_denied: u32,
     /// Every bridged HTTP call, in order.
     pub http_calls: Vec<HttpCall>,
+    /// Lines of guest output (stdout, stderr, `log`) cut off by the
+    /// per-evaluation bound.
+    pub guest_output_dropped: u64,
 }
 
 /// A loaded policy version, ready to evaluate. Cheap to clone.
@@ -280,9 +285,45 @@ impl Policy {
             &self.inner.facts.digest,
             String::new(),
         );
+        let _slot = self.instance_slot().await?;
         let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)?;
         self.inner.pre.instantiate_async(&mut store).await?;
         Ok(())
+    }
+
+    /// A slot of the engine's instance pool, waiting for one to be free
+    /// (loads wait; evaluations use [`Policy::evaluation_slot`]).
+    async fn instance_slot(&self) -> anyhow::Result<OwnedSemaphorePermit> {
+        Ok(Arc::clone(self.inner.engine.instances())
+            .acquire_owned()
+            .await?)
+    }
+
+    /// A slot of the instance pool for one evaluation, waiting at most the
+    /// policy's `timeout_ms`: when every slot stays busy that long (other
+    /// policies use `engine.max_instances` up), the evaluation fails with
+    /// `eval_timeout`, never with an instantiation error.
+    async fn evaluation_slot(&self) -> Result<OwnedSemaphorePermit, (ErrorCode, String)> {
+        let spec = &self.inner.spec;
+        let instances = Arc::clone(self.inner.engine.instances());
+        match tokio::time::timeout(spec.timeout, instances.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err((ErrorCode::Internal, "the instance pool is closed".into())),
+            Err(_) => {
+                tracing::warn!(
+                    policy = %spec.name,
+                    version = %spec.version,
+                    "no instance slot free within timeout_ms: engine.max_instances is in use by other evaluations"
+                );
+                Err((
+                    ErrorCode::EvalTimeout,
+                    format!(
+                        "no instance free within timeout_ms = {}: every slot of engine.max_instances is in use",
+                        spec.timeout.as_millis()
+                    ),
+                ))
+            }
+        }
     }
 
     async fn check_abi_version(&self) -> Result<(), String> {
@@ -292,6 +333,10 @@ impl Policy {
             &self.inner.facts.digest,
             "load".into(),
         );
+        let _slot = self
+            .instance_slot()
+            .await
+            .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
         let mut store = self
             .store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
@@ -334,6 +379,7 @@ impl Policy {
         let mut denials = Vec::new();
         let mut egress_denied = 0;
         let mut http_calls = Vec::new();
+        let mut guest_output_dropped = 0;
         let outcome = match self.input_document(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => {
@@ -347,6 +393,7 @@ impl Policy {
                 // Every poll of this future is a stretch of the invocation
                 // for the probes: the instance's whole life is inside it.
                 let invocation = probe.guest(async {
+                    let _slot = self.evaluation_slot().await?;
                     let mut store =
                         match self.store(subject.clone(), audit.clone(), trace.clone(), probe) {
                             Ok(store) => store,
@@ -361,16 +408,11 @@ impl Policy {
                     let result =
                         match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
                             Ok(result) => result.map_err(|e| classify(&e, store.data())),
-                            Err(_) => Err((
-                                ErrorCode::EvalTimeout,
-                                format!(
-                                    "evaluation exceeded timeout_ms = {}",
-                                    spec.timeout.as_millis()
-                                ),
-                            )),
+                            Err(_) => Err(timed_out(spec.timeout, store.data())),
                         };
                     let inv = probe.phase(probes::phase::TEARDOWN, || store.into_data());
-                    log_guest_output(&inv);
+                    guest_output_dropped =
+                        hand_off_output(&inv, started + spec.timeout + DEADLINE_MARGIN);
                     epochs = inv.epochs;
                     denials = inv.denials;
                     egress_denied = inv.egress_denied;
@@ -390,7 +432,8 @@ impl Policy {
                     version = %spec.version,
                     decision_id = %decision_id,
                     code = %code,
-                    "evaluation failed: {message}"
+                    error = %Escaped(&message),
+                    "evaluation failed"
                 );
                 trace.fail(code.as_str(), &message);
                 Decision::failed(code, message, spec.fail_mode)
@@ -398,11 +441,18 @@ impl Policy {
         };
         let duration = started.elapsed();
         trace.set_attributes(|| {
-            vec![
+            let mut attributes = vec![
                 KeyValue::new("decision.allow", decision.allow),
                 KeyValue::new("duration_us", duration.as_micros() as i64),
                 KeyValue::new("wasm.fuel_or_epochs", epochs as i64),
-            ]
+            ];
+            if guest_output_dropped > 0 {
+                attributes.push(KeyValue::new(
+                    "sandgate.guest_output.dropped_lines",
+                    guest_output_dropped as i64,
+                ));
+            }
+            attributes
         });
         trace.end();
         audit.record(
@@ -425,6 +475,7 @@ impl Policy {
             denials,
             egress_denied,
             http_calls,
+            guest_output_dropped,
         }
     }
 
@@ -493,6 +544,7 @@ impl Policy {
             denials: Vec::new(),
             egress_denied: 0,
             http_calls: Vec::new(),
+            guest_output_dropped: 0,
         }
     }
 
@@ -616,6 +668,17 @@ fn classify(error: &anyhow::Error, inv: &Invocation) -> (ErrorCode, String) {
             format!("{denied}; grant `{group}` in wasi.allow if the policy needs it"),
         );
     }
+    // The cap is the root cause of whatever failed after it refused a
+    // `memory.grow` (a trap, a bad pointer, a loop until the deadline).
+    if inv.limiter.refused() {
+        return (
+            ErrorCode::MemoryLimit,
+            format!(
+                "guest tried to grow its memory past memory_limit_mb, then failed: {}",
+                root_message(error)
+            ),
+        );
+    }
     if let Some(violation) = error.downcast_ref::<AbiViolation>() {
         return (ErrorCode::AbiViolation, violation.0.clone());
     }
@@ -624,15 +687,6 @@ fn classify(error: &anyhow::Error, inv: &Invocation) -> (ErrorCode, String) {
         return (
             ErrorCode::EvalTimeout,
             "evaluation exceeded its deadline (timeout_ms)".into(),
-        );
-    }
-    if inv.limiter.refused() {
-        return (
-            ErrorCode::MemoryLimit,
-            format!(
-                "guest tried to grow its memory past memory_limit_mb: {}",
-                root_message(error)
-            ),
         );
     }
     if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
@@ -667,26 +721,39 @@ fn backtrace_hint(error: &anyhow::Error) -> String {
     }
 }
 
-fn log_guest_output(inv: &Invocation) {
-    for (stream, pipe) in [
-        ("stdout", &inv.output.stdout),
-        ("stderr", &inv.output.stderr),
-    ] {
-        let bytes = pipe.contents();
-        if bytes.is_empty() {
-            continue;
-        }
-        for line in String::from_utf8_lossy(&bytes).lines() {
-            tracing::info!(
-                target: "sandgate::guest",
-                policy = %inv.subject.policy,
-                version = %inv.subject.version,
-                decision_id = %inv.subject.decision_id,
-                stream,
-                "{line}"
-            );
-        }
+/// The error of an evaluation stopped by the async deadline: `memory_limit`
+/// when the cap had refused the guest memory first, else `eval_timeout`.
+fn timed_out(timeout: Duration, inv: &Invocation) -> (ErrorCode, String) {
+    let ms = timeout.as_millis();
+    if inv.limiter.refused() {
+        return (
+            ErrorCode::MemoryLimit,
+            format!(
+                "guest tried to grow its memory past memory_limit_mb, then ran past timeout_ms = {ms}"
+            ),
+        );
     }
+    (
+        ErrorCode::EvalTimeout,
+        format!("evaluation exceeded timeout_ms = {ms}"),
+    )
+}
+
+/// Hands the guest's bounded output to the log writer (never waits on it);
+/// returns how many lines the bound cut off.
+fn hand_off_output(inv: &Invocation, deadline: Instant) -> u64 {
+    let collected = inv.output.finish();
+    let dropped = collected.dropped_lines;
+    crate::telemetry::log::hand_off(GuestBatch {
+        policy: inv.subject.policy.clone(),
+        version: inv.subject.version.clone(),
+        decision_id: inv.subject.decision_id.clone(),
+        deadline,
+        lines: collected.lines,
+        dropped_lines: collected.dropped_lines,
+        dropped_bytes: collected.dropped_bytes,
+    });
+    dropped
 }
 
 /// The compiled module of `spec`: a file is read (and checked against its pin

@@ -4,6 +4,7 @@
 //! out after each evaluation (the bridge's egress denials arrive in the
 //! `Evaluation`).
 
+pub mod log;
 mod queue;
 pub mod traces;
 pub mod view;
@@ -71,6 +72,12 @@ pub mod names {
     pub const DECISION_CACHE_HITS: &str = "sandgate_decision_cache_hits";
     /// Counter: decision cache lookups that found nothing, by `policy`, `version`.
     pub const DECISION_CACHE_MISSES: &str = "sandgate_decision_cache_misses";
+    /// Counter: lines of guest output (stdout, stderr, `log`) cut off by the
+    /// per-evaluation bound, by `policy`.
+    pub const GUEST_OUTPUT_DROPPED: &str = "sandgate_guest_output_dropped_lines";
+    /// Counter: kept lines of guest output the log writer did not write (its
+    /// queue was full, or it reached them after the evaluation's deadline).
+    pub const GUEST_OUTPUT_UNWRITTEN: &str = "sandgate_guest_output_unwritten_lines";
 }
 
 /// Label value of `error` for a decision without error.
@@ -138,6 +145,7 @@ struct Inner {
     last_reload_success: Gauge,
     cache_hits: Family<VersionLabels, Counter>,
     cache_misses: Family<VersionLabels, Counter>,
+    guest_output_dropped: Family<PolicyLabels, Counter>,
 }
 
 fn evaluation_histogram() -> Histogram {
@@ -247,6 +255,12 @@ impl Metrics {
             "Decision cache lookups that found nothing",
             cache_misses.clone(),
         );
+        let guest_output_dropped = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            names::GUEST_OUTPUT_DROPPED,
+            "Lines of guest output cut off by the per-evaluation bound",
+            guest_output_dropped.clone(),
+        );
         registry.register_collector(probes.collector());
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
@@ -275,6 +289,7 @@ impl Metrics {
                 last_reload_success,
                 cache_hits,
                 cache_misses,
+                guest_output_dropped,
             }),
         }
     }
@@ -431,6 +446,15 @@ impl PolicyMetrics {
             self.instantiation
                 .observe(evaluation.instantiate.as_secs_f64());
         }
+        if evaluation.guest_output_dropped > 0 {
+            self.metrics
+                .inner
+                .guest_output_dropped
+                .get_or_create(&PolicyLabels {
+                    policy: self.policy.clone(),
+                })
+                .inc_by(evaluation.guest_output_dropped);
+        }
         if evaluation.egress_denied > 0 {
             self.egress_denials
                 .inc_by(u64::from(evaluation.egress_denied));
@@ -544,6 +568,11 @@ impl Collector for AuditCounters {
                     names::AUDIT_WRITTEN,
                     "Audit lines written",
                     self.audit.written(),
+                ),
+                (
+                    names::GUEST_OUTPUT_UNWRITTEN,
+                    "Kept lines of guest output the log writer did not write",
+                    log::unwritten_lines(),
                 ),
             ],
         )

@@ -14,6 +14,7 @@ mod config;
 mod deploy;
 mod engine;
 mod examples;
+mod hostile_guest;
 mod hostile_input;
 mod lifecycle;
 mod nginx;

@@ -202,7 +202,7 @@ pub(crate) fn decision_headers(answer: &Answer) -> Vec<(HeaderName, HeaderValue)
             _ => tracing::warn!(
                 policy = %answer.policy,
                 decision_id = %answer.decision_id,
-                header = %super::truncated(name, 64),
+                header = %crate::telemetry::log::Escaped(&super::truncated(name, 64)),
                 "decision header skipped: not a valid or permitted HTTP header, or a repeated name"
             ),
         }

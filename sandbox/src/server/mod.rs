@@ -485,7 +485,7 @@ impl State {
                 Status::Ready(Arc::new(Serving::new(versions, &slot.spec, &self.metrics)))
             }
             Err(e) => {
-                tracing::error!(policy = %name, version = %slot.spec.version, code = %e.code(), "policy failed to load: {e}");
+                tracing::error!(policy = %name, version = %slot.spec.version, code = %e.code(), error = %crate::telemetry::log::Escaped(&e.to_string()), "policy failed to load");
                 Status::Failed(DecisionError {
                     code: e.code(),
                     message: e.to_string(),
@@ -725,7 +725,7 @@ impl State {
         } else {
             format!("configured: {}", known.join(", "))
         };
-        tracing::debug!(policy = %name, "request for an unknown policy");
+        tracing::debug!(policy = %crate::telemetry::log::Escaped(name), "request for an unknown policy");
         self.unattributed(
             name,
             ErrorCode::PolicyNotFound,

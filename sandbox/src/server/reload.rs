@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use super::{Generation, Serving, Slot, State, Status, VersionSummary};
 use crate::config::{self, Config, Digest, ModuleSource};
 use crate::policy::Versions;
+use crate::telemetry::log::Escaped;
 
 /// How long a stream of file events may postpone a reload beyond ten
 /// debounce periods.
@@ -99,8 +100,23 @@ impl State {
             && trigger == Trigger::Watch
             && unchanged(&current, prepared)
         {
-            tracing::debug!("file event, but the config and modules are unchanged");
-            return None;
+            if self.reloads.last().is_none_or(|last| last.ok()) {
+                tracing::debug!("file event, but the config and modules are unchanged");
+                return None;
+            }
+            // The files are back to what serves (a bad edit reverted): the
+            // last failure no longer describes them, so it is cleared.
+            self.metrics.reloaded(true, current.number);
+            tracing::info!(
+                generation = current.number,
+                trigger = trigger.as_str(),
+                "config and modules are back to the serving generation; last reload failure cleared"
+            );
+            let record = record(trigger, &current, None);
+            if let Ok(mut last) = self.reloads.last.lock() {
+                *last = Some(record.clone());
+            }
+            return Some(record);
         }
         let record = match prepared {
             Ok(prepared) => {
@@ -123,7 +139,8 @@ impl State {
                 tracing::error!(
                     generation = current.number,
                     trigger = trigger.as_str(),
-                    "reload failed; generation {} keeps serving: {error}",
+                    error = %Escaped(&error),
+                    "reload failed; generation {} keeps serving",
                     current.number
                 );
                 record(trigger, &current, Some(error))
