@@ -4,6 +4,7 @@
 //! out after each evaluation (the bridge's egress denials arrive in the
 //! `Evaluation`).
 
+mod connections;
 mod queue;
 pub mod traces;
 pub mod view;
@@ -26,6 +27,8 @@ use crate::decision::ErrorCode;
 use crate::policy::Evaluation;
 use crate::probes::Probes;
 use traces::{ExportStats, Tracing};
+
+pub use connections::{ConnectionMetrics, OpenConnection, TimeoutPhase};
 
 /// Metric names as registered. Counters are exposed with the `_total` suffix
 /// the exposition format adds (`sandgate_decisions_total`).
@@ -71,6 +74,15 @@ pub mod names {
     pub const DECISION_CACHE_HITS: &str = "sandgate_decision_cache_hits";
     /// Counter: decision cache lookups that found nothing, by `policy`, `version`.
     pub const DECISION_CACHE_MISSES: &str = "sandgate_decision_cache_misses";
+    /// Gauge: client connections open now, by `listener` (`http`, `grpc`).
+    pub const CONNECTIONS_OPEN: &str = "sandgate_connections_open";
+    /// Gauge: `server.max_connections`, the cap on both listeners together.
+    pub const CONNECTIONS_MAX: &str = "sandgate_connections_max";
+    /// Counter: connections closed at once because the cap was reached, by `listener`.
+    pub const CONNECTIONS_REFUSED: &str = "sandgate_connections_refused";
+    /// Counter: connections closed by a timeout, by `listener` and `phase`
+    /// (`header`: headers too slow; `idle`: no request, or an answer not read).
+    pub const CONNECTION_TIMEOUTS: &str = "sandgate_connection_timeouts";
 }
 
 /// Label value of `error` for a decision without error.
@@ -138,6 +150,7 @@ struct Inner {
     last_reload_success: Gauge,
     cache_hits: Family<VersionLabels, Counter>,
     cache_misses: Family<VersionLabels, Counter>,
+    connections: ConnectionMetrics,
 }
 
 fn evaluation_histogram() -> Histogram {
@@ -247,6 +260,7 @@ impl Metrics {
             "Decision cache lookups that found nothing",
             cache_misses.clone(),
         );
+        let connections = ConnectionMetrics::register(&mut registry);
         registry.register_collector(probes.collector());
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
@@ -275,8 +289,14 @@ impl Metrics {
                 last_reload_success,
                 cache_hits,
                 cache_misses,
+                connections,
             }),
         }
+    }
+
+    /// The connection gauges and counters of both listeners.
+    pub fn connections(&self) -> &ConnectionMetrics {
+        &self.inner.connections
     }
 
     /// Records a reload attempt; `generation` is the one serving afterwards.
