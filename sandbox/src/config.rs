@@ -36,6 +36,14 @@ pub mod defaults {
     pub const FETCH_TIMEOUT_MS: u64 = 30_000;
     pub const MAX_MODULE_MB: u64 = 64;
     pub const DECISION_CACHE_MAX_ENTRIES: u64 = 10_000;
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    /// Longer than the idle keep-alive of the proxies in front (nginx 60 s,
+    /// Traefik 90 s, Caddy 120 s), so the proxy closes an idle connection first.
+    pub const IDLE_TIMEOUT_MS: u64 = 180_000;
+    /// File descriptors kept out of `max_connections` when it is derived from
+    /// RLIMIT_NOFILE: policies' files, egress, audit log, cache, probes.
+    pub const FD_RESERVE: u64 = 256;
+    pub const MIN_DERIVED_CONNECTIONS: u64 = 16;
 }
 
 const MAX_TIMEOUT_MS: u64 = 60_000;
@@ -116,6 +124,66 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub grpc_listen: Option<SocketAddr>,
     pub max_body_bytes: u64,
+    /// How long a client may take to send a request's headers, from its first byte.
+    pub header_read_timeout: Duration,
+    /// How long a connection may wait for its next request (and a client take
+    /// to read an answer) before it is closed.
+    pub idle_timeout: Duration,
+    /// Open connections allowed on both listeners together; more are refused.
+    pub max_connections: MaxConnections,
+    /// Which proxy headers forward-auth reads the original request from.
+    pub forward_auth_headers: ForwardAuthHeaders,
+}
+
+/// `server.max_connections`: set, or derived from the process's RLIMIT_NOFILE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaxConnections {
+    pub limit: u64,
+    /// The soft RLIMIT_NOFILE it was derived from; `None` when configured.
+    pub derived_from: Option<u64>,
+}
+
+impl MaxConnections {
+    /// The cap for a process allowed `nofile` descriptors: all but a reserve
+    /// of a quarter (at least `FD_RESERVE`) for everything that is not a
+    /// client connection.
+    pub fn derived(nofile: u64) -> MaxConnections {
+        let reserve = (nofile / 4).max(defaults::FD_RESERVE);
+        MaxConnections {
+            limit: nofile
+                .saturating_sub(reserve)
+                .max(defaults::MIN_DERIVED_CONNECTIONS),
+            derived_from: Some(nofile),
+        }
+    }
+}
+
+/// `server.forward_auth_headers`: the header convention of the proxy in front
+/// of `/v1/authz`. A proxy passes the client's other headers through, so only
+/// the pair the proxy itself sets can be trusted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum ForwardAuthHeaders {
+    /// Either pair (DESIGN §6); when both are present they must agree, and so
+    /// must `X-Real-IP` and `X-Forwarded-For`, else the request is refused.
+    #[default]
+    #[serde(rename = "any")]
+    Any,
+    /// nginx: `X-Original-Method`, `X-Original-URI`, `X-Real-IP` only.
+    #[serde(rename = "x-original")]
+    XOriginal,
+    /// Traefik, Caddy: `X-Forwarded-Method`, `X-Forwarded-Uri`, `X-Forwarded-For` only.
+    #[serde(rename = "x-forwarded")]
+    XForwarded,
+}
+
+impl ForwardAuthHeaders {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardAuthHeaders::Any => "any",
+            ForwardAuthHeaders::XOriginal => "x-original",
+            ForwardAuthHeaders::XForwarded => "x-forwarded",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -527,6 +595,13 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// The soft RLIMIT_NOFILE of this process (65536 when it is unlimited).
+fn open_files_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(65_536)
+}
+
 // ---- raw TOML mirror -------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -549,12 +624,16 @@ struct RawReload {
     debounce_ms: Option<Spanned<u64>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
     grpc_listen: Option<Spanned<String>>,
     max_body_bytes: Option<Spanned<u64>>,
+    header_read_timeout_ms: Option<Spanned<u64>>,
+    idle_timeout_ms: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    forward_auth_headers: Option<ForwardAuthHeaders>,
 }
 
 #[derive(Deserialize)]
@@ -850,13 +929,7 @@ impl Resolver<'_> {
         let default_listen: SocketAddr = defaults::LISTEN
             .parse()
             .expect("the default listen address is valid");
-        let Some(raw) = raw else {
-            return Ok(ServerSettings {
-                listen: default_listen,
-                grpc_listen: None,
-                max_body_bytes: defaults::MAX_INPUT_BYTES,
-            });
-        };
+        let raw = raw.unwrap_or_default();
         let listen = match &raw.listen {
             Some(l) => self.socket_addr("server.listen", l)?,
             None => default_listen,
@@ -869,10 +942,35 @@ impl Resolver<'_> {
             Some(v) => self.ranged("server.max_body_bytes", &v, 1, 1 << 30)?,
             None => defaults::MAX_INPUT_BYTES,
         };
+        let millis = |key: &str, v: &Option<Spanned<u64>>, default: u64| match v {
+            Some(v) => self.ranged(key, v, 1, 3_600_000).map(Duration::from_millis),
+            None => Ok(Duration::from_millis(default)),
+        };
+        let header_read_timeout = millis(
+            "server.header_read_timeout_ms",
+            &raw.header_read_timeout_ms,
+            defaults::HEADER_READ_TIMEOUT_MS,
+        )?;
+        let idle_timeout = millis(
+            "server.idle_timeout_ms",
+            &raw.idle_timeout_ms,
+            defaults::IDLE_TIMEOUT_MS,
+        )?;
+        let max_connections = match &raw.max_connections {
+            Some(v) => MaxConnections {
+                limit: self.ranged("server.max_connections", v, 1, 10_000_000)?,
+                derived_from: None,
+            },
+            None => MaxConnections::derived(open_files_limit()),
+        };
         Ok(ServerSettings {
             listen,
             grpc_listen,
             max_body_bytes,
+            header_read_timeout,
+            idle_timeout,
+            max_connections,
+            forward_auth_headers: raw.forward_auth_headers.unwrap_or_default(),
         })
     }
 

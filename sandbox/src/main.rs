@@ -314,7 +314,14 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "config": config.source,
-                "server": {"listen": config.server.listen.to_string(), "grpc_listen": config.server.grpc_listen.map(|a| a.to_string())},
+                "server": {
+                    "listen": config.server.listen.to_string(),
+                    "grpc_listen": config.server.grpc_listen.map(|a| a.to_string()),
+                    "header_read_timeout_ms": config.server.header_read_timeout.as_millis() as u64,
+                    "idle_timeout_ms": config.server.idle_timeout.as_millis() as u64,
+                    "max_connections": config.server.max_connections.limit,
+                    "forward_auth_headers": config.server.forward_auth_headers.as_str(),
+                },
                 "module_cache": engine.cache_report(),
                 "policies": report,
                 "errors": failures,
@@ -342,6 +349,21 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
     if let Some(grpc) = config.server.grpc_listen {
         out!("  grpc_listen {grpc}");
     }
+    let server = &config.server;
+    let cap = &server.max_connections;
+    out!(
+        "  connections: at most {}{}, header_read_timeout {} ms, idle_timeout {} ms",
+        cap.limit,
+        cap.derived_from
+            .map(|n| format!(" (derived from RLIMIT_NOFILE {n})"))
+            .unwrap_or_default(),
+        server.header_read_timeout.as_millis(),
+        server.idle_timeout.as_millis()
+    );
+    out!(
+        "  forward_auth_headers {}",
+        server.forward_auth_headers.as_str()
+    );
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
         ("on", _) => out!("  module cache {dir}"),

@@ -5,6 +5,7 @@
 //! `Evaluation`).
 
 pub mod log;
+mod connections;
 mod queue;
 pub mod traces;
 pub mod view;
@@ -27,6 +28,8 @@ use crate::decision::ErrorCode;
 use crate::policy::Evaluation;
 use crate::probes::Probes;
 use traces::{ExportStats, Tracing};
+
+pub use connections::{ConnectionMetrics, OpenConnection, TimeoutPhase};
 
 /// Metric names as registered. Counters are exposed with the `_total` suffix
 /// the exposition format adds (`sandgate_decisions_total`).
@@ -78,6 +81,15 @@ pub mod names {
     /// Counter: kept lines of guest output the log writer did not write (its
     /// queue was full, or it reached them after the evaluation's deadline).
     pub const GUEST_OUTPUT_UNWRITTEN: &str = "sandgate_guest_output_unwritten_lines";
+    /// Gauge: client connections open now, by `listener` (`http`, `grpc`).
+    pub const CONNECTIONS_OPEN: &str = "sandgate_connections_open";
+    /// Gauge: `server.max_connections`, the cap on both listeners together.
+    pub const CONNECTIONS_MAX: &str = "sandgate_connections_max";
+    /// Counter: connections closed at once because the cap was reached, by `listener`.
+    pub const CONNECTIONS_REFUSED: &str = "sandgate_connections_refused";
+    /// Counter: connections closed by a timeout, by `listener` and `phase`
+    /// (`header`: headers too slow; `idle`: no request, or an answer not read).
+    pub const CONNECTION_TIMEOUTS: &str = "sandgate_connection_timeouts";
 }
 
 /// Label value of `error` for a decision without error.
@@ -146,6 +158,7 @@ struct Inner {
     cache_hits: Family<VersionLabels, Counter>,
     cache_misses: Family<VersionLabels, Counter>,
     guest_output_dropped: Family<PolicyLabels, Counter>,
+    connections: ConnectionMetrics,
 }
 
 fn evaluation_histogram() -> Histogram {
@@ -261,6 +274,7 @@ impl Metrics {
             "Lines of guest output cut off by the per-evaluation bound",
             guest_output_dropped.clone(),
         );
+        let connections = ConnectionMetrics::register(&mut registry);
         registry.register_collector(probes.collector());
         registry.register_collector(Box::new(AuditCounters {
             audit: audit.clone(),
@@ -290,8 +304,14 @@ impl Metrics {
                 cache_hits,
                 cache_misses,
                 guest_output_dropped,
+                connections,
             }),
         }
+    }
+
+    /// The connection gauges and counters of both listeners.
+    pub fn connections(&self) -> &ConnectionMetrics {
+        &self.inner.connections
     }
 
     /// Records a reload attempt; `generation` is the one serving afterwards.

@@ -4,18 +4,85 @@
 //! an answer becomes a status and headers for the proxy.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
 use super::{Answer, Outcome};
+use crate::config::ForwardAuthHeaders;
 use crate::decision::{DEFAULT_DENY_STATUS, Decision};
 
 /// Header carrying the DESIGN §3 error code of a failed or refused decision.
 pub(crate) const ERROR_HEADER: &str = "x-sandgate-error";
 /// Header carrying the decision id (the audit log's `decision_id`).
 pub(crate) const DECISION_ID_HEADER: &str = "x-sandgate-decision-id";
+
+const ORIGINAL_METHOD: &str = "x-original-method";
+const ORIGINAL_URI: &str = "x-original-uri";
+const REAL_IP: &str = "x-real-ip";
+const FORWARDED_METHOD: &str = "x-forwarded-method";
+const FORWARDED_URI: &str = "x-forwarded-uri";
+const FORWARDED_FOR: &str = "x-forwarded-for";
+/// The headers of each convention, which the other one ignores.
+const X_ORIGINAL: &[&str] = &[ORIGINAL_METHOD, ORIGINAL_URI, REAL_IP];
+const X_FORWARDED: &[&str] = &[FORWARDED_METHOD, FORWARDED_URI, FORWARDED_FOR];
+
+/// What one header convention says about the original request.
+struct Claimed {
+    method: Option<String>,
+    uri: Option<String>,
+    address: Option<String>,
+}
+
+impl Claimed {
+    /// Each field from whichever convention has it; an error naming both
+    /// headers when the two conventions say different things.
+    fn agree(self, other: Claimed) -> Result<Claimed, String> {
+        fn one(
+            names: (&str, &str),
+            a: Option<String>,
+            b: Option<String>,
+            same: impl Fn(&str, &str) -> bool,
+        ) -> Result<Option<String>, String> {
+            match (a, b) {
+                (Some(a), Some(b)) if !same(&a, &b) => Err(format!(
+                    "{} `{}` and {} `{}` disagree: a client may have set one of them; \
+                     set server.forward_auth_headers to the convention of the proxy in front \
+                     (\"x-original\" for nginx, \"x-forwarded\" for Traefik and Caddy)",
+                    names.0,
+                    super::truncated(&a, 128),
+                    names.1,
+                    super::truncated(&b, 128)
+                )),
+                (a, b) => Ok(a.or(b)),
+            }
+        }
+        Ok(Claimed {
+            method: one(
+                ("X-Original-Method", "X-Forwarded-Method"),
+                self.method,
+                other.method,
+                |a, b| a.eq_ignore_ascii_case(b),
+            )?,
+            uri: one(
+                ("X-Original-URI", "X-Forwarded-Uri"),
+                self.uri,
+                other.uri,
+                |a, b| a == b,
+            )?,
+            address: one(
+                ("X-Real-IP", "the last X-Forwarded-For hop"),
+                self.address,
+                other.address,
+                |a, b| match (a.parse::<IpAddr>(), b.parse::<IpAddr>()) {
+                    (Ok(a), Ok(b)) => a == b,
+                    _ => a == b,
+                },
+            )?,
+        })
+    }
+}
 
 /// The original request a proxy asks about: `{"request": {…}}` of DESIGN §2.
 #[derive(Debug, Default, Serialize)]
@@ -41,53 +108,78 @@ struct Document<'a> {
 }
 
 impl ForwardRequest {
-    /// The request an HTTP forward-auth call is about. The original method and
-    /// URI come from `X-Original-Method`/`X-Original-URI` (nginx) or
-    /// `X-Forwarded-Method`/`X-Forwarded-Uri` (Traefik), else from the call
+    /// The request an HTTP forward-auth call is about. The original method,
+    /// URI and client address come from the headers of the proxy convention
+    /// `trusted` names (`server.forward_auth_headers`), else from the call
     /// itself (`own_method`, and `own_path`/`own_query`: the path under the
-    /// `/v1/authz/{name}` prefix). The host is `X-Forwarded-Host`, else `Host`;
-    /// the source `X-Real-IP`, else the last `X-Forwarded-For` hop, else the peer.
+    /// `/v1/authz/{name}` prefix, and the peer):
+    /// - nginx: `X-Original-Method`, `X-Original-URI`, `X-Real-IP`;
+    /// - Traefik, Caddy: `X-Forwarded-Method`, `X-Forwarded-Uri`, the last
+    ///   `X-Forwarded-For` hop (the one the proxy appended).
+    ///
+    /// A proxy passes every other header of its client through, so under one
+    /// convention the other's headers are ignored and not shown to the guest.
+    /// With `any`, both are read and a pair that disagrees is refused (the
+    /// error says which): a client cannot override what the proxy set.
+    /// The host is `X-Forwarded-Host`, else `Host`.
     pub(crate) fn from_http(
         own_method: &str,
         own_path: &str,
         own_query: &str,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
-    ) -> ForwardRequest {
+        trusted: ForwardAuthHeaders,
+    ) -> Result<ForwardRequest, String> {
         let text = |name: &str| {
             headers
                 .get(name)
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
                 .filter(|v| !v.is_empty())
         };
-        let method = text("x-original-method")
-            .or_else(|| text("x-forwarded-method"))
-            .unwrap_or_else(|| own_method.to_owned());
-        let (path, query) = match text("x-original-uri").or_else(|| text("x-forwarded-uri")) {
+        let last_hop = |hops: String| {
+            hops.rsplit(',')
+                .map(str::trim)
+                .find(|h| !h.is_empty())
+                .map(str::to_owned)
+        };
+        let nginx = || Claimed {
+            method: text(ORIGINAL_METHOD),
+            uri: text(ORIGINAL_URI),
+            address: text(REAL_IP),
+        };
+        let traefik = || Claimed {
+            method: text(FORWARDED_METHOD),
+            uri: text(FORWARDED_URI),
+            address: text(FORWARDED_FOR).and_then(last_hop),
+        };
+        let (claimed, ignored) = match trusted {
+            ForwardAuthHeaders::XOriginal => (nginx(), X_FORWARDED),
+            ForwardAuthHeaders::XForwarded => (traefik(), X_ORIGINAL),
+            ForwardAuthHeaders::Any => (nginx().agree(traefik())?, &[][..]),
+        };
+        let (path, query) = match claimed.uri {
             Some(uri) => split_target(&uri),
             None => (own_path.to_owned(), own_query.to_owned()),
         };
         let host = text("x-forwarded-host")
             .or_else(|| text("host"))
             .unwrap_or_default();
-        let address = text("x-real-ip")
-            .or_else(|| {
-                text("x-forwarded-for").and_then(|hops| {
-                    hops.rsplit(',')
-                        .map(str::trim)
-                        .find(|h| !h.is_empty())
-                        .map(str::to_owned)
-                })
-            })
-            .or_else(|| peer.map(|p| p.ip().to_string()));
-        ForwardRequest {
-            method: method.to_ascii_uppercase(),
+        let address = claimed.address.or_else(|| peer.map(|p| p.ip().to_string()));
+        let mut headers = collect_headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())));
+        for name in ignored {
+            headers.remove(*name);
+        }
+        Ok(ForwardRequest {
+            method: claimed
+                .method
+                .unwrap_or_else(|| own_method.to_owned())
+                .to_ascii_uppercase(),
             path,
             query,
             host,
-            headers: collect_headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))),
+            headers,
             source: address.map(|address| Source { address }),
-        }
+        })
     }
 
     /// The caller's input for the guest (the host wraps it in `{"input": …}`).
@@ -233,7 +325,9 @@ mod tests {
             "x-bin",
             HeaderValue::from_bytes(b"caf\xe9").expect("opaque bytes are a value"),
         );
-        let request = ForwardRequest::from_http("GET", "/", "", &headers, None);
+        let request =
+            ForwardRequest::from_http("GET", "/", "", &headers, None, ForwardAuthHeaders::Any)
+                .expect("one convention only");
         assert_eq!(request.method, "DELETE");
         assert_eq!(
             (request.path.as_str(), request.query.as_str()),
@@ -264,5 +358,129 @@ mod tests {
                 "{target}"
             );
         }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    const BOTH: &[(&str, &str)] = &[
+        ("x-original-method", "GET"),
+        ("x-original-uri", "/api/orders/7"),
+        ("x-real-ip", "10.0.0.9"),
+        ("x-forwarded-method", "DELETE"),
+        ("x-forwarded-uri", "/api/orders/8?all"),
+        ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+    ];
+
+    #[test]
+    fn a_named_convention_reads_only_its_own_headers_and_hides_the_others() {
+        let peer = Some(SocketAddr::from(([127, 0, 0, 1], 4000)));
+        let trusted = |convention| {
+            ForwardRequest::from_http("GET", "/", "", &headers(BOTH), peer, convention)
+                .expect("a named convention ignores the other one")
+        };
+        let nginx = trusted(ForwardAuthHeaders::XOriginal);
+        assert_eq!(
+            (nginx.method.as_str(), nginx.path.as_str()),
+            ("GET", "/api/orders/7")
+        );
+        assert_eq!(nginx.source.map(|s| s.address).as_deref(), Some("10.0.0.9"));
+        for hidden in X_FORWARDED {
+            assert!(!nginx.headers.contains_key(*hidden), "{hidden}");
+        }
+        let caddy = trusted(ForwardAuthHeaders::XForwarded);
+        assert_eq!(
+            (
+                caddy.method.as_str(),
+                caddy.path.as_str(),
+                caddy.query.as_str()
+            ),
+            ("DELETE", "/api/orders/8", "all")
+        );
+        assert_eq!(caddy.source.map(|s| s.address).as_deref(), Some("10.0.0.2"));
+        for hidden in X_ORIGINAL {
+            assert!(!caddy.headers.contains_key(*hidden), "{hidden}");
+        }
+        // Without its headers, the call itself is the request.
+        let bare = ForwardRequest::from_http(
+            "put",
+            "/p",
+            "q",
+            &headers(&BOTH[..3]),
+            peer,
+            ForwardAuthHeaders::XForwarded,
+        )
+        .expect("no headers of the convention");
+        assert_eq!(
+            (
+                bare.method.as_str(),
+                bare.path.as_str(),
+                bare.query.as_str()
+            ),
+            ("PUT", "/p", "q")
+        );
+        assert_eq!(bare.source.map(|s| s.address).as_deref(), Some("127.0.0.1"));
+    }
+
+    #[test]
+    fn with_any_convention_disagreeing_pairs_are_refused_and_agreeing_ones_accepted() {
+        for (index, named) in [
+            (
+                0,
+                ["X-Original-Method `GET`", "X-Forwarded-Method `DELETE`"],
+            ),
+            (
+                1,
+                [
+                    "X-Original-URI `/api/orders/7`",
+                    "X-Forwarded-Uri `/api/orders/8?all`",
+                ],
+            ),
+            (
+                2,
+                ["X-Real-IP `10.0.0.9`", "X-Forwarded-For hop `10.0.0.2`"],
+            ),
+        ] {
+            let pairs = [BOTH[index], BOTH[index + 3]];
+            let refused = ForwardRequest::from_http(
+                "GET",
+                "/",
+                "",
+                &headers(&pairs),
+                None,
+                ForwardAuthHeaders::Any,
+            )
+            .expect_err("the pairs disagree");
+            for name in named {
+                assert!(refused.contains(name), "{refused}");
+            }
+            assert!(refused.contains("server.forward_auth_headers"), "{refused}");
+        }
+        let agreeing = ForwardRequest::from_http(
+            "GET",
+            "/",
+            "",
+            &headers(&[
+                ("x-original-method", "delete"),
+                ("x-forwarded-method", "DELETE"),
+                ("x-original-uri", "/a?b"),
+                ("x-forwarded-uri", "/a?b"),
+                ("x-real-ip", "::1"),
+                ("x-forwarded-for", "10.1.1.1, 0:0::1"),
+            ]),
+            None,
+            ForwardAuthHeaders::Any,
+        )
+        .expect("the pairs agree");
+        assert_eq!(
+            (agreeing.method.as_str(), agreeing.path.as_str()),
+            ("DELETE", "/a")
+        );
+        assert_eq!(agreeing.source.map(|s| s.address).as_deref(), Some("::1"));
     }
 }

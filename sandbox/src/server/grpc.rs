@@ -26,10 +26,10 @@ use tokio::net::TcpListener;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::server::{Grpc, NamedService, UnaryService};
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
 
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest, Source};
+use super::connections::{Limits, Listener};
 use super::{Answer, Outcome, State};
 use crate::decision::ErrorCode;
 use crate::telemetry::traces::Parent;
@@ -38,18 +38,41 @@ const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 /// The CheckRequest context extension naming the policy.
 const POLICY_EXTENSION: &str = "policy";
+/// How often an idle connection's peer is pinged, and how long it has to answer.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Serves ext_authz on `listener` until `shutdown` completes, then lets
 /// in-flight calls finish.
+/// Connections count under the shared `server.max_connections` cap; one that
+/// has not sent its HTTP/2 handshake within `server.header_read_timeout_ms` is
+/// closed, and keep-alive pings close one whose peer stopped answering.
 pub(super) async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    limits: Arc<Limits>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .serve_with_incoming_shutdown(Authorization { state }, incoming, shutdown)
-        .await
+    let (admitted, incoming) = tokio::sync::mpsc::channel::<std::io::Result<_>>(1);
+    let accepting = tokio::spawn(async move {
+        loop {
+            let connection = limits.accept(&listener, Listener::Grpc).await;
+            if admitted.send(Ok(connection.stream)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let served = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .serve_with_incoming_shutdown(
+            Authorization { state },
+            tokio_stream::wrappers::ReceiverStream::new(incoming),
+            shutdown,
+        )
+        .await;
+    accepting.abort();
+    served
 }
 
 /// The `Authorization` service: routes `Check`, refuses every other method.

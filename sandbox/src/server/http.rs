@@ -14,14 +14,19 @@ use axum::extract::{ConnectInfo, Path, Request, State as Shared};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use axum::serve::ListenerExt;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use tokio::net::TcpListener;
+use tower::ServiceExt as _;
 
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest};
+use super::connections::{Admitted, Limits, Listener};
 use super::{Answer, Outcome, State};
 use crate::decision::{Decision, ErrorCode, FailMode};
 use crate::policy::input;
@@ -35,21 +40,56 @@ const JSON: &str = "application/json";
 type Shared_ = Shared<Arc<State>>;
 
 /// Serves the API on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish.
+/// in-flight requests finish. Connections are admitted under `limits` (the
+/// shared cap) and closed by its header-read and idle timeouts.
 pub(super) async fn serve(
     listener: TcpListener,
     state: Arc<State>,
+    limits: Arc<Limits>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let router = router(state);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let Admitted {
+            stream,
+            peer,
+            watch,
+        } = tokio::select! {
+            admitted = limits.accept(&listener, Listener::Http) => admitted,
+            () = &mut shutdown => break,
+        };
+        let router = router.clone();
+        let watchdog = Arc::clone(&watch);
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            let handling = watch.request();
+            let answered = router.clone().oneshot(request);
+            async move {
+                let response = answered.await;
+                drop(handling);
+                response
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            tokio::select! {
+                served = connection => if let Err(e) = served {
+                    tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                },
+                // Dropping the connection closes it.
+                _ = watchdog.expired() => {}
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 fn router(state: Arc<State>) -> Router {
@@ -162,15 +202,24 @@ async fn forward_auth(
             "forward-auth needs a policy: /v1/authz/{name}[/path]".to_owned(),
         )
     } else {
-        let request = ForwardRequest::from_http(
+        match ForwardRequest::from_http(
             parts.method.as_str(),
             own_path,
             parts.uri.query().unwrap_or_default(),
             &parts.headers,
             Some(peer),
-        );
-        let input = Bytes::from(request.to_input());
-        state.evaluate(name, input, trace, &request.headers).await
+            state.forward_auth_headers(),
+        ) {
+            Ok(request) => {
+                let input = Bytes::from(request.to_input());
+                state.evaluate(name, input, trace, &request.headers).await
+            }
+            Err(message) => {
+                // Audited and counted by `reject`; a client can cause it at will.
+                tracing::debug!(policy = ?super::truncated(name, 128), peer = %peer, reason = ?message, "forward-auth request refused");
+                state.reject(name, Outcome::BadRequest, message, trace)
+            }
+        }
     };
     let status =
         StatusCode::from_u16(authz::proxy_status(&answer)).unwrap_or(StatusCode::FORBIDDEN);

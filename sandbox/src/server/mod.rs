@@ -8,6 +8,7 @@
 //! SIGTERM/SIGINT drain in-flight requests.
 
 mod authz;
+mod connections;
 mod grpc;
 mod http;
 mod reload;
@@ -69,6 +70,7 @@ pub struct Server {
     state: Arc<State>,
     http: TcpListener,
     grpc: Option<TcpListener>,
+    limits: Arc<connections::Limits>,
 }
 
 impl Server {
@@ -105,6 +107,7 @@ impl Server {
             .ok()
             .map(|text| Digest::of(&text));
         let probes = Probes::start(config.ebpf)?;
+        let server_settings = config.server.clone();
         let state = Arc::new(State::new(
             config,
             config_digest,
@@ -113,7 +116,21 @@ impl Server {
             engine,
             probes,
         ));
-        Ok(Server { state, http, grpc })
+        let connection_metrics = state.metrics.connections();
+        connection_metrics.listening("http");
+        if grpc.is_some() {
+            connection_metrics.listening("grpc");
+        }
+        let limits = Arc::new(connections::Limits::new(
+            &server_settings,
+            connection_metrics.clone(),
+        ));
+        Ok(Server {
+            state,
+            http,
+            grpc,
+            limits,
+        })
     }
 
     /// The address the HTTP API listens on (the real port when the config said `:0`).
@@ -161,7 +178,12 @@ impl Server {
     /// accepting, lets in-flight requests finish (at most [`DRAIN_TIMEOUT`])
     /// and flushes the audit log.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
-        let Server { state, http, grpc } = self;
+        let Server {
+            state,
+            http,
+            grpc,
+            limits,
+        } = self;
         let first = state.current();
         for name in first.slots.keys() {
             let (state, generation, name) = (Arc::clone(&state), Arc::clone(&first), name.clone());
@@ -175,11 +197,21 @@ impl Server {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let mut http_task = {
-            let serving = http::serve(http, Arc::clone(&state), stopped(stop_rx.clone()));
+            let serving = http::serve(
+                http,
+                Arc::clone(&state),
+                Arc::clone(&limits),
+                stopped(stop_rx.clone()),
+            );
             tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) })
         };
         let mut grpc_task = grpc.map(|listener| {
-            let serving = grpc::serve(listener, Arc::clone(&state), stopped(stop_rx.clone()));
+            let serving = grpc::serve(
+                listener,
+                Arc::clone(&state),
+                Arc::clone(&limits),
+                stopped(stop_rx.clone()),
+            );
             tokio::spawn(async move { serving.await.map_err(|e| e.to_string()) })
         });
 
@@ -504,6 +536,11 @@ impl State {
 
     pub(crate) fn max_body_bytes(&self) -> usize {
         self.current().max_body_bytes
+    }
+
+    /// Which proxy headers forward-auth trusts (`server.forward_auth_headers`).
+    pub(crate) fn forward_auth_headers(&self) -> crate::config::ForwardAuthHeaders {
+        self.current().config.server.forward_auth_headers
     }
 
     pub(crate) fn probes(&self) -> &Probes {

@@ -309,6 +309,13 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             show(new.server.grpc_listen)
         ));
     }
+    let (o, n) = (&old.server, &new.server);
+    if (o.header_read_timeout, o.idle_timeout, o.max_connections)
+        != (n.header_read_timeout, n.idle_timeout, n.max_connections)
+    {
+        changed
+            .push("server.header_read_timeout_ms, idle_timeout_ms or max_connections".to_owned());
+    }
     if old.audit != new.audit {
         changed.push("[audit]".to_owned());
     }
