@@ -124,10 +124,18 @@ impl EgressRule {
     /// Whether this prefix's segments begin `url`'s path. Trailing empty
     /// segments (`/a/`) need no trimming here: the prefix's own last segment
     /// is never empty, so it cannot end inside them.
+    ///
+    /// Under a path prefix, a URL a server could read as another path is
+    /// refused: an encoded `/`, `\` or NUL, or a `..;x`-style dot segment
+    /// (servers that drop `;` parameters walk it up), so `/api/..%2fadmin`
+    /// does not pass for `/api`.
     fn is_path_prefix_of(&self, url: &Url) -> bool {
         let Some(mut path) = url.path_segments() else {
             return self.segments.is_empty();
         };
+        if !self.segments.is_empty() && path.clone().any(is_ambiguous_segment) {
+            return false;
+        }
         self.segments
             .iter()
             .all(|want| path.next() == Some(want.as_str()))
@@ -146,6 +154,21 @@ impl EgressRule {
     }
 }
 
+/// Whether a (serialised) path segment may name a different path once a
+/// server decodes it: see `EgressRule::is_path_prefix_of`.
+fn is_ambiguous_segment(segment: &str) -> bool {
+    let lower = segment.to_ascii_lowercase();
+    if ["%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
+        return true;
+    }
+    let bare = lower
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .replace("%2e", ".");
+    lower.contains(';') && (bare == "." || bare == "..")
+}
+
 fn segments(url: &Url) -> Vec<String> {
     let mut segs: Vec<String> = url
         .path_segments()
@@ -158,16 +181,22 @@ fn segments(url: &Url) -> Vec<String> {
 }
 
 /// The HttpRequest document of DESIGN §2.
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GuestRequest {
+pub struct GuestRequest {
     #[serde(default = "default_method")]
-    method: String,
-    url: String,
+    pub method: String,
+    pub url: String,
     #[serde(default)]
-    headers: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
     #[serde(default)]
-    body: Option<String>,
+    pub body: Option<String>,
+}
+
+/// Parses the HttpRequest document a guest passed to `http_send`; the error
+/// is the code the guest gets (public for the fuzz targets).
+pub fn decode_request(raw: &[u8]) -> Result<GuestRequest, i64> {
+    serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)
 }
 
 fn default_method() -> String {
@@ -279,7 +308,7 @@ impl Bridge {
         trace: &Scope,
     ) -> Result<Vec<u8>, i64> {
         let started = Instant::now();
-        let request: GuestRequest = serde_json::from_slice(raw).map_err(|_| INVALID_REQUEST)?;
+        let request = decode_request(raw)?;
         let method = request.method.to_ascii_uppercase();
         let span = trace.child(method.clone(), SpanKind::Client, || {
             vec![
@@ -747,6 +776,9 @@ fn http_read(caller: &mut Caller<'_, Invocation>, ptr: i32, len: i32) -> wasmtim
     abi::write_guest(caller, ptr, &document[..n])?;
     Ok(n as i32)
 }
+
+#[cfg(test)]
+mod egress_properties;
 
 #[cfg(test)]
 mod tests {
