@@ -17,5 +17,6 @@ mod lifecycle;
 mod nginx;
 mod probes;
 mod server;
+mod snapshot;
 mod tracing;
 mod wasi;
