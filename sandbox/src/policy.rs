@@ -182,6 +182,26 @@ impl Policy {
         spec: PolicySpec,
         audit: &AuditLog,
     ) -> Result<Policy, LoadError> {
+        Policy::load_with(engine, spec, audit, true).await
+    }
+
+    /// [`Policy::load`] without a snapshot: every evaluation runs
+    /// `_initialize` and starts from the module as it is (`sandgate_init`
+    /// never runs; the SDK then builds its state in each evaluation). For
+    /// measuring what the snapshot saves, not for serving.
+    pub async fn load_without_snapshot(
+        engine: &Engine,
+        spec: PolicySpec,
+    ) -> Result<Policy, LoadError> {
+        Policy::load_with(engine, spec, &AuditLog::disabled(), false).await
+    }
+
+    async fn load_with(
+        engine: &Engine,
+        spec: PolicySpec,
+        audit: &AuditLog,
+        snapshot: bool,
+    ) -> Result<Policy, LoadError> {
         let source_name = spec.module.to_string();
         let invalid = {
             let (policy, source_name) = (spec.name.clone(), source_name.clone());
@@ -193,8 +213,11 @@ impl Policy {
         };
         let (module, digest, from, fetched, bytes) = obtain(engine, &spec, &invalid).await?;
         abi::validate(&module).map_err(&invalid)?;
-        let (initialised, snapshot_facts) =
-            initialise(engine, &spec, &module, &digest, bytes, audit, &invalid).await?;
+        let (initialised, snapshot_facts) = if snapshot {
+            initialise(engine, &spec, &module, &digest, bytes, audit, &invalid).await?
+        } else {
+            (None, None)
+        };
         let evaluated = initialised.as_ref().map_or(&module, |(m, _)| m);
         let pre = link(engine, evaluated, &spec.grants).map_err(&invalid)?;
         let initialize_per_eval = evaluated.get_export(snapshot::INITIALIZE_EXPORT).is_some();
