@@ -2,7 +2,9 @@
 //! input document into a decision document ([`evaluate_document`], safe and testable on the
 //! host), and the raw-pointer side that only exists in wasm32 builds.
 
+use std::any::Any;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde::Deserialize;
 
@@ -49,6 +51,80 @@ where
         Err(err) => Decision::deny().reason(format!("invalid input: {err}")),
     };
     encode(&decision)
+}
+
+/// The state a policy's init function built, type-erased so that [`policy!`](crate::policy)
+/// can declare it as a `static` without naming the type; read back by the same init
+/// function's type.
+pub struct State(OnceLock<Box<dyn Any + Send + Sync>>);
+
+impl State {
+    /// An empty state, filled by [`init`].
+    pub const fn new() -> State {
+        State(OnceLock::new())
+    }
+}
+
+impl Default for State {
+    fn default() -> State {
+        State::new()
+    }
+}
+
+/// `sandgate_init`: runs `load` once and keeps its result in `state`. Returns 0 when the state
+/// is ready; otherwise logs the error (the host quotes it when it refuses the load) and
+/// returns 1.
+pub fn init<S, E>(state: &State, load: fn() -> Result<S, E>) -> i32
+where
+    S: Any + Send + Sync,
+    E: fmt::Display,
+{
+    match ready(state, load) {
+        Ok(_) => 0,
+        Err(message) => {
+            crate::log::write(crate::log::Level::Error, &message);
+            1
+        }
+    }
+}
+
+fn ready<S, E>(state: &State, load: fn() -> Result<S, E>) -> Result<&S, String>
+where
+    S: Any + Send + Sync,
+    E: fmt::Display,
+{
+    if state.0.get().is_none() {
+        let built = load().map_err(|err| format!("init failed: {err}"))?;
+        // Only one thread exists in a guest; a value set meanwhile would be the same state.
+        let _ = state.0.set(Box::new(built));
+    }
+    state
+        .0
+        .get()
+        .and_then(|boxed| boxed.downcast_ref::<S>())
+        .ok_or_else(|| "init state has another type than the init function's".to_owned())
+}
+
+/// [`evaluate_document`] for a policy with state: `policy` gets the input and the state built
+/// by `load` (run now if `sandgate_init` did not run, as in host tests). An input that does not
+/// deserialize is denied as by [`evaluate_document`]; when `load` fails the input is denied with
+/// status 500 and its error as the reason.
+pub fn evaluate_with_state<'a, S, E, T, R>(
+    state: &State,
+    load: fn() -> Result<S, E>,
+    document: &'a [u8],
+    policy: impl FnOnce(Input<T>, &S) -> R,
+) -> Vec<u8>
+where
+    S: Any + Send + Sync,
+    E: fmt::Display,
+    T: Deserialize<'a>,
+    R: IntoDecision,
+{
+    evaluate_document(document, |input| match ready(state, load) {
+        Ok(state) => policy(input, state).into_decision(),
+        Err(message) => Decision::deny().status(500).reason(message),
+    })
 }
 
 /// Returned when a decision cannot be serialised, which no `Decision` value triggers today.

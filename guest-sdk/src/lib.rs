@@ -68,8 +68,58 @@ pub const ABI_VERSION: i32 = 1;
 /// Invoke it once per crate. An input the policy's type cannot read is denied with the reason,
 /// and the output is allocated and leaked (a fresh instance serves each evaluation). The
 /// generated exports are `unsafe` code, so the crate cannot `forbid(unsafe_code)`.
+///
+/// `policy!(evaluate, init = load)` also exports `sandgate_init`, which the host runs **once,
+/// when the policy loads**: `load` is a `fn() -> Result<S, E: Display>` building the policy's
+/// state (parse a data file from a preopen, compile rules, …), and `evaluate` then takes
+/// `(Input<T>, &S)`. Every evaluation starts from the memory init left behind, so `S` is plain
+/// Rust data, built once. `Err` refuses the load (`module_invalid`) with the error as the reason.
+/// At init there is no clock and no randomness (so no `HashMap::new()`, whose hasher is random:
+/// use `BTreeMap`); see the SDK guide. In host tests `sandgate_evaluate_document` runs `load`
+/// on first use.
+///
+/// ```
+/// use sandgate_guest::{Decision, Input};
+///
+/// struct Allowed(Vec<String>);
+///
+/// fn load() -> Result<Allowed, std::convert::Infallible> {
+///     Ok(Allowed(vec!["alice".into()]))
+/// }
+///
+/// fn evaluate(input: Input, allowed: &Allowed) -> Decision {
+///     let user = input.input["user"].as_str().unwrap_or("");
+///     if allowed.0.iter().any(|u| u == user) { Decision::allow() } else { Decision::deny() }
+/// }
+///
+/// sandgate_guest::policy!(evaluate, init = load);
+///
+/// let out = sandgate_evaluate_document(br#"{"input":{"user":"alice"}}"#);
+/// assert_eq!(out, br#"{"allow":true}"#);
+/// ```
 #[macro_export]
 macro_rules! policy {
+    ($policy:expr, init = $init:expr $(,)?) => {
+        /// The state `sandgate_init` built, shared by every evaluation of this instance.
+        static SANDGATE_STATE: $crate::__private::State = $crate::__private::State::new();
+
+        /// Runs the policy registered with `sandgate_guest::policy!` over one ABI v1 input
+        /// document and returns the decision document, exactly as the `sandgate_evaluate`
+        /// export does (running the init function first if it has not run).
+        #[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+        pub fn sandgate_evaluate_document(document: &[u8]) -> ::std::vec::Vec<u8> {
+            $crate::__private::evaluate_with_state(&SANDGATE_STATE, $init, document, $policy)
+        }
+
+        /// ABI v1 export: runs the policy's init function once at load; 0 when it succeeded.
+        #[cfg(target_arch = "wasm32")]
+        #[unsafe(no_mangle)]
+        pub extern "C" fn sandgate_init() -> i32 {
+            $crate::__private::init(&SANDGATE_STATE, $init)
+        }
+
+        $crate::__policy_exports!();
+    };
     ($policy:expr $(,)?) => {
         /// Runs the policy registered with `sandgate_guest::policy!` over one ABI v1 input
         /// document and returns the decision document, exactly as the `sandgate_evaluate`
@@ -79,6 +129,15 @@ macro_rules! policy {
             $crate::evaluate_document(document, $policy)
         }
 
+        $crate::__policy_exports!();
+    };
+}
+
+/// The ABI v1 exports both forms of [`policy!`] generate; not a stable interface.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __policy_exports {
+    () => {
         /// ABI v1 export: the guest ABI version of this module.
         #[cfg(target_arch = "wasm32")]
         #[unsafe(no_mangle)]
@@ -111,6 +170,7 @@ macro_rules! policy {
 /// What [`policy!`] expands to; not a stable interface.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::export::{State, evaluate_with_state, init};
     #[cfg(target_arch = "wasm32")]
     pub use crate::export::{alloc, evaluate};
 }

@@ -1,6 +1,8 @@
 //! One evaluation of the `rbac` example end to end (fresh instance from
-//! `InstancePre`, input written, guest reads its role table from the
-//! read-only preopen, decision read back and validated), and instantiation
+//! `InstancePre`, started copy-on-write from the snapshot holding the role
+//! table its `sandgate_init` parsed at load; input written, decision read
+//! back and validated), the same without the snapshot (`_initialize` and the
+//! table read from the preopen and parsed in every evaluation), instantiation
 //! alone, the evaluation traced (spans exported over OTLP/gRPC to a receiver
 //! in the same process), and a no-op guest (the host's fixed cost). Results and the command are in `docs/benchmarks.md`.
 
@@ -66,6 +68,23 @@ fn bench(c: &mut Criterion) {
         "evaluate_forward_auth",
         &policy,
         &forward,
+        &options,
+        &audit,
+    );
+    // The cost the snapshot removes: the same module evaluated as it is.
+    let unsnapshotted = runtime
+        .block_on(sandgate::Policy::load_without_snapshot(
+            &engine,
+            config.policies[0].clone(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_allowed(&runtime, &unsnapshotted, &input, &options, &audit);
+    bench_evaluation(
+        &mut group,
+        &runtime,
+        "evaluate_without_snapshot",
+        &unsnapshotted,
+        &input,
         &options,
         &audit,
     );

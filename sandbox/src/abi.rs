@@ -65,6 +65,9 @@ pub struct Invocation {
     pub epochs: u64,
     /// This invocation as the eBPF probes know it.
     pub probe: crate::probes::Probe,
+    /// Guest log messages kept for the host to quote (a failed
+    /// `sandgate_init` is refused with them); `None` keeps nothing.
+    pub kept_log: Option<Vec<String>>,
 }
 
 impl Invocation {
@@ -234,6 +237,9 @@ pub fn validate(module: &Module) -> Result<(), String> {
     if module.get_export("_initialize").is_some() {
         func("_initialize", &[], &[])?;
     }
+    if module.get_export("sandgate_init").is_some() {
+        func("sandgate_init", &[], &[I32])?;
+    }
     for import in module.imports() {
         match import.module() {
             MODULE if IMPORTS.contains(&import.name()) => {}
@@ -282,6 +288,11 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
 /// kept and up to `MAX_LOG_CALLS`, a span event.
 fn log(inv: &mut Invocation, level: i32, message: &str) {
     inv.log_calls += 1;
+    if inv.log_calls <= MAX_LOG_CALLS
+        && let Some(kept) = &mut inv.kept_log
+    {
+        kept.push(message.to_owned());
+    }
     if inv.output.log(level, message) && inv.log_calls <= MAX_LOG_CALLS {
         inv.trace.guest_log(level, message);
     }

@@ -86,6 +86,9 @@ impl Engine {
         config.epoch_interruption(true);
         config.max_wasm_stack(512 * 1024);
         config.async_stack_size(1024 * 1024);
+        // Every evaluation maps the policy's initialised memory image
+        // (its snapshot) copy-on-write instead of copying its data segments.
+        config.memory_init_cow(true);
         let mut pool = PoolingAllocationConfig::new();
         pool.total_core_instances(settings.max_instances)
             .total_memories(settings.max_instances)

@@ -232,7 +232,7 @@ async fn eval(
         None => AuditLog::disabled(),
     };
     let engine = Engine::new(&engine_settings)?;
-    let evaluation = match Policy::load(&engine, spec.clone()).await {
+    let evaluation = match Policy::load_audited(&engine, spec.clone(), &audit).await {
         Ok(policy) => {
             policy
                 .evaluate(&input, &EvalOptions::default(), &audit)
@@ -284,7 +284,13 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let mut report = Vec::new();
     let mut failures = Vec::new();
     for spec in &config.policies {
-        match sandgate::policy::Versions::load(&engine, spec).await {
+        match sandgate::policy::Versions::load(
+            &engine,
+            spec,
+            &sandgate::audit::AuditLog::disabled(),
+        )
+        .await
+        {
             Ok(versions) => {
                 let mut policy = versions.primary().report();
                 let loaded: Vec<serde_json::Value> = versions

@@ -9,6 +9,7 @@
 mod decision_cache;
 pub mod input;
 mod route;
+pub mod snapshot;
 
 pub use decision_cache::DecisionCache;
 pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
@@ -97,6 +98,20 @@ pub struct ModuleFacts {
     pub wasi_imports: Vec<String>,
     pub sandgate_imports: Vec<String>,
     pub has_initialize: bool,
+    /// The initialised snapshot evaluations start from, when the module has
+    /// state to keep (`_initialize` or `sandgate_init`).
+    pub snapshot: Option<SnapshotFacts>,
+}
+
+/// The snapshot of a loaded policy, for `check` and `/v1/policies`.
+#[derive(Clone, Debug, Serialize)]
+pub struct SnapshotFacts {
+    /// Digest of the initialised module (its compiled form is cached by it).
+    pub digest: String,
+    /// Whether `sandgate_init` ran (else only `_initialize`).
+    pub sandgate_init: bool,
+    /// Milliseconds init and the snapshot took at load.
+    pub init_ms: u64,
 }
 
 /// Options of one evaluation beyond the input.
@@ -141,6 +156,11 @@ struct Loaded {
     spec: PolicySpec,
     engine: Engine,
     pre: InstancePre<Invocation>,
+    /// Whether each evaluation calls `_initialize` (only when no snapshot
+    /// holds its effect).
+    initialize_per_eval: bool,
+    /// Digest of the initialised module, when evaluations start from one.
+    snapshot: Option<Digest>,
     grants: Arc<crate::config::Grants>,
     bridge: Arc<Bridge>,
     digest: Digest,
@@ -154,8 +174,40 @@ struct Loaded {
 
 impl Policy {
     /// Reads, verifies, compiles, validates and links the module of `spec`,
-    /// then instantiates it once to check its ABI version.
+    /// runs its init once into a snapshot when it has one, then instantiates
+    /// it to check its ABI version. WASI calls refused during init are only
+    /// logged; [`Policy::load_audited`] also audits them.
     pub async fn load(engine: &Engine, spec: PolicySpec) -> Result<Policy, LoadError> {
+        Policy::load_audited(engine, spec, &AuditLog::disabled()).await
+    }
+
+    /// [`Policy::load`], writing the audit lines of init (refused WASI
+    /// calls, decision id `init`) to `audit`.
+    pub async fn load_audited(
+        engine: &Engine,
+        spec: PolicySpec,
+        audit: &AuditLog,
+    ) -> Result<Policy, LoadError> {
+        Policy::load_with(engine, spec, audit, true).await
+    }
+
+    /// [`Policy::load`] without a snapshot: every evaluation runs
+    /// `_initialize` and starts from the module as it is (`sandgate_init`
+    /// never runs; the SDK then builds its state in each evaluation). For
+    /// measuring what the snapshot saves, not for serving.
+    pub async fn load_without_snapshot(
+        engine: &Engine,
+        spec: PolicySpec,
+    ) -> Result<Policy, LoadError> {
+        Policy::load_with(engine, spec, &AuditLog::disabled(), false).await
+    }
+
+    async fn load_with(
+        engine: &Engine,
+        spec: PolicySpec,
+        audit: &AuditLog,
+        snapshot: bool,
+    ) -> Result<Policy, LoadError> {
         let source_name = spec.module.to_string();
         let invalid = {
             let (policy, source_name) = (spec.name.clone(), source_name.clone());
@@ -165,16 +217,24 @@ impl Policy {
                 message,
             }
         };
-        let (module, digest, from, fetched) = obtain(engine, &spec, &invalid).await?;
+        let (module, digest, from, fetched, bytes) = obtain(engine, &spec, &invalid).await?;
         abi::validate(&module).map_err(&invalid)?;
-        let pre = link(engine, &module, &spec).map_err(&invalid)?;
+        let (initialised, snapshot_facts) = if snapshot {
+            initialise(engine, &spec, &module, &digest, bytes, audit, &invalid).await?
+        } else {
+            (None, None)
+        };
+        let evaluated = initialised.as_ref().map_or(&module, |(m, _)| m);
+        let pre = link(engine, evaluated, &spec.grants).map_err(&invalid)?;
+        let initialize_per_eval = evaluated.get_export(snapshot::INITIALIZE_EXPORT).is_some();
         let facts = ModuleFacts {
             digest: digest.to_string(),
             compiled_from: from.to_string(),
             fetched_from: fetched.map(|f| f.to_string()),
             wasi_imports: imports_of(&module, wasi::MODULE),
             sandgate_imports: imports_of(&module, abi::MODULE),
-            has_initialize: module.get_export("_initialize").is_some(),
+            has_initialize: module.get_export(snapshot::INITIALIZE_EXPORT).is_some(),
+            snapshot: snapshot_facts,
         };
         let bridge = Arc::new(Bridge::new(&spec.egress).map_err(|e| LoadError::Internal {
             policy: spec.name.clone(),
@@ -194,6 +254,8 @@ impl Policy {
                 spec,
                 engine: engine.clone(),
                 pre,
+                initialize_per_eval,
+                snapshot: initialised.map(|(_, d)| d),
                 digest,
                 facts,
             }),
@@ -218,6 +280,27 @@ impl Policy {
         &self.inner.facts
     }
 
+    /// Digest of the initialised module evaluations start from, when the
+    /// module had state to keep; it changes when init read other data.
+    pub fn snapshot_digest(&self) -> Option<Digest> {
+        self.inner.snapshot
+    }
+
+    /// The host directories whose content init may have read: the policy's
+    /// preopens, when `sandgate_init` ran. A change in them is a reload.
+    pub fn init_reads(&self) -> Vec<std::path::PathBuf> {
+        match &self.inner.facts.snapshot {
+            Some(s) if s.sandgate_init => self
+                .inner
+                .grants
+                .preopens
+                .iter()
+                .map(|p| p.host.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn compiled_from(&self) -> &str {
         &self.inner.facts.compiled_from
     }
@@ -230,50 +313,16 @@ impl Policy {
         probe: Probe,
     ) -> anyhow::Result<Store<Invocation>> {
         let loaded = &self.inner;
-        let output = wasi::GuestOutput::new();
-        // Instantiation starts with the WASI context (it opens the preopens)
-        // and ends when `run` has the instance.
-        probe.enter(probes::phase::INSTANTIATE);
-        let wasi = wasi::context(&loaded.grants, &output)?;
-        let invocation = Invocation {
-            wasi,
-            limiter: MemoryLimiter::new(loaded.spec.memory_limit_bytes),
-            grants: Arc::clone(&loaded.grants),
-            fd_access: wasi::initial_fd_access(&loaded.grants),
-            output,
-            audit,
+        new_store(
+            &loaded.engine,
+            &loaded.spec,
+            Arc::clone(&loaded.grants),
+            Arc::clone(&loaded.bridge),
             subject,
-            denials: Vec::new(),
-            log_calls: 0,
-            bridge: Arc::clone(&loaded.bridge),
-            egress_calls: 0,
-            egress_denied: 0,
-            pending: None,
-            http_calls: Vec::new(),
+            audit,
             trace,
-            epochs: 0,
             probe,
-        };
-        let mut store = Store::new(loaded.engine.wasmtime(), invocation);
-        store.limiter(|inv| &mut inv.limiter);
-        // Every epoch tick the guest yields to the executor, so a guest that
-        // computes for its whole `timeout_ms` shares the worker threads with
-        // every other evaluation instead of holding one; past its deadline
-        // the next tick interrupts it.
-        let deadline = Instant::now() + loaded.spec.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut store| {
-            store.data_mut().epochs += 1;
-            if Instant::now() >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
-            }
-        });
-        Ok(store)
+        )
     }
 
     /// Creates a store and instantiates the module, nothing else: the cost
@@ -612,7 +661,7 @@ impl Policy {
         instance: wasmtime::Instance,
         document: &[u8],
     ) -> anyhow::Result<Decision> {
-        if self.inner.facts.has_initialize {
+        if self.inner.initialize_per_eval {
             instance
                 .get_typed_func::<(), ()>(&mut *store, "_initialize")?
                 .call_async(&mut *store, ())
@@ -756,6 +805,66 @@ fn hand_off_output(inv: &Invocation, deadline: Instant) -> u64 {
     dropped
 }
 
+/// A store for one instance of a policy: its WASI context, limits, deadline
+/// and host state. Evaluations and init (with its own grants) both use it.
+#[allow(clippy::too_many_arguments)]
+fn new_store(
+    engine: &Engine,
+    spec: &PolicySpec,
+    grants: Arc<crate::config::Grants>,
+    bridge: Arc<Bridge>,
+    subject: Subject,
+    audit: AuditLog,
+    trace: Scope,
+    probe: Probe,
+) -> anyhow::Result<Store<Invocation>> {
+    let output = wasi::GuestOutput::new();
+    // Instantiation starts with the WASI context (it opens the preopens)
+    // and ends when `run` has the instance.
+    probe.enter(probes::phase::INSTANTIATE);
+    let wasi = wasi::context(&grants, &output)?;
+    let invocation = Invocation {
+        wasi,
+        limiter: MemoryLimiter::new(spec.memory_limit_bytes),
+        grants: Arc::clone(&grants),
+        fd_access: wasi::initial_fd_access(&grants),
+        output,
+        audit,
+        subject,
+        denials: Vec::new(),
+        log_calls: 0,
+        bridge,
+        egress_calls: 0,
+        egress_denied: 0,
+        pending: None,
+        http_calls: Vec::new(),
+        trace,
+        epochs: 0,
+        probe,
+        kept_log: None,
+    };
+    let mut store = Store::new(engine.wasmtime(), invocation);
+    store.limiter(|inv| &mut inv.limiter);
+    // Every epoch tick the guest yields to the executor, so a guest that
+    // computes for its whole `timeout_ms` shares the worker threads with
+    // every other evaluation instead of holding one; past its deadline
+    // the next tick interrupts it.
+    let deadline = Instant::now() + spec.timeout;
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |mut store| {
+        store.data_mut().epochs += 1;
+        if Instant::now() >= deadline {
+            Ok(UpdateDeadline::Interrupt)
+        } else {
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(tokio::task::yield_now()),
+            ))
+        }
+    });
+    Ok(store)
+}
+
 /// The compiled module of `spec`: a file is read (and checked against its pin
 /// when it has one), then compiled through the engine's caches; a URL's
 /// pinned digest is looked up in the compiled caches first, and the module
@@ -764,7 +873,16 @@ async fn obtain(
     engine: &Engine,
     spec: &PolicySpec,
     invalid: &(dyn Fn(String) -> LoadError + Sync),
-) -> Result<(Module, Digest, CompiledFrom, Option<Fetched>), LoadError> {
+) -> Result<
+    (
+        Module,
+        Digest,
+        CompiledFrom,
+        Option<Fetched>,
+        Option<Vec<u8>>,
+    ),
+    LoadError,
+> {
     let internal = |message: String| LoadError::Internal {
         policy: spec.name.clone(),
         message,
@@ -805,7 +923,7 @@ async fn obtain(
                 .await
                 .map_err(|e| internal(format!("module cache task failed: {e}")))?
             {
-                return Ok((module, digest, from, None));
+                return Ok((module, digest, from, None, None));
             }
             let (bytes, fetched) = engine
                 .fetcher()
@@ -820,12 +938,98 @@ async fn obtain(
     };
     let compiled = {
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.compile(&bytes, &digest))
+        tokio::task::spawn_blocking(move || (engine.compile(&bytes, &digest), bytes))
             .await
             .map_err(|e| internal(format!("compile task failed: {e}")))?
     };
-    let (module, from) = compiled.map_err(|e| invalid(e.to_string()))?;
-    Ok((module, digest, from, Some(fetched)))
+    let (module, from) = compiled.0.map_err(|e| invalid(e.to_string()))?;
+    Ok((module, digest, from, Some(fetched), Some(compiled.1)))
+}
+
+/// The initialised module of a policy whose module has state to keep
+/// (`_initialize`, `sandgate_init`), compiled through the engine's caches
+/// under its own digest, with what `check` reports about it. A module with
+/// nothing to initialise is evaluated as it is.
+async fn initialise(
+    engine: &Engine,
+    spec: &PolicySpec,
+    module: &Module,
+    digest: &Digest,
+    bytes: Option<Vec<u8>>,
+    audit: &AuditLog,
+    invalid: &(dyn Fn(String) -> LoadError + Sync),
+) -> Result<(Option<(Module, Digest)>, Option<SnapshotFacts>), LoadError> {
+    let snapshot::Plan::Snapshot { sandgate_init } = snapshot::Plan::of(module) else {
+        return Ok((None, None));
+    };
+    let bytes = match (bytes, &spec.module) {
+        (Some(bytes), _) => bytes,
+        // Compiled and cached, but the rewrite needs the module's bytes.
+        (None, ModuleSource::Url(url)) => {
+            engine
+                .fetcher()
+                .fetch(url, *digest)
+                .await
+                .map_err(|source| LoadError::Fetch {
+                    policy: spec.name.clone(),
+                    source,
+                })?
+                .0
+        }
+        (None, ModuleSource::File(path)) => {
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| LoadError::Read {
+                    policy: spec.name.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+    };
+    let initialised = match snapshot::initialise(engine, spec, &bytes, digest, audit).await {
+        Ok(initialised) => initialised,
+        Err(snapshot::InitError::Unsupported(why)) if !sandgate_init => {
+            tracing::warn!(
+                policy = %spec.name,
+                version = %spec.version,
+                "no snapshot ({why}); _initialize runs at every evaluation"
+            );
+            return Ok((None, None));
+        }
+        Err(snapshot::InitError::Unsupported(why)) => {
+            return Err(invalid(format!(
+                "it exports `{}`, but its state cannot be snapshotted: {why}",
+                snapshot::INIT_EXPORT
+            )));
+        }
+        Err(snapshot::InitError::Failed(why)) => return Err(invalid(why)),
+    };
+    let snapshot_digest = initialised.digest;
+    let compiled = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.compile(&initialised.bytes, &snapshot_digest))
+            .await
+            .map_err(|e| LoadError::Internal {
+                policy: spec.name.clone(),
+                message: format!("compile task failed: {e}"),
+            })?
+    };
+    let (snapshot_module, _) = compiled.map_err(|e| invalid(format!("initialised module: {e}")))?;
+    abi::validate(&snapshot_module).map_err(|e| invalid(format!("initialised module: {e}")))?;
+    tracing::info!(
+        policy = %spec.name,
+        version = %spec.version,
+        snapshot = %snapshot_digest,
+        sandgate_init,
+        init_ms = initialised.took.as_millis() as u64,
+        "policy initialised; evaluations start from its snapshot"
+    );
+    let facts = SnapshotFacts {
+        digest: snapshot_digest.to_string(),
+        sandgate_init,
+        init_ms: initialised.took.as_millis() as u64,
+    };
+    Ok((Some((snapshot_module, snapshot_digest)), Some(facts)))
 }
 
 fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
@@ -839,12 +1043,12 @@ fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
 fn link(
     engine: &Engine,
     module: &Module,
-    spec: &PolicySpec,
+    grants: &crate::config::Grants,
 ) -> Result<InstancePre<Invocation>, String> {
     let mut linker = Linker::new(engine.wasmtime());
     abi::add_to_linker(&mut linker)
         .map_err(|e| format!("cannot link the sandgate imports: {e:#}"))?;
-    wasi::add_to_linker(&mut linker, module, &spec.grants)?;
+    wasi::add_to_linker(&mut linker, module, grants)?;
     linker
         .instantiate_pre(module)
         .map_err(|e| format!("cannot link the module: {e:#}"))
@@ -920,6 +1124,7 @@ impl Policy {
             "digest_pinned": spec.sha256.is_some(),
             "compiled_from": facts.compiled_from,
             "fetched_from": facts.fetched_from,
+            "snapshot": facts.snapshot,
             "versions": spec.versions.iter().map(|v| serde_json::json!({
                 "version": v.name,
                 "module": v.module.to_string(),

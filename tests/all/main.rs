@@ -22,5 +22,6 @@ mod lifecycle;
 mod nginx;
 mod probes;
 mod server;
+mod snapshot;
 mod tracing;
 mod wasi;

@@ -2,9 +2,11 @@
 //! perform on each resource type; the subject is allowed when one of its roles grants the action
 //! on the resource type.
 //!
-//! The table is read from `/data/roles.json` (a read-only preopen) on every evaluation, so
-//! editing the file changes decisions without reloading the policy. When it cannot be read or
-//! parsed, every request is denied with a reason saying so (fail closed).
+//! The table is read from `/data/roles.json` (a read-only preopen) and parsed once, by
+//! `sandgate_init` when the policy loads: every evaluation starts from the snapshot holding the
+//! parsed table and touches no file. Editing the file is a reload (the daemon watches the
+//! preopens of a policy with init), which parses it again. When it cannot be read or parsed, the
+//! load is refused with a reason saying so, and the previous table keeps serving.
 //!
 //! Two input shapes are accepted:
 //! - JSON API: `{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}`
@@ -31,34 +33,30 @@ const ROLE_TABLE: &str = "/data/roles.json";
 /// Matches any resource type (as a key) or any action (as a list entry).
 const WILDCARD: &str = "*";
 
-sandgate_guest::policy!(evaluate);
+sandgate_guest::policy!(evaluate, init = load);
+
+/// Reads and parses the role table, once, at load. Its bytes are kept for the life of the
+/// instance (the table borrows its strings from them).
+fn load() -> Result<RoleTable<'static>, String> {
+    let bytes = read_role_table()
+        .map_err(|err| format!("role table {ROLE_TABLE} could not be read: {err}"))?;
+    let bytes: &'static [u8] = Vec::leak(bytes);
+    serde_json::from_slice(bytes)
+        .map_err(|err| format!("role table {ROLE_TABLE} is invalid: {err}"))
+}
 
 /// Decides one request; see the crate docs.
-fn evaluate(input: Input<Query<'_>>) -> Decision {
-    let ask = match Ask::from_query(&input.input) {
-        Ok(ask) => ask,
-        Err(reason) => return Decision::deny().status(403).reason(reason),
-    };
-    let table = match read_role_table() {
-        Ok(table) => table,
-        Err(err) => {
-            return Decision::deny()
-                .status(500)
-                .reason(format!("role table {ROLE_TABLE} could not be read: {err}"));
-        }
-    };
-    match serde_json::from_slice::<RoleTable<'_>>(&table) {
-        Ok(table) => decide(&ask, &table),
-        Err(err) => Decision::deny()
-            .status(500)
-            .reason(format!("role table {ROLE_TABLE} is invalid: {err}")),
+fn evaluate(input: Input<Query<'_>>, table: &RoleTable<'static>) -> Decision {
+    match Ask::from_query(&input.input) {
+        Ok(ask) => decide(&ask, table),
+        Err(reason) => Decision::deny().status(403).reason(reason),
     }
 }
 
 /// The role table's bytes. One `fd_read` of the size from the metadata: `fs::read` would make a
 /// second read to find the end, and each WASI file call costs more than parsing the table.
-/// Replace the file atomically (write, then rename): a table changed mid-read is denied unless
-/// what was read still parses.
+/// Replace the file atomically (write, then rename): a table changed mid-read refuses the reload
+/// unless what was read still parses.
 fn read_role_table() -> io::Result<Vec<u8>> {
     let mut file = File::open(ROLE_TABLE)?;
     let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
@@ -374,7 +372,7 @@ mod tests {
         assert_eq!(decision["status"], 500);
         let reason = decision["reason"].as_str().expect("reason");
         assert!(
-            reason.starts_with("role table /data/roles.json could not be read"),
+            reason.starts_with("init failed: role table /data/roles.json could not be read"),
             "{reason}"
         );
     }

@@ -12,6 +12,7 @@ use std::hash::{BuildHasher, RandomState};
 use sha2::Digest as _;
 
 use super::{LoadError, Policy};
+use crate::audit::AuditLog;
 use crate::config::{PolicySpec, Routing, StickyKey};
 use crate::engine::Engine;
 
@@ -89,11 +90,16 @@ pub struct Versions {
 
 impl Versions {
     /// Loads every version of `spec`; the first failure is returned, so a
-    /// policy serves all its versions or none.
-    pub async fn load(engine: &Engine, spec: &PolicySpec) -> Result<Versions, LoadError> {
+    /// policy serves all its versions or none. Init's refused WASI calls are
+    /// audited to `audit`.
+    pub async fn load(
+        engine: &Engine,
+        spec: &PolicySpec,
+        audit: &AuditLog,
+    ) -> Result<Versions, LoadError> {
         let mut versions = Vec::with_capacity(spec.versions.len());
         for version in &spec.versions {
-            let policy = Policy::load(engine, spec.for_version(version)).await?;
+            let policy = Policy::load_audited(engine, spec.for_version(version), audit).await?;
             versions.push((policy, version.weight));
         }
         Ok(Versions::new(spec, versions))

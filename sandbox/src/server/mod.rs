@@ -499,7 +499,7 @@ impl State {
             return;
         };
         let started = Instant::now();
-        let status = match Versions::load(&self.engine, &slot.spec).await {
+        let status = match Versions::load(&self.engine, &slot.spec, &self.audit).await {
             Ok(versions) => {
                 for (policy, weight) in versions.iter() {
                     tracing::info!(
@@ -527,6 +527,8 @@ impl State {
         if let Ok(mut current) = slot.status.write() {
             *current = status;
         }
+        // Its init may have read its preopens: watch them from now on.
+        self.watch_serving();
     }
 
     /// The policy the gRPC service uses when the request names none.

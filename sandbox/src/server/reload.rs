@@ -6,8 +6,9 @@
 //! setting that needs a restart — changes nothing: the previous generation
 //! keeps serving, and the failure is logged, shown in `/readyz` and counted.
 //! Requests in flight keep the generation and version they started with.
-//! Triggers: SIGHUP, `POST /v1/reload`, and changes to the config file or a
-//! module file (watched with `notify`, debounced).
+//! Triggers: SIGHUP, `POST /v1/reload`, and changes to the config file, a
+//! module file or a file in the preopens of a policy that ran `sandgate_init`
+//! (its snapshot holds what init read; watched with `notify`, debounced).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -171,7 +172,7 @@ impl State {
         let (config, config_digest) = read
             .await
             .map_err(|e| format!("config task failed: {e}"))??;
-        self.watch_files(&[&current.config, &config]);
+        self.watch_files(&[&current.config, &config], init_reads(current));
         let restart = restart_only_changes(&current.config, &config);
         if !restart.is_empty() {
             return Err(format!(
@@ -181,9 +182,9 @@ impl State {
         }
         let mut loading = JoinSet::new();
         for spec in &config.policies {
-            let (engine, spec) = (self.engine.clone(), spec.clone());
+            let (engine, spec, audit) = (self.engine.clone(), spec.clone(), self.audit.clone());
             loading.spawn(async move {
-                let loaded = Versions::load(&engine, &spec).await;
+                let loaded = Versions::load(&engine, &spec, &audit).await;
                 (spec.name, loaded)
             });
         }
@@ -202,6 +203,9 @@ impl State {
             failures.sort();
             return Err(failures.join("; "));
         }
+        let mut trees = init_reads(current);
+        trees.extend(loaded.values().flat_map(versions_init_reads));
+        self.watch_files(&[&current.config, &config], trees);
         Ok(Prepared {
             config,
             config_digest,
@@ -258,19 +262,48 @@ impl State {
         generation
     }
 
-    /// Points the file watcher at the config files and module files of `configs`.
-    fn watch_files(&self, configs: &[&Config]) {
+    /// Points the file watcher at what the serving generation depends on
+    /// (once a policy of the first generation has loaded, its preopens).
+    pub(crate) fn watch_serving(&self) {
+        let current = self.current();
+        self.watch_files(&[&current.config], init_reads(&current));
+    }
+
+    /// Points the file watcher at the config files and module files of
+    /// `configs` and at the directories init read (`trees`).
+    fn watch_files(&self, configs: &[&Config], trees: HashSet<PathBuf>) {
         let Ok(mut watcher) = self.reloads.watcher.lock() else {
             return;
         };
         if let Some(watcher) = watcher.as_mut() {
-            watcher.update(watched_files(configs));
+            watcher.update(watched_files(configs), trees);
         }
     }
 }
 
+/// The preopened directories of the serving policies that ran `sandgate_init`.
+fn init_reads(generation: &Generation) -> HashSet<PathBuf> {
+    generation
+        .slots
+        .values()
+        .filter_map(|slot| match slot.status() {
+            Status::Ready(serving) => Some(versions_init_reads(&serving.versions)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn versions_init_reads(versions: &Versions) -> Vec<PathBuf> {
+    versions
+        .iter()
+        .flat_map(|(policy, _)| policy.init_reads())
+        .collect()
+}
+
 /// Whether a prepared generation is the one serving: same config text, every
-/// policy loaded with the same module digests.
+/// policy loaded with the same module digests and the same snapshots (init
+/// may have read other data).
 fn unchanged(current: &Generation, prepared: &Prepared) -> bool {
     if current.config_digest != Some(prepared.config_digest) {
         return false;
@@ -287,7 +320,9 @@ fn unchanged(current: &Generation, prepared: &Prepared) -> bool {
                 .versions
                 .iter()
                 .zip(new.iter())
-                .all(|((a, _), (b, _))| a.digest() == b.digest())
+                .all(|((a, _), (b, _))| {
+                    a.digest() == b.digest() && a.snapshot_digest() == b.snapshot_digest()
+                })
     })
 }
 
@@ -387,7 +422,7 @@ fn watched_files(configs: &[&Config]) -> HashSet<PathBuf> {
 /// on SIGHUP and `POST /v1/reload`, and logs why it does not watch.
 pub(super) fn watch(state: &Arc<State>) {
     let wake = Arc::clone(&state.reloads.wake);
-    let files = Arc::new(Mutex::new(HashSet::<PathBuf>::new()));
+    let files = Arc::new(Mutex::new(Watched::default()));
     let handler = {
         let (wake, files) = (Arc::clone(&wake), Arc::clone(&files));
         move |event: notify::Result<notify::Event>| match event {
@@ -403,7 +438,8 @@ pub(super) fn watch(state: &Arc<State>) {
                 dirs: HashSet::new(),
                 files,
             };
-            watcher.update(watched_files(&[&state.current().config]));
+            let current = state.current();
+            watcher.update(watched_files(&[&current.config]), init_reads(&current));
             if let Ok(mut slot) = state.reloads.watcher.lock() {
                 *slot = Some(watcher);
             }
@@ -435,7 +471,7 @@ pub(super) fn watch(state: &Arc<State>) {
 
 /// A file event about a watched file that may have changed its content
 /// (opening or reading one, as a reload does, is not).
-fn relevant(event: &notify::Event, files: &Mutex<HashSet<PathBuf>>) -> bool {
+fn relevant(event: &notify::Event, files: &Mutex<Watched>) -> bool {
     use notify::EventKind;
     use notify::event::{AccessKind, AccessMode};
     let may_change = match event.kind {
@@ -444,9 +480,20 @@ fn relevant(event: &notify::Event, files: &Mutex<HashSet<PathBuf>>) -> bool {
         _ => true,
     };
     may_change
-        && files
-            .lock()
-            .is_ok_and(|files| event.paths.iter().any(|p| files.contains(p)))
+        && files.lock().is_ok_and(|watched| {
+            event.paths.iter().any(|p| {
+                watched.files.contains(p)
+                    || p.parent().is_some_and(|dir| watched.trees.contains(dir))
+            })
+        })
+}
+
+/// What a file event must name to matter: a watched file, or any entry of a
+/// directory init read.
+#[derive(Default)]
+struct Watched {
+    files: HashSet<PathBuf>,
+    trees: HashSet<PathBuf>,
 }
 
 /// The directories watched (a file replaced by rename is only seen from its
@@ -454,15 +501,16 @@ fn relevant(event: &notify::Event, files: &Mutex<HashSet<PathBuf>>) -> bool {
 struct Watcher {
     inner: notify::RecommendedWatcher,
     dirs: HashSet<PathBuf>,
-    files: Arc<Mutex<HashSet<PathBuf>>>,
+    files: Arc<Mutex<Watched>>,
 }
 
 impl Watcher {
-    fn update(&mut self, files: HashSet<PathBuf>) {
+    fn update(&mut self, files: HashSet<PathBuf>, trees: HashSet<PathBuf>) {
         use notify::Watcher as _;
         let dirs: HashSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .chain(trees.iter().cloned())
             .collect();
         for gone in self.dirs.difference(&dirs) {
             let _ = self.inner.unwatch(gone);
@@ -485,7 +533,7 @@ impl Watcher {
         }
         self.dirs = watching;
         if let Ok(mut watched) = self.files.lock() {
-            *watched = files;
+            *watched = Watched { files, trees };
         }
     }
 }
