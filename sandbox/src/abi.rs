@@ -65,9 +65,6 @@ pub struct Invocation {
     pub epochs: u64,
     /// This invocation as the eBPF probes know it.
     pub probe: crate::probes::Probe,
-    /// Guest log messages kept for the host to quote (a failed
-    /// `sandgate_init` is refused with them); `None` keeps nothing.
-    pub kept_log: Option<Vec<String>>,
 }
 
 impl Invocation {
@@ -284,16 +281,12 @@ pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
 }
 
 /// A guest `log` call: kept in the evaluation's bounded output (written to
-/// the daemon log after the evaluation, off the request path) and, while
-/// kept and up to `MAX_LOG_CALLS`, a span event.
+/// the daemon log after the evaluation, off the request path) and, up to
+/// `MAX_LOG_CALLS`, a span event (the span bounds its own events too).
 fn log(inv: &mut Invocation, level: i32, message: &str) {
     inv.log_calls += 1;
-    if inv.log_calls <= MAX_LOG_CALLS
-        && let Some(kept) = &mut inv.kept_log
-    {
-        kept.push(message.to_owned());
-    }
-    if inv.output.log(level, message) && inv.log_calls <= MAX_LOG_CALLS {
+    inv.output.log(level, message);
+    if inv.log_calls <= MAX_LOG_CALLS {
         inv.trace.guest_log(level, message);
     }
 }

@@ -841,7 +841,6 @@ fn new_store(
         trace,
         epochs: 0,
         probe,
-        kept_log: None,
     };
     let mut store = Store::new(engine.wasmtime(), invocation);
     store.limiter(|inv| &mut inv.limiter);

@@ -310,6 +310,14 @@ impl GuestOutput {
             .unwrap_or(false)
     }
 
+    /// The lines kept so far, left in place (a refused init quotes them).
+    pub fn kept_lines(&self) -> Vec<GuestLine> {
+        self.collected
+            .lock()
+            .map(|c| c.lines.clone())
+            .unwrap_or_default()
+    }
+
     /// Everything kept and counted, unfinished lines ended.
     pub fn finish(&self) -> Collected {
         let Ok(mut collected) = self.collected.lock() else {

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use wasmtime::{Instance, Module, Store, Val};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
-use super::{DEADLINE_MARGIN, classify, link, log_guest_output, new_store};
+use super::{DEADLINE_MARGIN, classify, hand_off_output, link, new_store};
 use crate::abi::Invocation;
 use crate::audit::{AuditLog, Subject};
 use crate::bridge::Bridge;
 use crate::config::{Digest, Grants, PolicySpec};
 use crate::engine::Engine;
 use crate::probes::Probe;
+use crate::wasi::Source;
 use crate::telemetry::traces::Scope;
 
 /// The optional export run once at load (DESIGN §2).
@@ -126,7 +127,6 @@ pub async fn initialise(
         Probe::NONE,
     )
     .map_err(|e| failed(format!("cannot prepare an instance: {e:#}")))?;
-    store.data_mut().kept_log = Some(Vec::new());
 
     let sandgate_init = module.get_export(INIT_EXPORT).is_some();
     let run = run_init(&mut store, &pre, sandgate_init);
@@ -143,11 +143,11 @@ pub async fn initialise(
         Ok(instance) => instance,
         Err(message) => {
             let reason = reason(store.data());
-            log_guest_output(store.data());
+            hand_off_output(store.data(), Instant::now() + spec.timeout);
             return Err(failed(format!("init failed: {message}{reason}")));
         }
     };
-    log_guest_output(store.data());
+    hand_off_output(store.data(), Instant::now() + spec.timeout);
     let mut state = State {
         store: &mut store,
         instance,
@@ -207,14 +207,13 @@ async fn run_init(
 /// The guest's own words about a failed init: its last log messages and
 /// stderr lines (a Rust panic message lands there).
 fn reason(inv: &Invocation) -> String {
-    let mut lines: Vec<String> = inv.kept_log.clone().unwrap_or_default();
-    let stderr = inv.output.stderr.contents();
-    lines.extend(
-        String::from_utf8_lossy(&stderr)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(str::to_owned),
-    );
+    let lines: Vec<String> = inv
+        .output
+        .kept_lines()
+        .into_iter()
+        .filter(|l| l.source != Source::Stdout && !l.text.trim().is_empty())
+        .map(|l| l.text)
+        .collect();
     if lines.is_empty() {
         return String::new();
     }
