@@ -179,38 +179,51 @@ impl http_body::Body for Unannounced {
     }
 }
 
-/// A server that streams an endless chunked body (no Content-Length).
-async fn chunked_peer() -> (SocketAddr, Arc<AtomicU32>) {
+/// A server that streams an endless chunked body (no Content-Length),
+/// counting the chunks it wrote and the connections it stopped writing to
+/// (because the client closed them, or after the last chunk).
+struct ChunkedPeer {
+    addr: SocketAddr,
+    chunks_written: Arc<AtomicU32>,
+    streams_ended: Arc<AtomicU32>,
+}
+
+async fn chunked_peer() -> ChunkedPeer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let chunks_written = Arc::new(AtomicU32::new(0));
-    let counter = Arc::clone(&chunks_written);
+    let streams_ended = Arc::new(AtomicU32::new(0));
+    let (counter, ended) = (Arc::clone(&chunks_written), Arc::clone(&streams_ended));
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
-            let counter = Arc::clone(&counter);
+            let (counter, ended) = (Arc::clone(&counter), Arc::clone(&ended));
             tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 let _ = socket.read(&mut buf).await;
                 if socket
                     .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                     .await
-                    .is_err()
+                    .is_ok()
                 {
-                    return;
-                }
-                let chunk = format!("4000\r\n{}\r\n", "y".repeat(0x4000));
-                for _ in 0..1024 {
-                    if socket.write_all(chunk.as_bytes()).await.is_err() {
-                        return;
+                    let chunk = format!("4000\r\n{}\r\n", "y".repeat(0x4000));
+                    for _ in 0..1024 {
+                        if socket.write_all(chunk.as_bytes()).await.is_err() {
+                            break;
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
                     }
-                    counter.fetch_add(1, Ordering::SeqCst);
                 }
+                ended.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
-    (addr, chunks_written)
+    ChunkedPeer {
+        addr,
+        chunks_written,
+        streams_ended,
+    }
 }
 
 /// A server that answers the first request on each connection, keeps the
@@ -251,55 +264,6 @@ async fn closing_peer() -> ClosingPeer {
         close_one,
         closed,
     }
-}
-
-fn wat_str(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
-}
-
-const BRIDGE_IMPORTS: &str = r#"(import "sandgate" "http_send" (func $send (param i32 i32) (result i64)))
-  (import "sandgate" "http_read" (func $read (param i32 i32) (result i32)))"#;
-
-/// A guest that sends `requests` in order and allows when the last result is `expected`.
-pub fn code_guest(requests: &[String], expected: i64) -> String {
-    let mut data = String::new();
-    let mut calls = String::new();
-    for (i, r) in requests.iter().enumerate() {
-        let at = 3000 + i * 1000;
-        data.push_str(&format!("(data (i32.const {at}) \"{}\")\n", wat_str(r)));
-        calls.push_str(&format!(
-            "(local.set $n (call $send (i32.const {at}) (i32.const {})))\n",
-            r.len()
-        ));
-    }
-    abi_guest(
-        &format!("{BRIDGE_IMPORTS}\n{data}"),
-        &format!(
-            "(local $n i64)\n{calls}{}",
-            allow_if(&format!("(i64.eq (local.get $n) (i64.const {expected}))"))
-        ),
-    )
-}
-
-/// A guest that sends `request` and returns `{"allow":true,"obligations":<HttpResponse>}`,
-/// or denies when the call failed.
-pub fn response_guest(request: &str) -> String {
-    abi_guest(
-        &format!(
-            "{BRIDGE_IMPORTS}\n(data (i32.const 3000) \"{}\")\n(data (i32.const 8192) \"{{\\\"allow\\\":true,\\\"obligations\\\":\")",
-            wat_str(request)
-        ),
-        &format!(
-            "(local $n i64) (local $m i32)
-    (local.set $n (call $send (i32.const 3000) (i32.const {})))
-    (if (i64.lt_s (local.get $n) (i64.const 0)) (then ({DENY_RESULT}) (return)))
-    (local.set $m (call $read (i32.const 8220) (i32.wrap_i64 (local.get $n))))
-    (i32.store8 (i32.add (i32.const 8220) (local.get $m)) (i32.const 125))
-    (i64.or (i64.shl (i64.const 8192) (i64.const 32)) (i64.extend_i32_u (i32.add (local.get $m) (i32.const 29))))",
-            request.len()
-        ),
-    )
-    .replace(&format!("(then ({DENY_RESULT}) (return))"), &format!("(then {DENY_RESULT} return)"))
 }
 
 fn egress_toml(module: &std::path::Path, allow: &[String], extra: &str) -> String {
@@ -553,7 +517,8 @@ async fn limits_map_to_their_codes() {
 
 #[tokio::test]
 async fn streamed_responses_are_cut_at_the_limit_and_not_read_further() {
-    let (addr, chunks) = chunked_peer().await;
+    let peer = chunked_peer().await;
+    let addr = peer.addr;
     let request = format!(r#"{{"url":"http://{addr}/stream"}}"#);
     let (e, _, _d) = run(&code_guest(&[request], -4), |m| {
         egress_toml(
@@ -564,9 +529,22 @@ async fn streamed_responses_are_cut_at_the_limit_and_not_read_further() {
     })
     .await;
     assert!(e.decision.allow, "{:?}", e.decision);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The peer stops writing once the bridge drops the connection (or, were
+    // the bridge to read on, after its last chunk): only then is the count final.
+    eventually(
+        Duration::from_secs(10),
+        "the peer's stream ended",
+        async || match peer.streams_ended.load(Ordering::SeqCst) {
+            0 => Err(format!(
+                "{} chunks written so far",
+                peer.chunks_written.load(Ordering::SeqCst)
+            )),
+            _ => Ok(()),
+        },
+    )
+    .await;
     assert!(
-        chunks.load(Ordering::SeqCst) < 1024,
+        peer.chunks_written.load(Ordering::SeqCst) < 1024,
         "the bridge kept reading after the limit"
     );
 }
@@ -797,13 +775,14 @@ async fn a_kept_alive_connection_the_peer_closed_while_idle_is_replaced() {
         // The connection now idles in the pool; the peer closes it before
         // the next evaluation checks it out.
         peer.close_one.notify_one();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while peer.closed.load(Ordering::SeqCst) < n {
-            assert!(
-                Instant::now() < deadline,
-                "the peer never closed connection {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            Duration::from_secs(5),
+            format!("the peer closed connection {n}"),
+            async || match peer.closed.load(Ordering::SeqCst) {
+                closed if closed >= n => Ok(()),
+                closed => Err(format!("{closed} closed")),
+            },
+        )
+        .await;
     }
 }

@@ -427,30 +427,17 @@ fn eval(
     env: &[(&str, &str)],
     module: Option<&Path>,
 ) -> Run {
-    let dir = config.parent().expect("config dir");
-    let input_path = write(dir, "input.json", input);
-    let audit = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&audit);
-    let mut args = vec![
-        "eval",
-        "--config",
-        config.to_str().expect("UTF-8 path"),
-        "--policy",
-        policy,
-        "--input",
-        input_path.to_str().expect("UTF-8 path"),
-        "--audit",
-        audit.to_str().expect("UTF-8 path"),
-    ];
+    let mut eval = Eval::policy(config, policy).env(env);
     if let Some(module) = module {
-        args.extend(["--module", module.to_str().expect("UTF-8 path")]);
+        eval = eval.arg("--module", module.to_str().expect("UTF-8 path"));
     }
-    let out = sandgate_with_env(&args, &module_cache(), None, env);
+    let dir = config.parent().expect("config dir");
+    let (out, audit) = eval.run_audited(dir, input, &module_cache());
     let decision = stdout_json(&out);
     Run {
         out,
         decision,
-        audit: audit_lines(&audit),
+        audit,
     }
 }
 

@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use sandgate::config::Digest;
 use serde_json::Value;
 
-use crate::server::{Daemon, client, json_body};
 use crate::support::*;
 
 /// What the daemon logs when it refuses a cache entry.
@@ -74,18 +73,7 @@ fn eval(config: &Path, name: &str, cache: &Path) -> (Value, String) {
         "input.json",
         r#"{"user":"alice"}"#,
     );
-    let out = sandgate(
-        &[
-            "eval",
-            "--config",
-            utf8(config),
-            "--policy",
-            name,
-            "--input",
-            utf8(&input),
-        ],
-        cache,
-    );
+    let out = Eval::policy(&config, name).input(&input).run(cache);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -8,16 +8,9 @@ fn eval_prints_the_decision_and_exits_zero() {
     let dir = tempdir();
     let module = write(dir.path(), "ok.wat", &abi_guest("", ALLOW_RESULT));
     let input = write(dir.path(), "in.json", r#"{"user":"alice"}"#);
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::module(&module)
+        .input(&input)
+        .run(&dir.path().join("c"));
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -32,19 +25,10 @@ fn eval_reads_stdin_and_fails_closed_with_exit_three() {
     let dir = tempdir();
     let module = write(dir.path(), "trap.wat", &abi_guest("", "unreachable"));
     let audit = dir.path().join("audit.jsonl");
-    let out = sandgate_with_stdin(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            "-",
-            "--audit",
-            audit.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-        Some(b"{}"),
-    );
+    let out = Eval::module(&module)
+        .stdin(b"{}")
+        .audit(&audit)
+        .run(&dir.path().join("c"));
     assert_eq!(out.status.code(), Some(3));
     let decision = stdout_json(&out);
     assert_eq!(decision["allow"], false);
@@ -65,16 +49,9 @@ fn eval_of_an_invalid_module_prints_module_invalid_and_exits_three() {
         "(module (memory (export \"memory\") 1))",
     );
     let input = write(dir.path(), "in.json", "{}");
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::module(&module)
+        .input(&input)
+        .run(&dir.path().join("c"));
     assert_eq!(out.status.code(), Some(3));
     let decision = stdout_json(&out);
     assert_eq!(decision["error"]["code"], "module_invalid");
@@ -91,16 +68,9 @@ fn eval_usage_errors_exit_two() {
     let out = sandgate(&["eval", "--input", "x.json"], &dir.path().join("c"));
     assert_eq!(out.status.code(), Some(2));
     let module = write(dir.path(), "ok.wat", &abi_guest("", ALLOW_RESULT));
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            "/nonexistent/in.json",
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::module(&module)
+        .arg("--input", "/nonexistent/in.json")
+        .run(&dir.path().join("c"));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/in.json"));
 }
@@ -123,47 +93,16 @@ fn eval_with_config_uses_the_policys_grants() {
     );
     let input = write(dir.path(), "in.json", "{}");
     let cache = dir.path().join("c");
-    let out = sandgate(
-        &[
-            "eval",
-            "--config",
-            config.to_str().expect("UTF-8 path"),
-            "--policy",
-            "rand",
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &cache,
-    );
+    let out = Eval::policy(&config, "rand").input(&input).run(&cache);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(stdout_json(&out)["allow"], true, "granted by the config");
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &cache,
-    );
+    let out = Eval::module(&module).input(&input).run(&cache);
     assert_eq!(
         stdout_json(&out)["allow"],
         false,
         "nothing granted without --config"
     );
-    let out = sandgate(
-        &[
-            "eval",
-            "--config",
-            config.to_str().expect("UTF-8 path"),
-            "--policy",
-            "nope",
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &cache,
-    );
+    let out = Eval::policy(&config, "nope").input(&input).run(&cache);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("policy `nope`"));
 }
@@ -183,18 +122,10 @@ fn guest_stdout_goes_to_the_daemon_log_never_to_the_caller() {
     let module = write(dir.path(), "talk.wat", &wat);
     let input = write(dir.path(), "in.json", "{}");
     let audit = dir.path().join("audit.jsonl");
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-            "--audit",
-            audit.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::module(&module)
+        .input(&input)
+        .audit(&audit)
+        .run(&dir.path().join("c"));
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
         stdout_json(&out),

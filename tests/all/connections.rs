@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::server::{Daemon, daemon_config, rbac_policy};
 use crate::support::*;
 
 /// The status of `GET /healthz` on a fresh connection, or `None` when the
@@ -60,15 +59,15 @@ async fn metrics(addr: SocketAddr) -> String {
 }
 
 async fn wait_for_healthz(addr: SocketAddr, daemon: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while healthz(addr).await.as_deref() != Some("HTTP/1.1 200 OK") {
-        assert!(
-            Instant::now() < deadline,
-            "/healthz did not answer:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        daemon.waiting_for("/healthz answering"),
+        async || match healthz(addr).await {
+            Some(status) if status == "HTTP/1.1 200 OK" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,16 +152,20 @@ async fn connections_stalled_mid_headers_are_closed_and_those_over_the_cap_refus
         "{metrics}"
     );
     // Nothing stays open: only the connection asking for /metrics is counted.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = self::metrics(addr).await;
-        let open = sample(&metrics, "sandgate_connections_open{listener=\"http\"}");
-        if open == Some(1.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{metrics}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "only the /metrics connection open",
+        async || {
+            let metrics = self::metrics(addr).await;
+            let open = sample(&metrics, "sandgate_connections_open{listener=\"http\"}");
+            if open == Some(1.0) {
+                Ok(())
+            } else {
+                Err(metrics)
+            }
+        },
+    )
+    .await;
     tokio::task::block_in_place(|| daemon.stop());
     let logs = daemon.logs();
     assert_eq!(

@@ -45,26 +45,9 @@ fn eval(
     env: &[(&str, &str)],
 ) -> (std::process::Output, Vec<serde_json::Value>) {
     let dir = config.parent().expect("config dir");
-    let input_path = write(dir, "input.json", input);
-    let audit = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&audit);
-    let out = sandgate_with_env(
-        &[
-            "eval",
-            "--config",
-            config.to_str().expect("UTF-8 path"),
-            "--policy",
-            policy,
-            "--input",
-            input_path.to_str().expect("UTF-8 path"),
-            "--audit",
-            audit.to_str().expect("UTF-8 path"),
-        ],
-        &dir.join("cache"),
-        None,
-        env,
-    );
-    (out, audit_lines(&audit))
+    Eval::policy(config, policy)
+        .env(env)
+        .run_audited(dir, input, &dir.join("cache"))
 }
 
 #[test]

@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 
-use crate::nginx::{Backend, free_port, start_nginx};
-use crate::server::{Daemon, client, daemon_config, rbac_policy};
 use crate::support::*;
 
 const CADDY: &str = "/usr/bin/caddy";
@@ -78,18 +76,16 @@ fn start_caddy(dir: &Path, sandgate: SocketAddr, policy: &str, backend: SocketAd
         .spawn()
         .expect("start caddy");
     let mut caddy = Caddy { child, addr, log };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(addr).is_err() {
-        if let Ok(Some(status)) = caddy.child.try_wait() {
-            panic!("caddy exited with {status}:\n{}", caddy.log());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "caddy did not listen on {addr}:\n{}",
-            caddy.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually_blocking(
+        Duration::from_secs(20),
+        format!("caddy listening on {addr}"),
+        || {
+            if let Ok(Some(status)) = caddy.child.try_wait() {
+                panic!("caddy exited with {status}:\n{}", caddy.log());
+            }
+            std::net::TcpStream::connect(addr).map_err(|e| format!("{e}\n{}", caddy.log()))
+        },
+    );
     caddy
 }
 

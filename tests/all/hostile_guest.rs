@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::server::Daemon;
 use crate::support::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -64,7 +63,7 @@ async fn output_flood_is_bounded_reported_and_leaves_every_policy_its_own_answer
         ),
     );
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = crate::server::client();
+    let client = client();
     daemon.ready(&client).await;
 
     const ROUNDS: usize = 4;
@@ -87,18 +86,23 @@ async fn output_flood_is_bounded_reported_and_leaves_every_policy_its_own_answer
 
     // Every flooding evaluation reports its truncation once, at warn.
     let floods = 2 * ROUNDS;
-    let started = Instant::now();
-    let truncated = loop {
-        let logs = daemon.logs();
-        let truncated = logs
-            .lines()
-            .filter(|l| l.contains("guest output truncated"))
-            .count();
-        if truncated >= floods || started.elapsed() > DEADLINE {
-            break truncated;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let truncated = eventually(
+        DEADLINE,
+        daemon.waiting_for("a truncation line per flood"),
+        async || {
+            let truncated = daemon
+                .logs()
+                .lines()
+                .filter(|l| l.contains("guest output truncated"))
+                .count();
+            if truncated >= floods {
+                Ok(truncated)
+            } else {
+                Err(format!("{truncated} truncation lines"))
+            }
+        },
+    )
+    .await;
     let logs = daemon.logs();
     assert_eq!(
         truncated, floods,
@@ -156,16 +160,9 @@ fn guest_log_and_stdout_cannot_forge_a_daemon_log_line() {
     );
     let module = write(dir.path(), "forge.wat", &wat);
     let input = write(dir.path(), "in.json", "{}");
-    let out = sandgate(
-        &[
-            "eval",
-            "--module",
-            module.to_str().expect("UTF-8 path"),
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::module(&module)
+        .input(&input)
+        .run(&dir.path().join("c"));
     assert_eq!(out.status.code(), Some(0));
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -209,18 +206,9 @@ fn memory_grow_loop_after_the_cap_reports_memory_limit() {
             module.display()
         ),
     );
-    let out = sandgate(
-        &[
-            "eval",
-            "--config",
-            config.to_str().expect("UTF-8 path"),
-            "--policy",
-            "grow",
-            "--input",
-            input.to_str().expect("UTF-8 path"),
-        ],
-        &dir.path().join("c"),
-    );
+    let out = Eval::policy(&config, "grow")
+        .input(&input)
+        .run(&dir.path().join("c"));
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -243,7 +231,7 @@ async fn reverting_a_bad_config_clears_the_failed_last_reload() {
     );
     let config = write(dir.path(), "sandgate.toml", &good);
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = crate::server::client();
+    let client = client();
     daemon.ready(&client).await;
 
     let readyz = || async {
@@ -260,18 +248,15 @@ async fn reverting_a_bad_config_clears_the_failed_last_reload() {
     let wait_for = |result: &'static str| {
         let readyz = &readyz;
         async move {
-            let started = Instant::now();
-            loop {
+            eventually(DEADLINE, format!("last_reload {result}"), async || {
                 let ready = readyz().await;
                 if ready["last_reload"]["result"] == result {
-                    return ready;
+                    Ok(ready)
+                } else {
+                    Err(ready.to_string())
                 }
-                assert!(
-                    started.elapsed() < DEADLINE,
-                    "last_reload never became {result}: {ready}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await
         }
     };
     std::fs::write(&config, format!("{good}timeout_ms = \"soon\"\n")).expect("write bad config");
@@ -323,7 +308,7 @@ async fn a_looping_policy_cannot_make_another_fail_for_want_of_instances() {
     );
 
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
-    let client = crate::server::client();
+    let client = client();
     daemon.ready(&client).await;
     assert!(
         daemon.logs().contains("engine.max_instances = 2 is below"),
@@ -348,18 +333,9 @@ async fn a_looping_policy_cannot_make_another_fail_for_want_of_instances() {
         })
     };
     // Both instances are taken by the looping policy...
-    let started = Instant::now();
-    while !daemon
-        .metrics(&client)
-        .await
-        .contains("sandgate_evaluations_in_flight{policy=\"loop\"} 2")
-    {
-        assert!(
-            started.elapsed() < DEADLINE,
-            "the looping evaluations never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    daemon
+        .until_metrics_show(&client, "sandgate_evaluations_in_flight{policy=\"loop\"} 2")
+        .await;
     // ...so the healthy policy waits for one within its deadline.
     let decision = evaluate(&client, &daemon, "healthy").await;
     assert_eq!(decision["allow"], true, "{decision}");

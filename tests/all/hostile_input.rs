@@ -12,12 +12,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use serde_json::Value;
 
-use crate::bridge::response_guest;
-use crate::server::{Daemon, client, daemon_config, envoy_check_request, wat_policy};
 use crate::support::*;
 
 /// The credential the host injects; `/`, `+` and spaces make its encodings differ.
@@ -233,15 +230,15 @@ fn seen_by_guest(answer: &Value) -> String {
 
 /// The audit lines of `dir` once one satisfies `found`, polled with a deadline.
 fn audit_line(dir: &std::path::Path, found: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let lines = audit_lines(&dir.join("audit.jsonl"));
-        if let Some(line) = lines.iter().find(|l| found(l)) {
-            return line.clone();
-        }
-        assert!(Instant::now() < deadline, "no such audit line in {lines:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let path = dir.join("audit.jsonl");
+    eventually_blocking(Duration::from_secs(10), "such an audit line", || {
+        let lines = audit_lines(&path);
+        lines
+            .iter()
+            .find(|l| found(l))
+            .cloned()
+            .ok_or_else(|| format!("{lines:?}"))
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,17 +451,14 @@ async fn input_a_guest_could_read_two_ways_is_invalid_input_on_every_entry_point
 fn the_cli_refuses_the_same_input_with_the_same_answer() {
     let dir = tempdir();
     let module = write(dir.path(), "alice.wat", &alice_guest());
-    let module = module.to_string_lossy().into_owned();
     for input in [
         &b"{\"user\":\"\xff\"}"[..],
         br#"{"user":"\ud800"}"#,
         br#"{"user":"alice","user":"mallory"}"#,
     ] {
-        let out = sandgate_with_stdin(
-            &["eval", "--module", &module, "--input", "-"],
-            &dir.path().join("cache"),
-            Some(input),
-        );
+        let out = Eval::module(&module)
+            .stdin(input)
+            .run(&dir.path().join("cache"));
         let decision = stdout_json(&out);
         assert_eq!(out.status.code(), Some(3), "{decision}");
         assert_eq!(decision["allow"], false);
@@ -534,9 +528,7 @@ async fn host_fields_and_headers_appear_once_with_the_hosts_values_in_every_answ
 
     // ext_authz: the OkResponse's headers, each name once, none forged.
     let grpc = daemon.grpc.expect("grpc address");
-    let mut ext_authz = AuthorizationClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
+    let mut ext_authz = ExtAuthzClient::connect(grpc).await;
     let check = ext_authz
         .check(envoy_check_request(
             [("policy".to_owned(), "p".to_owned())].into(),
@@ -544,9 +536,7 @@ async fn host_fields_and_headers_appear_once_with_the_hosts_values_in_every_answ
             "/orders",
             &[],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     let Some(HttpResponse::OkResponse(ok)) = &check.http_response else {
         panic!("not allowed: {check:?}");
     };

@@ -6,11 +6,10 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::server::{Daemon, client, json_body};
 use crate::support::*;
 
 /// A guest that allows with `reason` = `tag`, so an answer tells which module gave it.
@@ -52,14 +51,7 @@ fn single_version(dir: &Path, server: &str, version: &str, module: &Path, extra:
 }
 
 async fn evaluate(client: &reqwest::Client, daemon: &Daemon, policy: &str) -> (u16, Value) {
-    let response = client
-        .post(daemon.url(&format!("/v1/policies/{policy}/evaluate")))
-        .body("{}")
-        .send()
-        .await
-        .expect("evaluate");
-    let status = response.status().as_u16();
-    (status, json_body(response).await)
+    daemon.evaluate(client, policy, "{}").await
 }
 
 async fn reload(client: &reqwest::Client, daemon: &Daemon) -> (u16, Value) {
@@ -307,19 +299,19 @@ async fn wait_for_answer(
     what: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, answer) = evaluate(client, daemon, "p").await;
-        if done(&answer) {
-            return answer;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: last answer {answer}\nlogs:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        daemon.waiting_for(what),
+        async || {
+            let (_, answer) = evaluate(client, daemon, "p").await;
+            if done(&answer) {
+                Ok(answer)
+            } else {
+                Err(format!("answer {answer}"))
+            }
+        },
+    )
+    .await
 }
 
 #[tokio::test]
@@ -352,16 +344,16 @@ async fn changed_module_and_config_files_are_reloaded_without_a_signal() {
 
     // A broken module is refused; the last good one keeps answering.
     std::fs::write(&module, "not wasm any more").expect("break module");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, ready) = readyz(&client, &daemon).await;
-        if ready["last_reload"]["result"] == "failed" {
-            assert!(ready["last_reload"]["trigger"] == "file change", "{ready}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failed reload: {ready}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let ready = eventually(
+        Duration::from_secs(20),
+        "a failed reload",
+        async || match readyz(&client, &daemon).await {
+            (_, ready) if ready["last_reload"]["result"] == "failed" => Ok(ready),
+            (_, ready) => Err(ready.to_string()),
+        },
+    )
+    .await;
+    assert!(ready["last_reload"]["trigger"] == "file change", "{ready}");
     let (status, answer) = evaluate(&client, &daemon, "p").await;
     assert_eq!(status, 200);
     assert_eq!(answer["reason"], "two", "{answer}");
@@ -389,15 +381,34 @@ async fn sighup_reloads_the_config_and_still_reopens_the_audit_log() {
         &single_version(path, server, "v1", &module, ""),
     );
     let daemon = Daemon::start(&config, &path.join("cache"));
+    // The yardstick: a daemon that does watch its config, with a longer quiet
+    // time than the default one the unwatched daemon would use were it watching.
+    let watched_dir = path.join("watched");
+    let watching = "[reload]\ndebounce_ms = 400\n";
+    let watched_config = write(
+        &watched_dir,
+        "sandgate.toml",
+        &single_version(&watched_dir, watching, "v1", &module, ""),
+    );
+    let watched = Daemon::start(&watched_config, &watched_dir.join("cache"));
     let client = client();
     daemon.ready(&client).await;
+    watched.ready(&client).await;
     let (_, before) = evaluate(&client, &daemon, "p").await;
     assert_eq!(before["version"], "v1");
 
     let other = write(path, "other.wat", &tagged_guest("two"));
     write_atomic(&config, &single_version(path, server, "v2", &other, ""));
-    // Not watched: nothing changes until the signal.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_atomic(
+        &watched_config,
+        &single_version(&watched_dir, watching, "v2", &other, ""),
+    );
+    // Not watched: nothing changes until the signal, though a watching daemon
+    // has long seen the same change.
+    wait_for_answer(&client, &watched, "the watching daemon's reload", |a| {
+        a["version"] == "v2"
+    })
+    .await;
     let (_, still) = evaluate(&client, &daemon, "p").await;
     assert_eq!(still["version"], "v1");
 
@@ -409,18 +420,10 @@ async fn sighup_reloads_the_config_and_still_reopens_the_audit_log() {
     assert_eq!(ready["last_reload"]["trigger"], "sighup", "{ready}");
     assert_eq!(ready["generation"], 2);
     let audit = path.join("audit.jsonl");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !audit_lines(&audit)
-        .iter()
-        .any(|l| l["decision_id"] == after["decision_id"])
-    {
-        assert!(Instant::now() < deadline, "the audit log was not reopened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let line = audit_lines(&audit)
-        .into_iter()
-        .find(|l| l["decision_id"] == after["decision_id"])
-        .expect("line");
+    let line = audit_line_where(&audit, "the reopened audit log's line", |l| {
+        l["decision_id"] == after["decision_id"]
+    })
+    .await;
     assert_eq!(line["version"], "v2");
 }
 
@@ -990,20 +993,20 @@ async fn decision_cache_reuses_completed_decisions_for_the_same_input_within_the
     let path = dir.path();
     let cached = format!(
         "{}\n{}",
-        crate::server::wat_policy(
+        wat_policy(
             path,
             "cached",
             &tagged_guest("c"),
             "decision_cache_ttl_ms = 400"
         ),
-        crate::server::wat_policy(
+        wat_policy(
             path,
             "trapping",
             &abi_guest("", "unreachable"),
             "decision_cache_ttl_ms = 60000"
         ),
     );
-    let config = crate::server::daemon_config(path, "[reload]\nwatch = false", &cached);
+    let config = daemon_config(path, "[reload]\nwatch = false", &cached);
     let mut daemon = Daemon::start(&config, &path.join("cache"));
     let client = client();
     daemon.ready(&client).await;
@@ -1074,13 +1077,13 @@ async fn decision_cache_reuses_completed_decisions_for_the_same_input_within_the
     assert_eq!(line["version"], "default");
 
     // `check` refuses a decision cache on a policy with egress unless forced.
-    let egress = crate::server::wat_policy(
+    let egress = wat_policy(
         path,
         "calls-out",
         &tagged_guest("e"),
         "decision_cache_ttl_ms = 1000\n[policy.egress]\nallow = [\"http://127.0.0.1:1/introspect\"]",
     );
-    let config = crate::server::daemon_config(path, "", &egress);
+    let config = daemon_config(path, "", &egress);
     let out = sandgate(
         &["check", "--config", config.to_str().expect("utf-8")],
         &path.join("cache"),

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::server::{Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
+use crate::support::otlp::{Got, Received, evaluate, grpc_receiver, named, telemetry};
 use crate::support::*;
-use crate::tracing::{Got, Received, evaluate, grpc_receiver, named, telemetry};
 
 /// (syscall, phase) → count, from a `kernel` span's
 /// `syscall.<name>.<phase>.count` attributes.
@@ -94,15 +93,20 @@ async fn probes(client: &reqwest::Client, daemon: &Daemon) -> Value {
 
 /// Waits until the daemon has reported every invocation it watched.
 async fn settled_counters(client: &reqwest::Client, daemon: &Daemon) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let report = probes(client, daemon).await;
-        let c = &report["counters"];
-        if c["invocations_open"] == 0 || Instant::now() > deadline {
-            return c.clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(20),
+        "no invocation left open",
+        async || {
+            let report = probes(client, daemon).await;
+            let c = &report["counters"];
+            if c["invocations_open"] == 0 {
+                Ok(c.clone())
+            } else {
+                Err(c.to_string())
+            }
+        },
+    )
+    .await
 }
 
 const RBAC_INPUT: &str =
@@ -274,15 +278,20 @@ async fn a_thousand_concurrent_evaluations_are_each_charged_their_own_syscalls()
     // Every decision's kernel span: the preopen's openat at instantiation is
     // in each rbac span (its role table was read at load, so no reads), and
     // none in the compute guest's.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let spans = loop {
-        let spans = received.spans();
-        let kernels = spans.iter().filter(|g| g.span.name == "kernel").count();
-        if kernels >= N || Instant::now() > deadline {
-            break spans;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let spans = eventually(
+        Duration::from_secs(60),
+        format!("{N} kernel spans"),
+        async || {
+            let spans = received.spans();
+            let kernels = spans.iter().filter(|g| g.span.name == "kernel").count();
+            if kernels >= N {
+                Ok(spans)
+            } else {
+                Err(format!("{kernels} kernel spans"))
+            }
+        },
+    )
+    .await;
     let by_trace: HashMap<String, &Got> = spans
         .iter()
         .filter(|g| g.span.name == "kernel")
@@ -422,7 +431,7 @@ async fn a_bridged_calls_socket_syscalls_are_charged_to_its_invocation_and_http_
         &wat_policy(
             dir.path(),
             "remote",
-            &crate::bridge::response_guest(&request),
+            &response_guest(&request),
             &format!("timeout_ms = 2000\n[policy.egress]\nallow = [\"{url}\"]\n"),
         ),
     );

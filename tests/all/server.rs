@@ -1,7 +1,7 @@
 //! The daemon end to end: `sandgate serve` as a real process on loopback
 //! ports it picks itself (`listen = "127.0.0.1:0"`, addresses parsed from its
 //! stderr), driven over HTTP (reqwest) and Envoy ext_authz gRPC (tonic with
-//! Envoy's own messages). [`Daemon`] is also used by the nginx tests.
+//! Envoy's own messages), through the harness in `support`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -21,254 +20,6 @@ use prost::Message as _;
 use serde_json::{Value, json};
 
 use crate::support::*;
-
-/// How long a daemon may take to print its addresses or to become ready.
-const STARTUP: Duration = Duration::from_secs(60);
-
-/// A running `sandgate serve`, killed when dropped.
-pub struct Daemon {
-    child: Child,
-    pub http: SocketAddr,
-    pub grpc: Option<SocketAddr>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
-
-impl Daemon {
-    /// Starts `sandgate serve --config config` with its module cache in `cache`
-    /// and waits until it printed the addresses it listens on.
-    pub fn start(config: &Path, cache: &Path) -> Daemon {
-        Daemon::start_under(&[], config, cache)
-    }
-
-    /// Starts the daemon under `wrapper` (a command and its arguments that
-    /// run the daemon, e.g. `setpriv` dropping capabilities).
-    pub fn start_under(wrapper: &[&str], config: &Path, cache: &Path) -> Daemon {
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(sandgate_bin());
-                command
-            }
-            None => Command::new(sandgate_bin()),
-        };
-        let mut child = command
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("SANDGATE_CACHE_DIR", cache)
-            .env("SANDGATE_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sandgate serve");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        {
-            // Keep draining stderr so the daemon never blocks on a full pipe.
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    for (what, prefix) in [
-                        ("http", "sandgate: http listening on "),
-                        ("grpc", "sandgate: grpc listening on "),
-                    ] {
-                        if let Some(addr) = line
-                            .strip_prefix(prefix)
-                            .and_then(|a| a.trim().parse::<SocketAddr>().ok())
-                        {
-                            let _ = tx.send((what, addr));
-                        }
-                    }
-                    lines.lock().expect("stderr lines").push(line);
-                }
-            });
-        }
-        let grpc_configured =
-            std::fs::read_to_string(config).is_ok_and(|t| t.contains("grpc_listen"));
-        let deadline = Instant::now() + STARTUP;
-        let (mut http, mut grpc) = (None, None);
-        while http.is_none() || (grpc_configured && grpc.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(("http", addr)) => http = Some(addr),
-                Ok((_, addr)) => grpc = Some(addr),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "sandgate serve printed no addresses:\n{}",
-                        lines.lock().expect("lines").join("\n")
-                    );
-                }
-            }
-        }
-        Daemon {
-            child,
-            http: http.expect("http address"),
-            grpc,
-            stderr: lines,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.http)
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What the daemon logged so far.
-    pub fn logs(&self) -> String {
-        self.stderr.lock().expect("lines").join("\n")
-    }
-
-    /// The Prometheus text of `/metrics`.
-    pub async fn metrics(&self, client: &reqwest::Client) -> String {
-        client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text")
-    }
-
-    /// Polls `/readyz` until it answers 200; panics with the last answer after the deadline.
-    pub async fn ready(&self, client: &reqwest::Client) -> Value {
-        self.poll_readyz(client, |status, _| status == 200).await
-    }
-
-    /// Polls `/readyz` until no policy is still loading (some may have failed).
-    pub async fn settled(&self, client: &reqwest::Client) -> (u16, Value) {
-        let body = self
-            .poll_readyz(client, |_, body| {
-                body["policies"]
-                    .as_object()
-                    .is_some_and(|p| p.values().all(|p| p["state"] != "loading"))
-            })
-            .await;
-        let status = client
-            .get(self.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz")
-            .status()
-            .as_u16();
-        (status, body)
-    }
-
-    async fn poll_readyz(
-        &self,
-        client: &reqwest::Client,
-        done: impl Fn(u16, &Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + STARTUP;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if let Ok(response) = client.get(self.url("/readyz")).send().await {
-                let status = response.status().as_u16();
-                let body = json_body(response).await;
-                if done(status, &body) {
-                    return body;
-                }
-                last = format!("{status} {body}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!(
-            "daemon not ready in time; last /readyz: {last}\nlogs:\n{}",
-            self.logs()
-        );
-    }
-
-    /// Sends a signal (`TERM`, `HUP`, …) to the daemon.
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -s {name} failed");
-    }
-
-    /// Stops the daemon as an operator would (SIGTERM), so everything it
-    /// answered is in the audit log, and asserts it exited cleanly.
-    pub fn stop(&mut self) {
-        self.signal("TERM");
-        let exit = self.wait_exit(Duration::from_secs(30));
-        assert_eq!(exit.and_then(|s| s.code()), Some(0), "{}", self.logs());
-    }
-
-    /// Waits for the daemon to exit, at most `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The JSON body of a response (`null` when it is not JSON).
-pub async fn json_body(response: reqwest::Response) -> Value {
-    let bytes = response.bytes().await.unwrap_or_default();
-    serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-}
-
-pub fn client() -> reqwest::Client {
-    // reqwest is built without a bundled TLS provider (the daemon installs
-    // ring); a test client needs one installed too, whichever test runs first.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("http client")
-}
-
-/// The `[[policy]]` table of the example rbac guest, its role table preopened read-only.
-pub fn rbac_policy(name: &str) -> String {
-    format!(
-        "[[policy]]\nname = \"{name}\"\nversion = \"v1\"\nmodule = \"{}\"\ntimeout_ms = 500\n[policy.wasi]\nallow = [\"fs_read\"]\npreopens = [{{ host = \"{}\", guest = \"/data\", mode = \"ro\" }}]\n",
-        guest("rbac").display(),
-        repo_root().join("examples/rbac/data").display()
-    )
-}
-
-/// A `[[policy]]` table for a module file, with extra keys.
-pub fn wat_policy(dir: &Path, name: &str, wat: &str, extra: &str) -> String {
-    let module = write(dir, &format!("{name}.wat"), wat);
-    format!(
-        "[[policy]]\nname = \"{name}\"\nmodule = \"{}\"\n{extra}\n",
-        module.display()
-    )
-}
-
-/// Writes a daemon config (loopback port 0, audit log in `dir`) followed by `policies`.
-pub fn daemon_config(dir: &Path, server: &str, policies: &str) -> PathBuf {
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[audit]\npath = \"{}\"\n\n{policies}",
-        dir.join("audit.jsonl").display()
-    );
-    write(dir, "sandgate.toml", &toml)
-}
-
-/// A guest that never returns; only its deadline stops it.
-pub fn spinning_guest() -> String {
-    abi_guest("", "(loop $spin (br $spin)) unreachable")
-}
 
 /// A guest that allows after `ms` milliseconds of the monotonic clock (needs `clock`).
 fn sleeping_guest(ms: u64) -> String {
@@ -288,7 +39,6 @@ fn sleeping_guest(ms: u64) -> String {
     )
 }
 
-pub(crate) const ALICE_READS: &str = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"read","resource":{"type":"orders","id":"7"}}"#;
 const ALICE_DELETES: &str = r#"{"subject":{"id":"alice","roles":["viewer"]},"action":"delete","resource":{"type":"orders","id":"7"}}"#;
 
 async fn post(
@@ -716,61 +466,6 @@ async fn forward_auth_takes_the_original_request_from_proxy_headers_or_its_own_p
     assert_eq!(unknown.headers()["x-sandgate-error"], "policy_not_found");
 }
 
-/// A CheckRequest naming `policy` in its context extensions.
-fn check_request(
-    policy: Option<&str>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> CheckRequest {
-    let context_extensions = policy
-        .map(|p| HashMap::from([("policy".to_owned(), p.to_owned())]))
-        .unwrap_or_default();
-    envoy_check_request(context_extensions, method, path, headers)
-}
-
-/// A CheckRequest as Envoy sends it: the original request's HTTP attributes
-/// (pseudo-headers included), a peer address and the route's context extensions.
-pub fn envoy_check_request(
-    context_extensions: HashMap<String, String>,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> CheckRequest {
-    let mut header_map: HashMap<String, String> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    header_map.insert(":authority".into(), "shop.example".into());
-    header_map.insert(":path".into(), path.into());
-    header_map.insert(":method".into(), method.into());
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            source: Some(Peer {
-                address: Some(Address {
-                    address: Some(address::Address::SocketAddress(SocketAddress {
-                        address: "10.1.2.3".into(),
-                        ..Default::default()
-                    })),
-                }),
-                ..Default::default()
-            }),
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    method: method.into(),
-                    path: path.into(),
-                    host: "shop.example".into(),
-                    headers: header_map,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions,
-            ..Default::default()
-        }),
-    }
-}
-
 fn response_headers(response: &CheckResponse) -> HashMap<String, String> {
     let headers = match &response.http_response {
         Some(HttpResponse::OkResponse(ok)) => &ok.headers,
@@ -810,9 +505,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     daemon.ready(&client()).await;
     let grpc = daemon.grpc.expect("grpc address");
-    let mut ext_authz = AuthorizationClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
+    let mut ext_authz = ExtAuthzClient::connect(grpc).await;
 
     let allow = ext_authz
         .check(check_request(
@@ -821,9 +514,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
             "/api/orders/7?x=1",
             &[("x-user", "alice"), ("x-roles", "viewer")],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert_eq!(allow.status.as_ref().map(|s| s.code), Some(0), "{allow:?}");
     assert!(
         matches!(allow.http_response, Some(HttpResponse::OkResponse(_))),
@@ -842,9 +533,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
             "/api/orders/7",
             &[("x-user", "alice"), ("x-roles", "viewer")],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert_eq!(
         deny.status.as_ref().map(|s| s.code),
         Some(7),
@@ -863,9 +552,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
     // The policy comes from context_extensions; a guest's own deny has no error code.
     let closed = ext_authz
         .check(check_request(Some("closed"), "GET", "/", &[]))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert!(matches!(
         closed.http_response,
         Some(HttpResponse::DeniedResponse(_))
@@ -875,9 +562,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
 
     let unknown = ext_authz
         .check(check_request(Some("ghost"), "GET", "/", &[]))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert_eq!(
         unknown.status.as_ref().map(|s| s.code),
         Some(5),
@@ -897,11 +582,7 @@ async fn ext_authz_check_allows_with_headers_and_denies_with_status_and_body() {
     );
 
     // Two policies are configured, so a request naming none matches none.
-    let unnamed = ext_authz
-        .check(check_request(None, "GET", "/", &[]))
-        .await
-        .expect("check")
-        .into_inner();
+    let unnamed = ext_authz.check(check_request(None, "GET", "/", &[])).await;
     assert_eq!(
         metadata_text(&unnamed, "error_code").as_deref(),
         Some("policy_not_found")
@@ -918,10 +599,7 @@ async fn ext_authz_uses_the_only_policy_when_the_request_names_none() {
     );
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     daemon.ready(&client()).await;
-    let mut ext_authz =
-        AuthorizationClient::connect(format!("http://{}", daemon.grpc.expect("grpc")))
-            .await
-            .expect("connect");
+    let mut ext_authz = ExtAuthzClient::connect(daemon.grpc.expect("grpc")).await;
     let allow = ext_authz
         .check(check_request(
             None,
@@ -929,9 +607,7 @@ async fn ext_authz_uses_the_only_policy_when_the_request_names_none() {
             "/api/orders",
             &[("x-user", "bob"), ("x-roles", "editor")],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert!(
         matches!(allow.http_response, Some(HttpResponse::OkResponse(_))),
         "{allow:?}"
@@ -1008,9 +684,7 @@ async fn ext_authz_answers_undecodable_and_truncated_messages_with_invalid_input
     assert_eq!(code.as_deref(), Some("invalid_input"));
 
     // The daemon still answers real requests.
-    let mut ext_authz = AuthorizationClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
+    let mut ext_authz = ExtAuthzClient::connect(grpc).await;
     let ok = ext_authz
         .check(check_request(
             Some("rbac"),
@@ -1018,9 +692,7 @@ async fn ext_authz_answers_undecodable_and_truncated_messages_with_invalid_input
             "/api/orders/1",
             &[("x-user", "alice"), ("x-roles", "viewer")],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert!(matches!(
         ok.http_response,
         Some(HttpResponse::OkResponse(_))
@@ -1095,7 +767,13 @@ async fn hostile_policy_times_out_while_a_healthy_one_keeps_answering_fast() {
             codes
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Probe only once the hostile guests burn their deadlines.
+    daemon
+        .until_metrics_show(
+            &client,
+            r#"sandgate_evaluations_in_flight{policy="hostile"} 2"#,
+        )
+        .await;
     let loaded = probe(client.clone(), healthy.clone(), 40).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut codes: HashMap<String, usize> = HashMap::new();
@@ -1157,18 +835,12 @@ async fn max_in_flight_excess_is_refused_at_once_and_counted() {
     let url = daemon.url("/v1/policies/slow/evaluate");
     let first = tokio::spawn(post_owned(client.clone(), url.clone()));
     // Wait until the first evaluation is running.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = daemon.metrics(&client).await;
-        if metrics.contains(r#"sandgate_evaluations_in_flight{policy="slow"} 1"#) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first evaluation never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    daemon
+        .until_metrics_show(
+            &client,
+            r#"sandgate_evaluations_in_flight{policy="slow"} 1"#,
+        )
+        .await;
     let started = Instant::now();
     let (status, headers, refused) = post(&client, url.clone(), "{}").await;
     assert!(
@@ -1214,18 +886,12 @@ async fn sigterm_finishes_in_flight_requests_before_exiting() {
     let in_flight: Vec<_> = (0..3)
         .map(|_| tokio::spawn(post_owned(client.clone(), url.clone())))
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let metrics = daemon.metrics(&client).await;
-        if metrics.contains(r#"sandgate_evaluations_in_flight{policy="slow"} 3"#) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the evaluations never started:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    daemon
+        .until_metrics_show(
+            &client,
+            r#"sandgate_evaluations_in_flight{policy="slow"} 3"#,
+        )
+        .await;
     daemon.signal("TERM");
     for request in in_flight {
         let (status, answer) = request.await.expect("in-flight request");
@@ -1271,28 +937,27 @@ async fn sighup_reopens_the_audit_log_after_rotation() {
     std::fs::rename(&audit, &rotated).expect("rotate");
     daemon.signal("HUP");
     // The reopen is asynchronous: poll until a new decision lands in a new file.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let after = loop {
-        let (_, _, after) = post(
-            &client,
-            daemon.url("/v1/policies/rbac/evaluate"),
-            ALICE_READS,
-        )
-        .await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if audit_lines(&audit)
-            .iter()
-            .any(|l| l["decision_id"] == after["decision_id"])
-        {
-            break after;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no line reached a reopened {}:\n{}",
-            audit.display(),
-            daemon.logs()
-        );
-    };
+    let mut asked = Vec::new();
+    let after = eventually(
+        Duration::from_secs(10),
+        daemon.waiting_for(format!("a line reached a reopened {}", audit.display())),
+        async || {
+            let (_, _, after) = post(
+                &client,
+                daemon.url("/v1/policies/rbac/evaluate"),
+                ALICE_READS,
+            )
+            .await;
+            asked.push(after);
+            let lines = audit_lines(&audit);
+            asked
+                .iter()
+                .find(|a| lines.iter().any(|l| l["decision_id"] == a["decision_id"]))
+                .cloned()
+                .ok_or_else(|| format!("{} lines", lines.len()))
+        },
+    )
+    .await;
     let old = audit_lines(&rotated);
     assert!(
         old.iter()
@@ -1302,18 +967,10 @@ async fn sighup_reopens_the_audit_log_after_rotation() {
 }
 
 async fn wait_for_line(path: &Path, decision_id: &Value) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !audit_lines(path)
-        .iter()
-        .any(|l| &l["decision_id"] == decision_id)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "decision {decision_id} never reached {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    audit_line_where(path, &format!("decision {decision_id}"), |l| {
+        &l["decision_id"] == decision_id
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use sandgate::ErrorCode;
 use serde_json::Value;
 
-use crate::server::{Daemon, client, json_body};
 use crate::support::*;
 
 /// A guest whose `sandgate_init` runs `init` (an i32 expression: its status)
@@ -140,21 +139,17 @@ fn failed_init_is_refused_by_check_and_eval() {
             "sandgate.toml",
             &policy_toml(&module, "timeout_ms = 100"),
         );
-        let config = config.to_str().expect("utf-8 path");
         let cache = dir.path().join("cache");
-        let check = sandgate(&["check", "--config", config], &cache);
+        let check = sandgate(
+            &["check", "--config", config.to_str().expect("utf-8 path")],
+            &cache,
+        );
         assert!(!check.status.success(), "{case}: check must fail");
         let stderr = String::from_utf8_lossy(&check.stderr);
         assert!(stderr.contains(says), "{case}: {stderr}");
 
         let input = write(dir.path(), "input.json", "{}");
-        let input = input.to_str().expect("utf-8 path");
-        let eval = sandgate(
-            &[
-                "eval", "--config", config, "--policy", "p", "--input", input,
-            ],
-            &cache,
-        );
+        let eval = Eval::policy(&config, "p").input(&input).run(&cache);
         assert_eq!(eval.status.code(), Some(3), "{case}");
         let decision = stdout_json(&eval);
         assert_eq!(decision["allow"], false, "{case}");
@@ -181,24 +176,25 @@ async fn failed_init_shows_in_readyz_while_other_policies_serve() {
     );
     let daemon = Daemon::start(&config, &path.join("cache"));
     let client = client();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let ready = loop {
-        let response = client
-            .get(daemon.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let status = response.status().as_u16();
-        let body = json_body(response).await;
-        if body.to_string().contains("module_invalid") {
-            break (status, body);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no module_invalid in /readyz: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    };
+    let ready = eventually(
+        Duration::from_secs(30),
+        "module_invalid in /readyz",
+        async || {
+            let response = client
+                .get(daemon.url("/readyz"))
+                .send()
+                .await
+                .expect("readyz");
+            let status = response.status().as_u16();
+            let body = json_body(response).await;
+            if body.to_string().contains("module_invalid") {
+                Ok((status, body))
+            } else {
+                Err(body.to_string())
+            }
+        },
+    )
+    .await;
     assert_eq!(ready.0, 503, "{}", ready.1);
     assert!(
         ready.1.to_string().contains("sandgate_init returned 1"),
@@ -212,13 +208,7 @@ async fn failed_init_shows_in_readyz_while_other_policies_serve() {
 }
 
 async fn evaluate(client: &reqwest::Client, daemon: &Daemon, policy: &str) -> Value {
-    let response = client
-        .post(daemon.url(&format!("/v1/policies/{policy}/evaluate")))
-        .body("{}")
-        .send()
-        .await
-        .expect("evaluate");
-    json_body(response).await
+    daemon.evaluate(client, policy, "{}").await.1
 }
 
 #[tokio::test]
@@ -354,18 +344,15 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
     std::fs::write(&staged, roles.to_string()).expect("stage table");
     std::fs::rename(&staged, &table).expect("replace table");
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, answer) = ask(client.clone(), Arc::clone(&daemon)).await;
-        if answer["allow"] == true {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the new role never applied: {answer}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(
+        Duration::from_secs(30),
+        "the new role applied",
+        async || match ask(client.clone(), Arc::clone(&daemon)).await {
+            (_, answer) if answer["allow"] == true => Ok(()),
+            (_, answer) => Err(answer.to_string()),
+        },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     while load.join_next().await.is_some() {}
     assert_eq!(
@@ -377,8 +364,7 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
     // A broken table fails the reload; the last good snapshot keeps serving.
     std::fs::write(&staged, "{ not json").expect("stage broken table");
     std::fs::rename(&staged, &table).expect("replace table");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let ready = eventually(Duration::from_secs(30), "a failed reload", async || {
         let response = client
             .get(daemon.url("/readyz"))
             .send()
@@ -386,16 +372,17 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
             .expect("readyz");
         let ready = json_body(response).await;
         if ready["last_reload"]["result"] == "failed" {
-            let error = ready["last_reload"]["error"].as_str().unwrap_or("");
-            assert!(
-                error.contains("role table /data/roles.json is invalid"),
-                "{ready}"
-            );
-            break;
+            Ok(ready)
+        } else {
+            Err(ready.to_string())
         }
-        assert!(Instant::now() < deadline, "no failed reload: {ready}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await;
+    let error = ready["last_reload"]["error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("role table /data/roles.json is invalid"),
+        "{ready}"
+    );
     let (status, answer) = ask(client.clone(), Arc::clone(&daemon)).await;
     assert_eq!(status, 200);
     assert_eq!(answer["allow"], true, "{answer}");

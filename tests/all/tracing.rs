@@ -26,201 +26,10 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span, status};
 use prost::Message as _;
 use serde_json::{Value, json};
 
-use crate::bridge::response_guest;
-use crate::nginx::{Backend, free_port, start_nginx};
-use crate::server::{
-    ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy,
+use crate::support::otlp::{
+    Got, Received, evaluate, grpc_receiver, http_receiver, named, telemetry,
 };
 use crate::support::*;
-
-/// Every export request a receiver got.
-#[derive(Clone, Default)]
-pub(crate) struct Received(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-/// One received span with the resource it came from.
-#[derive(Clone, Debug)]
-pub(crate) struct Got {
-    pub(crate) resource: HashMap<String, String>,
-    pub(crate) span: Span,
-}
-
-impl Got {
-    pub(crate) fn attr(&self, key: &str) -> Option<String> {
-        attr(&self.span.attributes, key)
-    }
-    pub(crate) fn trace_id(&self) -> String {
-        hex(&self.span.trace_id)
-    }
-    pub(crate) fn span_id(&self) -> String {
-        hex(&self.span.span_id)
-    }
-    pub(crate) fn parent_id(&self) -> String {
-        hex(&self.span.parent_span_id)
-    }
-}
-
-pub(crate) fn attr(list: &[KeyValue], key: &str) -> Option<String> {
-    list.iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v| v.value.as_ref())
-        .map(|v| match v {
-            any_value::Value::StringValue(s) => s.clone(),
-            any_value::Value::BoolValue(b) => b.to_string(),
-            any_value::Value::IntValue(i) => i.to_string(),
-            other => format!("{other:?}"),
-        })
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl Received {
-    pub(crate) fn spans(&self) -> Vec<Got> {
-        let requests = self.0.lock().expect("received");
-        let mut out = Vec::new();
-        for request in requests.iter() {
-            for resource in &request.resource_spans {
-                let attributes: HashMap<String, String> = resource
-                    .resource
-                    .iter()
-                    .flat_map(|r| r.attributes.iter())
-                    .filter_map(|kv| {
-                        Some((kv.key.clone(), attr(std::slice::from_ref(kv), &kv.key)?))
-                    })
-                    .collect();
-                for scope in &resource.scope_spans {
-                    for span in &scope.spans {
-                        out.push(Got {
-                            resource: attributes.clone(),
-                            span: span.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// Waits until the spans of `trace_id` include a finished `sandgate.evaluate`
-    /// and `want` spans in all, then returns them.
-    pub(crate) async fn trace(&self, trace_id: &str, want: usize) -> Vec<Got> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let spans: Vec<Got> = self
-                .spans()
-                .into_iter()
-                .filter(|g| g.trace_id() == trace_id)
-                .collect();
-            if spans.len() >= want && spans.iter().any(|g| g.span.name == "sandgate.evaluate") {
-                return spans;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "trace {trace_id} never arrived complete; got {spans:#?}\nall: {:#?}",
-                self.spans()
-                    .iter()
-                    .map(|g| (g.trace_id(), g.span.name.clone()))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-struct Collector(Received);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.0
-            .0
-            .lock()
-            .expect("received")
-            .push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-/// An OTLP/gRPC receiver on loopback.
-pub(crate) async fn grpc_receiver() -> (SocketAddr, Received) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let received = Received::default();
-    let service = TraceServiceServer::new(Collector(received.clone()));
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .serve_with_incoming_shutdown(
-                service,
-                tonic::transport::server::TcpIncoming::from(listener),
-                std::future::pending::<()>(),
-            )
-            .await;
-    });
-    (addr, received)
-}
-
-/// An OTLP/HTTP receiver on loopback (`POST /v1/traces`, binary protobuf).
-async fn http_receiver() -> (SocketAddr, Received) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let received = Received::default();
-    let store = received.clone();
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        post(move |headers: HeaderMap, body: Bytes| {
-            let store = store.clone();
-            async move {
-                assert_eq!(
-                    headers.get("content-type").and_then(|v| v.to_str().ok()),
-                    Some("application/x-protobuf")
-                );
-                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP request");
-                store.0.lock().expect("received").push(request);
-                ExportTraceServiceResponse::default().encode_to_vec()
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, received)
-}
-
-/// POSTs `input` to the evaluate endpoint at `path`, with a client
-/// `traceparent` when given, and returns the JSON answer.
-pub(crate) async fn evaluate(
-    client: &reqwest::Client,
-    daemon: &Daemon,
-    path: &str,
-    input: &str,
-    traceparent: Option<&str>,
-) -> Value {
-    let mut request = client.post(daemon.url(path)).body(input.to_owned());
-    if let Some(traceparent) = traceparent {
-        request = request.header("traceparent", traceparent);
-    }
-    json_body(request.send().await.expect("evaluate")).await
-}
-
-pub(crate) fn telemetry(endpoint: &str, extra: &str) -> String {
-    format!("\n[telemetry]\notlp_endpoint = \"{endpoint}\"\n{extra}\n")
-}
-
-pub(crate) fn named<'a>(spans: &'a [Got], name: &str) -> &'a Got {
-    spans
-        .iter()
-        .find(|g| g.span.name == name)
-        .unwrap_or_else(|| panic!("no `{name}` span in {spans:#?}"))
-}
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CLIENT_SPAN: &str = "00f067aa0ba902b7";
@@ -712,7 +521,7 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         &client,
         "sandgate_otlp_export_failures_total",
         Duration::from_secs(15),
-        async || tokio::time::sleep(Duration::from_millis(100)).await,
+        async || {},
     )
     .await;
     let logs = daemon.logs();
@@ -740,15 +549,15 @@ async fn until_counted(
     within: Duration,
     mut between: impl AsyncFnMut(),
 ) {
-    let deadline = Instant::now() + within;
-    loop {
+    eventually(within, format!("{name} above 0"), async || {
         let metrics = daemon.metrics(client).await;
         if counter(&metrics, name).is_some_and(|n| n > 0) {
-            return;
+            return Ok(());
         }
-        assert!(Instant::now() < deadline, "{name} still 0:\n{metrics}");
         between().await;
-    }
+        Err(metrics)
+    })
+    .await;
 }
 
 /// A collector that accepts connections and never answers, and the thread
@@ -765,15 +574,15 @@ fn silent_collector() -> (
 
 /// Waits for the daemon to log that its span queue was full.
 async fn until_drops_are_logged(daemon: &Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !daemon.logs().contains("OTLP span queue full") {
-        assert!(
-            Instant::now() < deadline,
-            "drops not reported:\n{}",
-            daemon.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        daemon.waiting_for("drops reported"),
+        async || match daemon.logs().contains("OTLP span queue full") {
+            true => Ok(()),
+            false => Err("no `OTLP span queue full` line".to_owned()),
+        },
+    )
+    .await;
 }
 
 /// `count` decisions from `concurrency` clients at once, each an allow.
@@ -809,23 +618,25 @@ async fn a_burst_of_decisions_is_exported_whole() {
     let (collector, received) = grpc_receiver().await;
     let (_dir, daemon, client) = rbac_daemon_exporting_to(&format!("http://{collector}")).await;
     burst(&client, &daemon, DECISIONS, 32).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let evaluations = received
-            .spans()
-            .iter()
-            .filter(|g| g.span.name == "sandgate.evaluate")
-            .count();
-        if evaluations >= DECISIONS {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{evaluations} of {DECISIONS} decisions' spans arrived\n{}",
-            daemon.metrics(&client).await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(30),
+        format!("{DECISIONS} decisions' spans arrived"),
+        async || {
+            let evaluations = received
+                .spans()
+                .iter()
+                .filter(|g| g.span.name == "sandgate.evaluate")
+                .count();
+            if evaluations >= DECISIONS {
+                return Ok(());
+            }
+            Err(format!(
+                "{evaluations} of {DECISIONS}\n{}",
+                daemon.metrics(&client).await
+            ))
+        },
+    )
+    .await;
     let spans = received.spans().len() as u64;
     let metrics = daemon.metrics(&client).await;
     assert_eq!(
@@ -923,45 +734,47 @@ async fn metrics_are_exported_over_otlp_beside_prometheus_when_asked() {
 
     // The cumulative decision counter reaches 3 for allowed rbac decisions,
     // and the latency histogram has counted them.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (mut decisions, mut latencies) = (0, 0);
-        for request in received.lock().expect("received").iter() {
-            for metric in request
-                .resource_metrics
-                .iter()
-                .flat_map(|r| r.scope_metrics.iter())
-                .flat_map(|s| s.metrics.iter())
-            {
-                match (metric.name.as_str(), &metric.data) {
-                    ("sandgate.decisions", Some(Data::Sum(sum))) => {
-                        for point in &sum.data_points {
-                            let ours = attr(&point.attributes, "policy").as_deref() == Some("rbac")
-                                && attr(&point.attributes, "allow").as_deref() == Some("true")
-                                && attr(&point.attributes, "error").as_deref() == Some("none");
-                            if ours && let Some(AsInt(n)) = point.value {
-                                decisions = decisions.max(n);
+    eventually(
+        Duration::from_secs(15),
+        "OTLP metrics showing the 3 decisions",
+        async || {
+            let (mut decisions, mut latencies) = (0, 0);
+            for request in received.lock().expect("received").iter() {
+                for metric in request
+                    .resource_metrics
+                    .iter()
+                    .flat_map(|r| r.scope_metrics.iter())
+                    .flat_map(|s| s.metrics.iter())
+                {
+                    match (metric.name.as_str(), &metric.data) {
+                        ("sandgate.decisions", Some(Data::Sum(sum))) => {
+                            for point in &sum.data_points {
+                                let ours = attr(&point.attributes, "policy").as_deref()
+                                    == Some("rbac")
+                                    && attr(&point.attributes, "allow").as_deref() == Some("true")
+                                    && attr(&point.attributes, "error").as_deref() == Some("none");
+                                if ours && let Some(AsInt(n)) = point.value {
+                                    decisions = decisions.max(n);
+                                }
                             }
                         }
-                    }
-                    ("sandgate.evaluation.duration", Some(Data::Histogram(h))) => {
-                        for point in &h.data_points {
-                            latencies = latencies.max(point.count);
+                        ("sandgate.evaluation.duration", Some(Data::Histogram(h))) => {
+                            for point in &h.data_points {
+                                latencies = latencies.max(point.count);
+                            }
                         }
+                        _ => {}
                     }
-                    _ => {}
                 }
             }
-        }
-        if decisions == 3 && latencies == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "OTLP metrics never showed the 3 decisions (decisions {decisions}, latencies {latencies})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            if decisions == 3 && latencies == 3 {
+                Ok(())
+            } else {
+                Err(format!("decisions {decisions}, latencies {latencies}"))
+            }
+        },
+    )
+    .await;
     // Prometheus keeps counting the same decisions.
     let metrics = daemon.metrics(&client).await;
     assert!(
@@ -1003,18 +816,15 @@ impl TraceView {
 
     /// Waits until what it printed satisfies `done`, and returns it.
     async fn until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = self.text();
-            if done(&text) {
-                return text;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "sandgate trace never printed {what}:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(
+            Duration::from_secs(20),
+            format!("sandgate trace printed {what}"),
+            async || {
+                let text = self.text();
+                if done(&text) { Ok(text) } else { Err(text) }
+            },
+        )
+        .await
     }
 }
 

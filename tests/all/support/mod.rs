@@ -1,11 +1,81 @@
-//! Shared test harness: builds the example guests once, writes temporary
-//! configs and modules, runs the `sandgate` binary.
+//! The test harness every behaviour module borrows: the example guests built
+//! once, temporary configs and modules, the library loaded in process, and
+//! `eventually()`, the one way a test waits for something. The real processes
+//! and peers live in the submodules (daemon, nginx, OTLP receivers, ext_authz
+//! client, CLI runs, WAT guests).
 
 #![allow(dead_code)]
 
+pub mod cli;
+pub mod daemon;
+pub mod ext_authz;
+pub mod guests;
+pub mod nginx;
+pub mod otlp;
+
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub use cli::{Eval, sandgate, sandgate_with_env, sandgate_with_stdin, stdout_json};
+pub use daemon::{ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
+pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request};
+pub use guests::{
+    ALLOW_RESULT, DENY_RESULT, abi_guest, allow_if, code_guest, response_guest, spinning_guest,
+};
+pub use nginx::{Backend, Nginx, free_port, start_nginx};
+
+/// How often `eventually` looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Awaits `attempt` until it returns `Ok`, looking again every few
+/// milliseconds; after `within` the test fails naming `what` it waited for
+/// and the last state `attempt` reported in its `Err`.
+pub async fn eventually<T>(
+    within: Duration,
+    what: impl Display,
+    mut attempt: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt().await {
+            Ok(done) => return done,
+            Err(last) if Instant::now() >= deadline => {
+                panic!("{what}: not so after {within:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// `eventually` for code outside the async runtime (child processes,
+/// blocking sockets): the same deadline and failure message.
+pub fn eventually_blocking<T>(
+    within: Duration,
+    what: impl Display,
+    attempt: impl FnMut() -> Result<T, String>,
+) -> T {
+    poll_blocking(within, attempt)
+        .unwrap_or_else(|last| panic!("{what}: not so after {within:?}; last seen: {last}"))
+}
+
+/// Calls `attempt` until it returns `Ok` or `within` has passed, then
+/// returns the last `Err`: for a caller that reports a timeout itself.
+pub fn poll_blocking<T>(
+    within: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => std::thread::sleep(POLL),
+        }
+    }
+}
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -89,56 +159,6 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Runs `sandgate` with `args`, with a private module cache.
-pub fn sandgate(args: &[&str], cache: &Path) -> Output {
-    sandgate_with_stdin(args, cache, None)
-}
-
-pub fn sandgate_with_stdin(args: &[&str], cache: &Path, stdin: Option<&[u8]>) -> Output {
-    sandgate_with_env(args, cache, stdin, &[])
-}
-
-/// Runs `sandgate` with extra environment variables.
-pub fn sandgate_with_env(
-    args: &[&str],
-    cache: &Path,
-    stdin: Option<&[u8]>,
-    env: &[(&str, &str)],
-) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(sandgate_bin())
-        .args(args)
-        .envs(env.iter().copied())
-        .env("SANDGATE_CACHE_DIR", cache)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn sandgate");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input)
-            .expect("write stdin");
-    } else {
-        drop(child.stdin.take());
-    }
-    child.wait_with_output().expect("wait for sandgate")
-}
-
-/// Parses the decision JSON a command printed on stdout.
-pub fn stdout_json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 /// Reads a JSON-lines audit file.
 pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -148,39 +168,25 @@ pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A WAT guest speaking ABI v1 whose `sandgate_evaluate` body is `evaluate`
-/// (params `$ptr $len`, result i64) and that may add `extra` module fields.
-/// A bump allocator from 64 KiB; `{"allow":true}` is at 1024 (`ALLOW_RESULT`),
-/// `{"allow":false}` at 1100 (`DENY_RESULT`).
-pub fn abi_guest(extra: &str, evaluate: &str) -> String {
-    format!(
-        r#"(module
-  {extra}
-  (memory (export "memory") 2)
-  (data (i32.const 1024) "{{\"allow\":true}}")
-  (data (i32.const 1100) "{{\"allow\":false}}")
-  (global $next (mut i32) (i32.const 65536))
-  (func (export "sandgate_abi_version") (result i32) i32.const 1)
-  (func (export "sandgate_alloc") (param $n i32) (result i32)
-    (local $p i32)
-    global.get $next local.set $p
-    global.get $next local.get $n i32.add global.set $next
-    local.get $p)
-  (func (export "sandgate_evaluate") (param $ptr i32) (param $len i32) (result i64)
-    {evaluate})
-)"#
+/// Waits until the JSON-lines audit file at `path` holds a line `found`
+/// accepts (the audit writer is asynchronous), and returns that line.
+pub async fn audit_line_where(
+    path: &Path,
+    what: &str,
+    found: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(10),
+        format!("{what} reached {}", path.display()),
+        async || {
+            let lines = audit_lines(path);
+            match lines.iter().find(|l| found(l)) {
+                Some(line) => Ok(line.clone()),
+                None => Err(format!("{} lines", lines.len())),
+            }
+        },
     )
-}
-
-/// The packed result pointing at the `{"allow":true}` document.
-pub const ALLOW_RESULT: &str = "i64.const 4398046511118"; // (1024 << 32) | 14
-
-/// The packed result pointing at the `{"allow":false}` document.
-pub const DENY_RESULT: &str = "i64.const 4724464025615"; // (1100 << 32) | 15
-
-/// `evaluate` body answering allow when the i32 `cond` expression is non-zero.
-pub fn allow_if(cond: &str) -> String {
-    format!("(if (result i64) {cond} (then {ALLOW_RESULT}) (else {DENY_RESULT}))")
+    .await
 }
 
 /// Writes a config file into `dir` and parses it with the library.
