@@ -9,6 +9,7 @@
 pub mod abi;
 pub mod audit;
 pub mod bridge;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod engine;

@@ -67,21 +67,7 @@ enum Command {
     },
     /// Receive OTLP traces and print their span trees (a terminal view of
     /// what the daemon exports, for machines without Jaeger).
-    Trace {
-        /// OTLP/gRPC listen address (point `telemetry.otlp_endpoint` here).
-        #[arg(long, default_value = "127.0.0.1:4317")]
-        listen: std::net::SocketAddr,
-        /// Also receive OTLP/HTTP (`POST /v1/traces`) on this address.
-        #[arg(long)]
-        http_listen: Option<std::net::SocketAddr>,
-        /// Print at most this many traces a second; the others are counted,
-        /// in one line a second.
-        #[arg(long, default_value_t = 100, value_name = "TRACES")]
-        max_per_second: u32,
-        /// Print every trace received (for a file or a pipe).
-        #[arg(long, conflicts_with = "max_per_second")]
-        all: bool,
-    },
+    Trace(sandgate::cli::trace::Args),
     /// Show a module's imports, exports, ABI version and the WASI it needs.
     Inspect {
         #[arg(long)]
@@ -129,7 +115,7 @@ fn main() -> ExitCode {
     // The trace view is one receiver printing to one terminal: a single
     // thread serves it without handing each export between threads.
     let mut builder = match cli.command {
-        Command::Trace { .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Trace(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
@@ -176,14 +162,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config, json } => check(&config, json).await,
         Command::Inspect { module, json } => inspect(&module, json).await,
         Command::Serve { config } => serve(&config).await,
-        Command::Trace {
-            listen,
-            http_listen,
-            max_per_second,
-            all,
-        } => {
-            let limit = (!all).then_some(max_per_second);
-            sandgate::telemetry::view::serve(listen, http_listen, limit).await?;
+        Command::Trace(args) => {
+            sandgate::cli::trace::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -373,9 +353,9 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
         ("on", _) => out!("  module cache {dir}"),
-        (_, Some(reason)) => out!(
-            "  module cache refused ({dir}): {reason}; modules are compiled at every start"
-        ),
+        (_, Some(reason)) => {
+            out!("  module cache refused ({dir}): {reason}; modules are compiled at every start")
+        }
         _ => out!("  module cache off"),
     }
     if let Some(dir) = &config.engine.download_dir

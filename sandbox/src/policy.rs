@@ -146,6 +146,20 @@ pub struct Evaluation {
     pub guest_output_dropped: u64,
 }
 
+impl From<&Evaluation> for crate::telemetry::EvaluationFigures {
+    fn from(evaluation: &Evaluation) -> Self {
+        crate::telemetry::EvaluationFigures {
+            allow: evaluation.decision.allow,
+            error: evaluation.decision.error_code(),
+            duration: evaluation.duration,
+            instantiate: evaluation.instantiate,
+            denied_calls: evaluation.denials.iter().map(|d| d.call).collect(),
+            egress_denied: evaluation.egress_denied,
+            guest_output_dropped: evaluation.guest_output_dropped,
+        }
+    }
+}
+
 /// A loaded policy version, ready to evaluate. Cheap to clone.
 #[derive(Clone)]
 pub struct Policy {
