@@ -189,6 +189,18 @@ impl ForwardRequest {
     }
 }
 
+/// The guest input of a forward-auth call, as `/v1/authz/{name}` builds it
+/// (public for the fuzz targets).
+pub fn forward_auth_input(
+    own_method: &str,
+    own_path: &str,
+    own_query: &str,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Vec<u8> {
+    ForwardRequest::from_http(own_method, own_path, own_query, headers, peer).to_input()
+}
+
 /// Splits a request target (`/a/b?x=1`, or an absolute URI) into path and query.
 pub(crate) fn split_target(target: &str) -> (String, String) {
     let target = target.split('#').next().unwrap_or_default();

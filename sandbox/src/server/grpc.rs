@@ -18,7 +18,7 @@ use envoy_types::ext_authz::v3::pb::{
     Address, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
     HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
 };
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use prost::Message as _;
@@ -212,18 +212,32 @@ async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> A
         from_request if from_request.trace_id().is_some() => from_request,
         _ => metadata,
     };
-    let source = attributes
-        .source
+    let request = forward_request(http, source_address(attributes.source));
+    let input = Bytes::from(request.to_input());
+    state.evaluate(&name, input, trace, &request.headers).await
+}
+
+/// The guest input of a CheckRequest's bytes, as `Check` maps it; `None`
+/// when it has no `attributes.request.http` (public for the fuzz targets).
+pub fn check_request_input(bytes: &[u8]) -> Result<Option<Vec<u8>>, prost::DecodeError> {
+    let attributes = CheckRequest::decode(bytes)?.attributes.unwrap_or_default();
+    let Some(http) = attributes.request.and_then(|r| r.http) else {
+        return Ok(None);
+    };
+    let request = forward_request(http, source_address(attributes.source));
+    Ok(Some(request.to_input()))
+}
+
+/// The downstream address of the original request, when Envoy gives one.
+fn source_address(source: Option<Peer>) -> Option<String> {
+    source
         .and_then(|peer| peer.address)
         .and_then(|address| match address.address {
             Some(Address::SocketAddress(socket)) if !socket.address.is_empty() => {
                 Some(socket.address)
             }
             _ => None,
-        });
-    let request = forward_request(http, source);
-    let input = Bytes::from(request.to_input());
-    state.evaluate(&name, input, trace, &request.headers).await
+        })
 }
 
 /// The forward-auth input of an Envoy HttpRequest: `path` carries the query

@@ -13,6 +13,9 @@ mod grpc;
 mod http;
 mod reload;
 
+pub use authz::forward_auth_input;
+pub use grpc::check_request_input;
+
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
