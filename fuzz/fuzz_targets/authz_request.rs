@@ -1,18 +1,28 @@
 //! Forward-auth (`/v1/authz/{name}`): a request head, as a proxy sends it,
 //! becomes the guest's input document. The input is the head in text form:
 //! `METHOD TARGET` on the first line, then `name: value` lines (values may
-//! hold any bytes a header value can).
+//! hold any bytes a header value can). The first byte picks the trusted
+//! header convention (`server.forward_auth_headers`).
 #![no_main]
 
 use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use libfuzzer_sys::fuzz_target;
+use sandgate::config::ForwardAuthHeaders;
 use serde_json::Value;
 
 const AUTHZ_PREFIX: &str = "/v1/authz/";
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&convention, data)) = data.split_first() else {
+        return;
+    };
+    let trusted = match convention % 3 {
+        0 => ForwardAuthHeaders::Any,
+        1 => ForwardAuthHeaders::XOriginal,
+        _ => ForwardAuthHeaders::XForwarded,
+    };
     let mut lines = data
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
@@ -53,8 +63,12 @@ fuzz_target!(|data: &[u8]| {
         uri.query().unwrap_or_default(),
         &headers,
         Some(peer),
+        trusted,
     );
-    check_document(&input);
+    // A refusal (the two conventions disagree under `any`) is an answer.
+    if let Ok(input) = input {
+        check_document(&input);
+    }
 });
 
 /// The input is `{"request": {…}}` with an upper-case method and lower-case

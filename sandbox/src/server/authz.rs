@@ -190,15 +190,18 @@ impl ForwardRequest {
 }
 
 /// The guest input of a forward-auth call, as `/v1/authz/{name}` builds it
-/// (public for the fuzz targets).
+/// under the `trusted` header convention, or why it is refused as
+/// `invalid_input` (public for the fuzz targets).
 pub fn forward_auth_input(
     own_method: &str,
     own_path: &str,
     own_query: &str,
     headers: &HeaderMap,
     peer: Option<SocketAddr>,
-) -> Vec<u8> {
-    ForwardRequest::from_http(own_method, own_path, own_query, headers, peer).to_input()
+    trusted: ForwardAuthHeaders,
+) -> Result<Vec<u8>, String> {
+    ForwardRequest::from_http(own_method, own_path, own_query, headers, peer, trusted)
+        .map(|request| request.to_input())
 }
 
 /// Splits a request target (`/a/b?x=1`, or an absolute URI) into path and query.
