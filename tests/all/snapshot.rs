@@ -190,12 +190,15 @@ async fn failed_init_shows_in_readyz_while_other_policies_serve() {
             .expect("readyz");
         let status = response.status().as_u16();
         let body = json_body(response).await;
-        if body.to_string().contains("module_invalid") {
+        // Both loads ended: `bad` refused, `good` serving.
+        if body.to_string().contains("module_invalid")
+            && body["policies"]["good"]["state"] == "ready"
+        {
             break (status, body);
         }
         assert!(
             Instant::now() < deadline,
-            "no module_invalid in /readyz: {body}"
+            "no module_invalid for `bad` and ready `good` in /readyz: {body}"
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
