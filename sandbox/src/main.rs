@@ -373,9 +373,9 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
         ("on", _) => out!("  module cache {dir}"),
-        (_, Some(reason)) => out!(
-            "  module cache refused ({dir}): {reason}; modules are compiled at every start"
-        ),
+        (_, Some(reason)) => {
+            out!("  module cache refused ({dir}): {reason}; modules are compiled at every start")
+        }
         _ => out!("  module cache off"),
     }
     if let Some(dir) = &config.engine.download_dir
