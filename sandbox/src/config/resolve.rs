@@ -146,3 +146,109 @@ impl SpannedU32 for Spanned<u32> {
         Spanned::new(self.span(), u64::from(*self.get_ref()))
     }
 }
+
+/// Whether `name` is an HTTP header name (a token of RFC 9110).
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// What the resolver's error-path tests share: each feeds a small TOML and
+/// checks that the refusal names the key path and the line.
+#[cfg(test)]
+mod testing {
+    use std::path::{Path, PathBuf};
+
+    /// A policy every policy-level case extends; its added lines start at line 4.
+    pub const POLICY: &str = "[[policy]]\nname = \"a\"\nmodule = \"a.wasm\"\n";
+
+    /// Asserts that `toml`, read as `path`, is refused with a message that
+    /// begins `PATH:LINE: KEY` (no `:LINE` when `line` is `None`) and contains `says`.
+    #[track_caller]
+    pub fn assert_refused(path: &Path, toml: &str, line: Option<usize>, key: &str, says: &str) {
+        let message = match crate::config::parse(toml, path) {
+            Ok(_) => panic!("accepted:\n{toml}"),
+            Err(e) => e.to_string(),
+        };
+        let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+        let head = format!("{}{at}: {key}", path.display());
+        assert!(
+            message.starts_with(&head) && message.contains(says),
+            "for\n{toml}\nwanted `{head}` … `{says}`, got `{message}`"
+        );
+    }
+
+    /// Cases that need no file: `(toml, line, key, says)`.
+    #[track_caller]
+    pub fn assert_all_refused(cases: &[(&str, Option<usize>, &str, &str)]) {
+        for (toml, line, key, says) in cases {
+            assert_refused(Path::new("sandgate.toml"), toml, *line, key, says);
+        }
+    }
+
+    /// A fresh directory of this test process, removed on drop.
+    pub struct Scratch(pub PathBuf);
+
+    impl Scratch {
+        pub fn new(name: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("sandgate-config-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            Scratch(dir)
+        }
+
+        pub fn config(&self) -> PathBuf {
+            self.0.join("sandgate.toml")
+        }
+
+        pub fn write(&self, name: &str, contents: &str) {
+            let path = self.0.join(name);
+            std::fs::write(&path, contents).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{POLICY, assert_all_refused};
+
+    #[test]
+    fn unknown_keys_and_malformed_toml_are_refused_at_their_line() {
+        assert_all_refused(&[
+            (
+                "[server]\nbogus = 1\n",
+                Some(2),
+                "unknown field `bogus`",
+                "expected one of",
+            ),
+            (
+                &format!(
+                    "{POLICY}[[policy.version]]\nname = \"v1\"\nmodule = \"v1.wasm\"\nbogus = 1\n"
+                ),
+                Some(7),
+                "unknown field `bogus`",
+                "expected one of",
+            ),
+            ("[server\n", Some(1), "unclosed table", "expected `]`"),
+        ]);
+    }
+
+    #[test]
+    fn a_duplicate_policy_name_is_refused() {
+        assert_all_refused(&[(
+            &format!("{POLICY}{POLICY}"),
+            Some(5),
+            "policy[1].name: duplicate policy name `a`",
+            "",
+        )]);
+    }
+}

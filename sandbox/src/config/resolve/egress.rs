@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{MAX_TIMEOUT_MS, Resolver, SpannedU32};
+use super::{MAX_TIMEOUT_MS, Resolver, SpannedU32, is_header_name};
 use crate::config::raw::RawEgress;
 use crate::config::{ConfigError, Credential, EgressRule, EgressSettings};
 
@@ -43,11 +43,7 @@ impl Resolver<'_> {
                 );
             }
             let header = c.header.to_ascii_lowercase();
-            if header.is_empty()
-                || !header
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-            {
+            if !is_header_name(&header) {
                 return self.error(
                     span,
                     format!(
@@ -155,4 +151,127 @@ impl Resolver<'_> {
 
 fn http_value_invalid(value: &str) -> bool {
     value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{POLICY, Scratch, assert_all_refused, assert_refused};
+
+    fn egress(body: &str) -> String {
+        format!("{POLICY}[policy.egress]\n{body}")
+    }
+
+    /// An egress section allowing `http://h/api` with one credential whose
+    /// fields are `fields`, on line 6.
+    fn credential(fields: &str) -> String {
+        egress(&format!(
+            "allow = [\"http://h/api\"]\ncredentials = [{{ {fields} }}]\n"
+        ))
+    }
+
+    #[test]
+    fn egress_errors_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                &egress("allow = [\"http://h/\", \"ftp://h/\"]\n"),
+                Some(5),
+                "policy[0].egress.allow (policy `a`)",
+                "`ftp://h/` must be an http:// or https:// URL prefix",
+            ),
+            (
+                &credential("prefix = \"nope\", header = \"x\", value_env = \"HOME\""),
+                Some(6),
+                "policy[0].egress.credentials.prefix (policy `a`)",
+                "`nope` is not a URL",
+            ),
+            (
+                &credential("prefix = \"http://h/other\", header = \"x\", value_env = \"HOME\""),
+                Some(6),
+                "policy[0].egress.credentials.prefix (policy `a`)",
+                "`http://h/other` is not within egress.allow",
+            ),
+            (
+                &credential("prefix = \"http://h/api\", header = \"x y\", value_env = \"HOME\""),
+                Some(6),
+                "policy[0].egress.credentials.header (policy `a`)",
+                "`x y` is not a header name",
+            ),
+            (
+                &credential(
+                    "prefix = \"http://h/api\", header = \"x\", value_env = \"SANDGATE_CONFIG_TEST_NEVER_SET\"",
+                ),
+                Some(6),
+                "policy[0].egress.credentials.value_env (policy `a`)",
+                "environment variable `SANDGATE_CONFIG_TEST_NEVER_SET` is not set",
+            ),
+            (
+                &credential("prefix = \"http://h/api\", header = \"x\""),
+                Some(6),
+                "policy[0].egress.credentials (policy `a`)",
+                "give exactly one of `value_env` and `value_file`",
+            ),
+            (
+                &credential(
+                    "prefix = \"http://h/api\", header = \"x\", value_env = \"HOME\", value_file = \"f\"",
+                ),
+                Some(6),
+                "policy[0].egress.credentials (policy `a`)",
+                "give exactly one of `value_env` and `value_file`",
+            ),
+            (
+                &egress("cache_ttl_ms = 0\n"),
+                Some(5),
+                "policy[0].egress.cache_ttl_ms (policy `a`)",
+                "allowed 1..=86400000",
+            ),
+            (
+                &egress("timeout_ms = 60001\n"),
+                Some(5),
+                "policy[0].egress.timeout_ms (policy `a`)",
+                "allowed 1..=60000",
+            ),
+            (
+                &egress("max_response_bytes = 0\n"),
+                Some(5),
+                "policy[0].egress.max_response_bytes (policy `a`)",
+                "allowed 1..=1073741824",
+            ),
+            (
+                &egress("max_calls = 1001\n"),
+                Some(5),
+                "policy[0].egress.max_calls (policy `a`)",
+                "allowed 0..=1000",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn credential_files_that_are_empty_missing_or_invalid_are_refused_at_their_line() {
+        let scratch = Scratch::new("credential-file");
+        scratch.write("empty", "\n");
+        scratch.write("control", "a\u{1}b\n");
+        let from_file = |file: &str| {
+            credential(&format!(
+                "prefix = \"http://h/api\", header = \"x\", value_file = \"{file}\""
+            ))
+        };
+        let key = "policy[0].egress.credentials.value_file (policy `a`)";
+        let path = |name: &str| scratch.0.join(name).display().to_string();
+        let config = scratch.config();
+        assert_refused(
+            &config,
+            &from_file("empty"),
+            Some(6),
+            key,
+            &format!("{} is empty", path("empty")),
+        );
+        let says = format!("{}: No such file", path("missing"));
+        assert_refused(&config, &from_file("missing"), Some(6), key, &says);
+        let says = format!(
+            "the value (file {}) is not a valid header value",
+            path("control")
+        );
+        let key = "policy[0].egress.credentials (policy `a`)";
+        assert_refused(&config, &from_file("control"), Some(6), key, &says);
+    }
 }

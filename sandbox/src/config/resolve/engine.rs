@@ -41,3 +41,38 @@ impl Resolver<'_> {
         Ok(settings)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::assert_all_refused;
+
+    #[test]
+    fn engine_limits_out_of_range_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                "[engine]\nfetch_timeout_ms = 0\n",
+                Some(2),
+                "engine.fetch_timeout_ms",
+                "0 is out of range (allowed 1..=600000)",
+            ),
+            (
+                "[engine]\nmax_module_mb = 1025\n",
+                Some(2),
+                "engine.max_module_mb",
+                "1025 is out of range (allowed 1..=1024)",
+            ),
+            (
+                "[engine]\nmax_memory_mb = 4097\n",
+                Some(2),
+                "engine.max_memory_mb",
+                "4097 is out of range (allowed 1..=4096)",
+            ),
+            (
+                "[engine]\nmax_instances = 0\n",
+                Some(2),
+                "engine.max_instances",
+                "0 is out of range (allowed 1..=100000)",
+            ),
+        ]);
+    }
+}

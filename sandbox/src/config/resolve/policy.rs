@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_spanned::Spanned;
 
-use super::{MAX_TIMEOUT_MS, Resolver, SpannedU32};
+use super::{MAX_TIMEOUT_MS, Resolver, SpannedU32, is_header_name};
 use crate::config::raw::{RawPolicy, RawVersions};
 use crate::config::{
     ConfigError, DecisionCacheSettings, Digest, EgressSettings, EngineSettings, ModuleSource,
@@ -20,21 +20,8 @@ impl Resolver<'_> {
         raw: RawPolicy,
         engine: &EngineSettings,
     ) -> Result<PolicySpec, ConfigError> {
-        let key = |k: &str| format!("policy[{index}].{k}");
         let name = raw.name.get_ref().clone();
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return self.error(
-                Some(raw.name.span()),
-                format!(
-                    "{}: `{name}` must be non-empty and use only letters, digits, '-', '_' and '.'",
-                    key("name")
-                ),
-            );
-        }
+        self.check_name(&format!("policy[{index}].name"), &name, raw.name.span())?;
         let key = |k: &str| format!("policy[{index}].{k} (policy `{name}`)");
         let versions = self.versions(&key, &raw, engine)?;
         let routing = self.routing(&key, &raw)?;
@@ -124,7 +111,7 @@ impl Resolver<'_> {
             other => {
                 let name = match other {
                     Some((span, RawVersions::Name(n))) => {
-                        self.version_name(&key("version"), n, span)?;
+                        self.check_name(&key("version"), n, span)?;
                         n.clone()
                     }
                     _ => defaults::VERSION.to_owned(),
@@ -153,7 +140,7 @@ impl Resolver<'_> {
             let table = table.get_ref();
             let vkey = |k: &str| key(&format!("version[{i}].{k}"));
             let name = table.name.get_ref();
-            self.version_name(&vkey("name"), name, table.name.span())?;
+            self.check_name(&vkey("name"), name, table.name.span())?;
             if versions.iter().any(|v| &v.name == name) {
                 return self.error(
                     Some(table.name.span()),
@@ -186,7 +173,9 @@ impl Resolver<'_> {
         Ok(versions)
     }
 
-    pub(super) fn version_name(
+    /// A policy or version name: it appears in metrics, spans and the
+    /// version header, so it is kept to a plain token.
+    fn check_name(
         &self,
         key: &str,
         name: &str,
@@ -349,11 +338,7 @@ impl Resolver<'_> {
 fn parse_sticky(text: &str) -> Result<StickyKey, String> {
     if let Some(header) = text.strip_prefix("header:") {
         let header = header.to_ascii_lowercase();
-        if header.is_empty()
-            || !header
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        {
+        if !is_header_name(&header) {
             return Err(format!("`{text}`: `{header}` is not a header name"));
         }
         return Ok(StickyKey::Header(header));
@@ -379,5 +364,228 @@ fn is_loopback(url: &url::Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{POLICY, assert_all_refused};
+
+    const PINNED: &str = "[[policy]]\nname = \"a\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
+
+    fn policy(extra: &str) -> String {
+        format!("{POLICY}{extra}")
+    }
+
+    fn pinned(module: &str) -> String {
+        format!("{PINNED}module = \"{module}\"\n")
+    }
+
+    #[test]
+    fn policy_names_versions_and_modules_errors_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                "[[policy]]\nname = \"a b\"\nmodule = \"a.wasm\"\n",
+                Some(2),
+                "policy[0].name: `a b` must be non-empty",
+                "",
+            ),
+            (
+                &policy("[[policy.version]]\nname = \"v1\"\nmodule = \"v1.wasm\"\n"),
+                Some(3),
+                "policy[0].module (policy `a`)",
+                "give each version its own `module`",
+            ),
+            (
+                &format!("{PINNED}[[policy.version]]\nname = \"v1\"\nmodule = \"v1.wasm\"\n"),
+                Some(3),
+                "policy[0].sha256 (policy `a`)",
+                "give each version its own `sha256`",
+            ),
+            (
+                "[[policy]]\nname = \"a\"\nversion = []\n",
+                Some(3),
+                "policy[0].version (policy `a`)",
+                "define at least one version",
+            ),
+            (
+                &policy("version = \"v 1\"\n"),
+                Some(4),
+                "policy[0].version (policy `a`)",
+                "`v 1` must be non-empty and use only",
+            ),
+            (
+                "[[policy]]\nname = \"a\"\n",
+                Some(2),
+                "policy[0].module (policy `a`)",
+                "missing; give the policy a `module` or [[policy.version]] tables",
+            ),
+            (
+                &policy("sha256 = \"abc\"\n"),
+                Some(4),
+                "policy[0].sha256 (policy `a`)",
+                "`abc` is not a sha256 digest (64 hex digits)",
+            ),
+            (
+                "[[policy]]\nname = \"a\"\nmodule = \"\"\n",
+                Some(3),
+                "policy[0].module (policy `a`)",
+                "must not be empty",
+            ),
+            (
+                "[[policy]]\nname = \"a\"\nmodule = \"https://h/a.wasm\"\n",
+                Some(3),
+                "policy[0].module (policy `a`)",
+                "must be pinned with `sha256`",
+            ),
+            (
+                &pinned("https://"),
+                Some(4),
+                "policy[0].module (policy `a`)",
+                "`https://` is not a valid URL",
+            ),
+            (
+                &pinned("https://u:p@h/a.wasm"),
+                Some(4),
+                "policy[0].module (policy `a`)",
+                "carries user information",
+            ),
+            (
+                &pinned("http://h/a.wasm"),
+                Some(4),
+                "policy[0].module (policy `a`)",
+                "plain http:// to a host that is not loopback",
+            ),
+            (
+                &pinned("http://127.0.0.1/a.wasm"),
+                Some(4),
+                "policy[0].module (policy `a`)",
+                "set `allow_insecure_http = true` in [engine]",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn version_table_errors_name_key_and_line() {
+        let table = |body: &str| format!("[[policy]]\nname = \"a\"\n[[policy.version]]\n{body}");
+        assert_all_refused(&[
+            (
+                &table("name = \"v 1\"\nmodule = \"v.wasm\"\n"),
+                Some(4),
+                "policy[0].version[0].name (policy `a`)",
+                "must be non-empty",
+            ),
+            (
+                &table(
+                    "name = \"v1\"\nmodule = \"v.wasm\"\n[[policy.version]]\nname = \"v1\"\nmodule = \"w.wasm\"\n",
+                ),
+                Some(7),
+                "policy[0].version[1].name (policy `a`)",
+                "duplicate version name `v1`",
+            ),
+            (
+                &table("name = \"v1\"\nmodule = \"v.wasm\"\nsha256 = \"x\"\n"),
+                Some(6),
+                "policy[0].version[0].sha256 (policy `a`)",
+                "is not a sha256 digest",
+            ),
+            (
+                &table("name = \"v1\"\nmodule = \"v.wasm\"\nweight = 1000001\n"),
+                Some(6),
+                "policy[0].version[0].weight (policy `a`)",
+                "allowed 0..=1000000",
+            ),
+            (
+                &table("name = \"v1\"\nmodule = \"v.wasm\"\nweight = 0\n"),
+                Some(3),
+                "policy[0].version (policy `a`)",
+                "every version has weight 0",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn policy_limits_routing_and_cache_errors_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                &policy("timeout_ms = 0\n"),
+                Some(4),
+                "policy[0].timeout_ms (policy `a`)",
+                "allowed 1..=60000",
+            ),
+            (
+                &policy("memory_limit_mb = 257\n"),
+                Some(4),
+                "policy[0].memory_limit_mb (policy `a`)",
+                "allowed 1..=256",
+            ),
+            (
+                &policy("max_input_bytes = 1\n"),
+                Some(4),
+                "policy[0].max_input_bytes (policy `a`)",
+                "allowed 2..=1073741824",
+            ),
+            (
+                &policy("max_output_bytes = 15\n"),
+                Some(4),
+                "policy[0].max_output_bytes (policy `a`)",
+                "allowed 16..=1073741824",
+            ),
+            (
+                &policy("max_in_flight = 0\n"),
+                Some(4),
+                "policy[0].max_in_flight (policy `a`)",
+                "allowed 1..=100000",
+            ),
+            (
+                &policy("sticky = \"header:\"\n"),
+                Some(4),
+                "policy[0].sticky (policy `a`)",
+                "is not a header name",
+            ),
+            (
+                &policy("sticky = \"input:a..b\"\n"),
+                Some(4),
+                "policy[0].sticky (policy `a`)",
+                "field names separated by '.'",
+            ),
+            (
+                &policy("sticky = \"cookie:id\"\n"),
+                Some(4),
+                "policy[0].sticky (policy `a`)",
+                "must be \"header:NAME\" or \"input:FIELD.PATH\"",
+            ),
+            (
+                &policy("decision_cache_max_entries = 10\n"),
+                Some(4),
+                "policy[0].decision_cache_max_entries (policy `a`)",
+                "has no effect without decision_cache_ttl_ms",
+            ),
+            // A boolean carries no span: the policy's name locates it.
+            (
+                &policy("decision_cache_force = true\n"),
+                Some(2),
+                "policy[0].decision_cache_force (policy `a`)",
+                "has no effect without decision_cache_ttl_ms",
+            ),
+            (
+                &policy("decision_cache_ttl_ms = 0\n"),
+                Some(4),
+                "policy[0].decision_cache_ttl_ms (policy `a`)",
+                "allowed 1..=86400000",
+            ),
+            (
+                &policy("decision_cache_ttl_ms = 1000\n[policy.egress]\nallow = [\"http://h/\"]\n"),
+                Some(4),
+                "policy[0].decision_cache_ttl_ms (policy `a`)",
+                "set decision_cache_force = true to cache anyway",
+            ),
+            (
+                &policy("decision_cache_ttl_ms = 1000\ndecision_cache_max_entries = 0\n"),
+                Some(5),
+                "policy[0].decision_cache_max_entries (policy `a`)",
+                "allowed 1..=10000000",
+            ),
+        ]);
     }
 }

@@ -110,3 +110,62 @@ fn open_files_limit() -> u64 {
         .current
         .unwrap_or(65_536)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::assert_all_refused;
+
+    #[test]
+    fn server_audit_and_reload_errors_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                "[audit]\npath = \"\"\n",
+                Some(2),
+                "audit.path",
+                "must not be empty",
+            ),
+            (
+                "[reload]\ndebounce_ms = 60001\n",
+                Some(2),
+                "reload.debounce_ms",
+                "60001 is out of range (allowed 0..=60000)",
+            ),
+            (
+                "[server]\nlisten = \"localhost\"\n",
+                Some(2),
+                "server.listen",
+                "`localhost` is not an address like 127.0.0.1:8181",
+            ),
+            (
+                "[server]\n\ngrpc_listen = \"127.0.0.1\"\n",
+                Some(3),
+                "server.grpc_listen",
+                "is not an address",
+            ),
+            (
+                "[server]\nmax_body_bytes = 0\n",
+                Some(2),
+                "server.max_body_bytes",
+                "0 is out of range (allowed 1..=1073741824)",
+            ),
+            (
+                "[server]\nheader_read_timeout_ms = 0\n",
+                Some(2),
+                "server.header_read_timeout_ms",
+                "out of range (allowed 1..=3600000)",
+            ),
+            (
+                "[server]\nidle_timeout_ms = 3600001\n",
+                Some(2),
+                "server.idle_timeout_ms",
+                "out of range (allowed 1..=3600000)",
+            ),
+            (
+                "[server]\nmax_connections = 0\n",
+                Some(2),
+                "server.max_connections",
+                "out of range (allowed 1..=10000000)",
+            ),
+        ]);
+    }
+}

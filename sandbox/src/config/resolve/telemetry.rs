@@ -117,3 +117,63 @@ impl Resolver<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::assert_all_refused;
+
+    #[test]
+    fn telemetry_errors_name_key_and_line() {
+        assert_all_refused(&[
+            (
+                "[telemetry]\notlp_endpoint = \"collector:4317\"\n",
+                Some(2),
+                "telemetry.otlp_endpoint",
+                "must be an http:// or https:// URL",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"https://collector:4317\"\n",
+                Some(2),
+                "telemetry.otlp_endpoint",
+                "OTLP/gRPC over plain http:// only",
+            ),
+            (
+                "[telemetry]\nsampling_ratio = 1.5\n",
+                Some(2),
+                "telemetry.sampling_ratio",
+                "1.5 must be between 0.0 and 1.0",
+            ),
+            (
+                "[telemetry]\nservice_name = \" \"\n",
+                Some(2),
+                "telemetry.service_name",
+                "must not be empty",
+            ),
+            (
+                "[telemetry]\nguest_log_level = \"loud\"\n",
+                Some(2),
+                "telemetry.guest_log_level",
+                "`loud` is not one of trace, debug, info, warn, error, off",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4317\"\notlp_metrics = true\notlp_metrics_interval_ms = 99\n",
+                Some(4),
+                "telemetry.otlp_metrics_interval_ms",
+                "99 is below the minimum of 100",
+            ),
+            (
+                "[telemetry]\notlp_endpoint = \"http://c:4317\"\notlp_metrics_interval_ms = 1000\n",
+                Some(3),
+                "telemetry.otlp_metrics_interval_ms",
+                "set otlp_metrics = true",
+            ),
+            // Two keys are at fault together, so no single line is named.
+            (
+                "[telemetry]\notlp_metrics = true\n",
+                None,
+                "telemetry.otlp_metrics",
+                "needs telemetry.otlp_endpoint",
+            ),
+        ]);
+    }
+}

@@ -126,3 +126,83 @@ impl Resolver<'_> {
         Ok(grants)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{POLICY, Scratch, assert_all_refused, assert_refused};
+
+    fn wasi(body: &str) -> String {
+        format!("{POLICY}[policy.wasi]\n{body}")
+    }
+
+    #[test]
+    fn wasi_grant_errors_name_key_and_line() {
+        let preopen = |allow: &str, guest: &str, mode: &str| {
+            wasi(&format!(
+                "allow = [{allow}]\npreopens = [{{ host = \".\", guest = \"{guest}\", mode = \"{mode}\" }}]\n"
+            ))
+        };
+        assert_all_refused(&[
+            (
+                &wasi("allow = [\"clock\", \"bogus\"]\n"),
+                Some(5),
+                "policy[0].wasi.allow (policy `a`)",
+                "`bogus` is neither a group (args, env, clock, random",
+            ),
+            (
+                &wasi("allow = [\"clock\"]\nenv = [\"HOME\"]\n"),
+                Some(6),
+                "policy[0].wasi.env (policy `a`)",
+                "`env` is not in wasi.allow",
+            ),
+            (
+                &wasi("allow = [\"env\"]\nenv = [\"A=B\"]\n"),
+                Some(6),
+                "policy[0].wasi.env (policy `a`)",
+                "`A=B` is not a variable name",
+            ),
+            (
+                &preopen("", "/d", "ro"),
+                Some(6),
+                "policy[0].wasi.preopens (policy `a`)",
+                "`/d` is preopened but `fs_read` is not in wasi.allow",
+            ),
+            (
+                &preopen("\"fs_read\"", "/d", "rw"),
+                Some(6),
+                "policy[0].wasi.preopens (policy `a`)",
+                "`/d` is mode \"rw\" but `fs_write` is not in wasi.allow",
+            ),
+            (
+                &preopen("\"fs_read\"", "d", "ro"),
+                Some(6),
+                "policy[0].wasi.preopens (policy `a`)",
+                "guest path `d` must be absolute",
+            ),
+            (
+                &preopen("\"fs_read\"", "/a/../b", "ro"),
+                Some(6),
+                "policy[0].wasi.preopens (policy `a`)",
+                "must not contain `..`",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn a_preopen_host_that_is_not_a_directory_is_refused_at_its_line() {
+        let scratch = Scratch::new("preopen-host");
+        scratch.write("file.txt", "not a directory");
+        let preopen = |host: &str| {
+            wasi(&format!(
+                "allow = [\"fs_read\"]\npreopens = [{{ host = \"{host}\", guest = \"/d\", mode = \"ro\" }}]\n"
+            ))
+        };
+        let key = "policy[0].wasi.preopens (policy `a`)";
+        let file = scratch.0.join("file.txt");
+        let says = format!("host path {} is not a directory", file.display());
+        assert_refused(&scratch.config(), &preopen("file.txt"), Some(6), key, &says);
+        let missing = scratch.0.join("missing");
+        let says = format!("host path {}: No such file", missing.display());
+        assert_refused(&scratch.config(), &preopen("missing"), Some(6), key, &says);
+    }
+}
