@@ -1,7 +1,7 @@
 //! The daemon-wide settings of a resolved configuration: `[server]`, `[audit]`,
 //! `[telemetry]`, `[ebpf]`, `[engine]`, `[reload]` and the `Config` that holds
-//! them with the policies. Built only by `resolve`; read by `server`, `engine`,
-//! `telemetry`, `audit` and `main`.
+//! them with the policies. Built by `resolve` (or from `Default` where no
+//! config is given); read by `server`, `engine`, `telemetry`, `audit`, `main`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
