@@ -5,7 +5,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use sandgate::abi::{checked_range, unpack};
-use sandgate::bridge::{EgressRule, decode_request};
+use sandgate::bridge::decode_request;
+use sandgate::config::EgressRule;
 use sandgate::decision::Decision;
 
 fuzz_target!(|data: &[u8]| {

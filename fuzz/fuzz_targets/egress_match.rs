@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandgate::bridge::EgressRule;
+use sandgate::config::EgressRule;
 use url::Url;
 
 fuzz_target!(|data: &[u8]| {
