@@ -4,8 +4,8 @@
 //! out after each evaluation (the bridge's egress denials arrive in the
 //! `Evaluation`).
 
-pub mod log;
 mod connections;
+pub mod log;
 mod queue;
 pub mod traces;
 pub mod view;

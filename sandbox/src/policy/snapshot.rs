@@ -18,8 +18,8 @@ use crate::bridge::Bridge;
 use crate::config::{Digest, Grants, PolicySpec};
 use crate::engine::Engine;
 use crate::probes::Probe;
-use crate::wasi::Source;
 use crate::telemetry::traces::Scope;
+use crate::wasi::Source;
 
 /// The optional export run once at load (DESIGN §2).
 pub const INIT_EXPORT: &str = "sandgate_init";
