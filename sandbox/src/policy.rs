@@ -8,10 +8,15 @@
 
 mod decision_cache;
 pub mod input;
+mod report;
 mod route;
 pub mod snapshot;
 
 pub use decision_cache::DecisionCache;
+pub use report::{
+    CredentialReport, DecisionCacheReport, EgressReport, PolicyReport, PreopenReport,
+    RoutingReport, VersionReport, VersionSummary, WasiReport,
+};
 pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
 
 use std::collections::BTreeMap;
@@ -1096,81 +1101,6 @@ pub fn needed_groups(wasi_imports: &[String]) -> Vec<&'static str> {
     groups.sort_unstable();
     groups.dedup();
     groups
-}
-
-impl Policy {
-    /// The effective settings of this loaded policy: what it is granted and
-    /// which of its imports are refused. Printed by `sandgate check --json`
-    /// and served by `GET /v1/policies`.
-    pub fn report(&self) -> serde_json::Value {
-        let spec = self.spec();
-        let facts = self.facts();
-        let grants = &spec.grants;
-        let refused: Vec<String> = facts
-            .wasi_imports
-            .iter()
-            .filter(|f| !grants.allows(f))
-            .map(|f| match wasi::group_of(f) {
-                Some(g) => format!("{f} ({g})"),
-                None => f.clone(),
-            })
-            .collect();
-        serde_json::json!({
-            "name": spec.name,
-            "version": spec.version,
-            "module": spec.module.to_string(),
-            "digest": facts.digest,
-            "digest_pinned": spec.sha256.is_some(),
-            "compiled_from": facts.compiled_from,
-            "fetched_from": facts.fetched_from,
-            "snapshot": facts.snapshot,
-            "versions": spec.versions.iter().map(|v| serde_json::json!({
-                "version": v.name,
-                "module": v.module.to_string(),
-                "sha256": v.sha256.map(|d| d.to_string()),
-                "weight": v.weight,
-            })).collect::<Vec<_>>(),
-            "routing": {
-                "version_header": spec.routing.version_header.then_some(crate::config::defaults::VERSION_HEADER),
-                "sticky": spec.routing.sticky.as_ref().map(|s| s.to_string()),
-            },
-            "decision_cache": spec.decision_cache.as_ref().map(|c| serde_json::json!({
-                "ttl_ms": c.ttl.as_millis() as u64,
-                "max_entries": c.max_entries,
-            })),
-            "timeout_ms": spec.timeout.as_millis() as u64,
-            "memory_limit_mb": spec.memory_limit_bytes >> 20,
-            "max_input_bytes": spec.max_input_bytes,
-            "max_output_bytes": spec.max_output_bytes,
-            "max_in_flight": spec.max_in_flight,
-            "fail_mode": spec.fail_mode,
-            "wasi": {
-                "allow": grants.requested,
-                "functions": grants.functions,
-                "on_denied": match grants.on_denied {
-                    crate::config::OnDenied::Errno => "errno",
-                    crate::config::OnDenied::Trap => "trap",
-                },
-                "env": grants.env.keys().collect::<Vec<_>>(),
-                "env_not_set": grants.env_missing,
-                "preopens": grants.preopens.iter().map(|p| serde_json::json!({
-                    "host": p.host, "guest": p.guest, "mode": p.access.to_string()
-                })).collect::<Vec<_>>(),
-                "imports_refused": refused,
-            },
-            "egress": {
-                "allow": spec.egress.allow.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-                "credentials": spec.egress.credentials.iter().map(|c| serde_json::json!({
-                    "prefix": c.prefix.as_str(), "header": c.header, "source": c.source,
-                })).collect::<Vec<_>>(),
-                "allow_redirects": spec.egress.allow_redirects,
-                "cache_ttl_ms": spec.egress.cache_ttl.map(|t| t.as_millis() as u64),
-                "timeout_ms": spec.egress.timeout.as_millis() as u64,
-                "max_response_bytes": spec.egress.max_response_bytes,
-                "max_calls": spec.egress.max_calls,
-            },
-        })
-    }
 }
 
 /// The `context` of a guest's input document (DESIGN §2), serialized
