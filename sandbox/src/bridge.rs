@@ -20,19 +20,21 @@ use http::{Method, StatusCode};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
 use url::Url;
-use wasmtime::{Caller, Linker};
 
-use crate::abi::{self, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
 use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 
+mod cache;
+mod host;
 mod redact;
 mod transport;
 
+pub use host::{EgressState, EgressView, add_to_linker};
+
+use cache::{CacheControl, CachedResponse, cache_key, cache_max_age};
 use redact::Secret;
 use transport::Transport;
 
@@ -111,12 +113,6 @@ pub struct HttpCall {
 pub struct CacheStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
-}
-
-#[derive(Clone)]
-struct CachedResponse {
-    expires: Instant,
-    document: Arc<Vec<u8>>,
 }
 
 /// The egress path of one policy. Shared by all its evaluations, which
@@ -510,57 +506,6 @@ async fn within<T>(
     }
 }
 
-fn cache_key(
-    method: &Method,
-    url: &Url,
-    headers: &[(HeaderName, HeaderValue)],
-    body: Option<&[u8]>,
-) -> [u8; 32] {
-    let mut hasher = sha2::Sha256::new();
-    hasher.update(method.as_str());
-    hasher.update([0]);
-    hasher.update(url.as_str());
-    let mut sorted: Vec<_> = headers.iter().collect();
-    sorted.sort_by(|a, b| {
-        a.0.as_str()
-            .cmp(b.0.as_str())
-            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
-    for (name, value) in sorted {
-        hasher.update([0]);
-        hasher.update(name.as_str());
-        hasher.update([b':']);
-        hasher.update(value.as_bytes());
-    }
-    hasher.update([1]);
-    hasher.update(body.unwrap_or_default());
-    hasher.finalize().into()
-}
-
-enum CacheControl {
-    NoStore,
-    MaxAge(Duration),
-    Default,
-}
-
-fn cache_max_age(headers: &HeaderMap) -> CacheControl {
-    let mut result = CacheControl::Default;
-    for value in headers.get_all(header::CACHE_CONTROL) {
-        let Ok(value) = value.to_str() else { continue };
-        for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
-            if directive == "no-store" || directive == "no-cache" || directive == "private" {
-                return CacheControl::NoStore;
-            }
-            if let Some(age) = directive.strip_prefix("max-age=")
-                && let Ok(secs) = age.trim_matches('"').parse::<u64>()
-            {
-                result = CacheControl::MaxAge(Duration::from_secs(secs));
-            }
-        }
-    }
-    result
-}
-
 /// Request headers a guest may not send: they would let a peer answer in a
 /// form the bridge cannot scrub (compressed, transfer-coded, or a slice of a
 /// body too short to contain a whole credential).
@@ -593,70 +538,4 @@ fn uninspectable_coding(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
-}
-
-/// Adds `http_send` and `http_read` to the `sandgate` import module.
-pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
-    linker.func_wrap_async(
-        abi::MODULE,
-        "http_send",
-        |mut caller: Caller<'_, Invocation>, (ptr, len): (i32, i32)| {
-            Box::new(async move {
-                let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-                caller.data_mut().pending = None;
-                if len > MAX_REQUEST_BYTES {
-                    return Ok(INVALID_REQUEST);
-                }
-                let raw = abi::read_guest(&mut caller, ptr, len)?;
-                let inv = caller.data_mut();
-                if inv.egress_calls >= inv.bridge.settings.max_calls {
-                    tracing::warn!(policy = %inv.subject.policy, decision_id = %inv.subject.decision_id, "egress call budget exhausted");
-                    return Ok(BUDGET_EXHAUSTED);
-                }
-                inv.egress_calls += 1;
-                let (bridge, audit, subject, trace, probe) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone(), inv.trace.clone(), inv.probe);
-                let mut calls = Vec::new();
-                let send = bridge.send(&raw, &audit, &subject, &mut calls, &trace);
-                let result = probe.hostcall(crate::probes::phase::HTTP_SEND, send).await;
-                let inv = caller.data_mut();
-                inv.http_calls.append(&mut calls);
-                Ok(match result {
-                    Ok(document) => {
-                        let n = document.len() as i64;
-                        inv.pending = Some(document);
-                        n
-                    }
-                    Err(code) => {
-                        if code == EGRESS_DENIED {
-                            inv.egress_denied += 1;
-                        }
-                        code
-                    }
-                })
-            })
-        },
-    )?;
-    linker.func_wrap(
-        abi::MODULE,
-        "http_read",
-        |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-            let probe = caller.data().probe;
-            probe.phase(crate::probes::phase::HTTP_READ, || {
-                http_read(&mut caller, ptr, len)
-            })
-        },
-    )?;
-    Ok(())
-}
-
-/// `http_read`: copies the pending response document into the guest.
-fn http_read(caller: &mut Caller<'_, Invocation>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
-    let Some(document) = caller.data_mut().pending.take() else {
-        return Ok(INVALID_REQUEST as i32);
-    };
-    let len =
-        usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-    let n = document.len().min(len);
-    abi::write_guest(caller, ptr, &document[..n])?;
-    Ok(n as i32)
 }
