@@ -4,7 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sandgate::abi::{checked_range, unpack};
+use sandgate::abi::call::unpack;
+use sandgate::abi::memory::checked_range;
 use sandgate::bridge::decode_request;
 use sandgate::config::EgressRule;
 use sandgate::decision::Decision;
