@@ -8,6 +8,9 @@
 //! printed each second; the others are counted from the export request's
 //! envelope, their spans left undecoded, and one line each second says how
 //! many were not shown. `--all` prints every trace.
+//!
+//! Over 600 lines with its tests: both OTLP transports, the rate limit and
+//! the printing of `sandgate trace`; it is to move to a CLI module.
 
 mod render;
 
