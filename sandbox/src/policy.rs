@@ -34,13 +34,14 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 
-use crate::abi::{self, AbiViolation, Invocation};
+use crate::abi::{self, AbiViolation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::bridge::{Bridge, CacheStats, EgressState, HttpCall};
 use crate::config::{Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
 use crate::fetch::Fetched;
+use crate::host::{self, Invocation};
 use crate::probes::{self, Expected, Probe, Watch};
 use crate::telemetry::log::{Escaped, GuestBatch};
 use crate::telemetry::traces::{Parent, Scope, Tracing};
@@ -1008,7 +1009,7 @@ fn link(
     grants: &crate::config::Grants,
 ) -> Result<InstancePre<Invocation>, String> {
     let mut linker = Linker::new(engine.wasmtime());
-    abi::add_to_linker(&mut linker, module, grants)?;
+    host::add_to_linker(&mut linker, module, grants)?;
     linker
         .instantiate_pre(module)
         .map_err(|e| format!("cannot link the module: {e:#}"))

@@ -7,7 +7,7 @@
 use wasmtime::{AsContextMut, ExternType, Instance, Module, ValType};
 
 use super::memory::{AbiViolation, checked_range};
-use super::{ABI_VERSION, IMPORTS, MODULE};
+use super::{ABI_VERSION, IMPORTS, MODULE, WASI_MODULE};
 use crate::decision::Decision;
 
 /// The optional export run once at load (DESIGN §2).
@@ -74,12 +74,12 @@ pub fn validate(module: &Module) -> Result<(), String> {
                     IMPORTS.join(", ")
                 ));
             }
-            crate::wasi::MODULE => {}
+            WASI_MODULE => {}
             other => {
                 return Err(format!(
                     "imports `{other}::{}`: only `{MODULE}` and `{}` imports are allowed",
                     import.name(),
-                    crate::wasi::MODULE
+                    WASI_MODULE
                 ));
             }
         }

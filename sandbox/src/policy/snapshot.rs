@@ -12,11 +12,12 @@ use wasmtime::{Instance, Module, Store, Val};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use super::{DEADLINE_MARGIN, classify, hand_off_output, link, new_store};
-use crate::abi::{self, Invocation};
+use crate::abi;
 use crate::audit::{AuditLog, Subject};
 use crate::bridge::Bridge;
 use crate::config::{Digest, Grants, PolicySpec};
 use crate::engine::Engine;
+use crate::host::Invocation;
 use crate::probes::Probe;
 use crate::telemetry::traces::Scope;
 use crate::wasi::Source;

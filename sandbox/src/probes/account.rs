@@ -13,7 +13,7 @@ use std::{
 use opentelemetry::{Key, KeyValue, trace::SpanKind};
 
 use super::{Watch, expected, phase};
-use crate::{audit::AuditRecord, wasi};
+use crate::{audit::AuditRecord, preview1 as wasi};
 
 const PHASES: [&str; phase::COUNT] = [
     "guest",

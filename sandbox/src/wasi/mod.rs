@@ -17,16 +17,16 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 use crate::abi::memory;
 use crate::config::{Access, Grants, OnDenied};
 
-pub mod groups;
 mod output;
 
-pub use groups::{GROUPS, PREVIEW1, expand_grant, group_of};
-pub use output::{
-    Collected, GuestLine, GuestOutput, MAX_GUEST_OUTPUT_BYTES, MAX_GUEST_OUTPUT_LINES, Source,
+pub use crate::preview1::{GROUPS, PREVIEW1, expand_grant, group_of};
+pub use crate::telemetry::log::{
+    GuestLine, MAX_GUEST_OUTPUT_BYTES, MAX_GUEST_OUTPUT_LINES, Source,
 };
+pub use output::{Collected, GuestOutput};
 
 /// The import module of WASI preview 1.
-pub const MODULE: &str = "wasi_snapshot_preview1";
+pub const MODULE: &str = crate::abi::WASI_MODULE;
 
 /// `ERRNO_NOTCAPABLE`: what a refused call returns under `on_denied = "errno"`.
 pub const ERRNO_NOTCAPABLE: i32 = 76;

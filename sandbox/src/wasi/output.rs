@@ -8,27 +8,7 @@ use std::sync::{Arc, Mutex};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
-/// Bytes of guest output (stdout, stderr and `log` messages together) kept
-/// per evaluation for the daemon log; the rest is counted and dropped.
-pub const MAX_GUEST_OUTPUT_BYTES: usize = 16 * 1024;
-/// Lines of guest output kept per evaluation; the rest are counted and dropped.
-pub const MAX_GUEST_OUTPUT_LINES: usize = 100;
-
-/// Where a line of guest output came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Stdout,
-    Stderr,
-    /// The `sandgate::log` import, with its level (0 trace … 4 error).
-    Log(i32),
-}
-
-/// One line a guest wrote, without its newline.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GuestLine {
-    pub source: Source,
-    pub text: String,
-}
+use crate::telemetry::log::{GuestLine, MAX_GUEST_OUTPUT_BYTES, MAX_GUEST_OUTPUT_LINES, Source};
 
 /// What a guest wrote to stdout, stderr and `log` during one evaluation,
 /// bounded by `MAX_GUEST_OUTPUT_LINES` and `MAX_GUEST_OUTPUT_BYTES` together:

@@ -4,7 +4,7 @@
 use super::Resolver;
 use crate::config::raw::RawWasi;
 use crate::config::{Access, ConfigError, Grants, Preopen};
-use crate::wasi;
+use crate::preview1 as wasi;
 
 impl Resolver<'_> {
     pub(super) fn grants(

@@ -5,7 +5,7 @@
 
 use wasmtime::{Caller, Linker};
 
-use super::memory::read_guest_string;
+use crate::abi::memory::read_guest_string;
 use crate::probes::Probe;
 use crate::telemetry::traces::Scope;
 use crate::wasi::GuestOutput;

@@ -1,6 +1,7 @@
 //! The WASI preview 1 function list and the groups of DESIGN §5 a policy
-//! grants by name. A leaf: config resolves `wasi.allow` with it, probes and
-//! the CLI name functions and groups with it, without the rest of `wasi`.
+//! grants by name. A leaf module: config resolves `wasi.allow` with it, the
+//! `wasi` host enforces it, probes and the CLI name functions and groups
+//! with it; it imports nothing of the crate.
 
 /// Every function of `wasi_snapshot_preview1`.
 pub const PREVIEW1: [&str; 46] = [
