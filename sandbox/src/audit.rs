@@ -216,6 +216,49 @@ impl AuditLog {
     }
 }
 
+impl crate::telemetry::Collected for AuditLog {
+    fn collector(&self) -> Box<dyn prometheus_client::collector::Collector> {
+        Box::new(AuditCounters {
+            audit: self.clone(),
+        })
+    }
+}
+
+/// Reads the audit log's counters when `/metrics` is scraped.
+struct AuditCounters {
+    audit: AuditLog,
+}
+
+impl std::fmt::Debug for AuditCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditCounters").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for AuditCounters {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::telemetry::names;
+        crate::telemetry::encode_counters(
+            &mut encoder,
+            &[
+                (
+                    names::AUDIT_DROPPED,
+                    "Audit lines dropped because the writer fell behind",
+                    self.audit.dropped(),
+                ),
+                (
+                    names::AUDIT_WRITTEN,
+                    "Audit lines written",
+                    self.audit.written(),
+                ),
+            ],
+        )
+    }
+}
+
 enum Sink {
     Stdout(io::Stdout),
     File { path: PathBuf, out: BufWriter<File> },
@@ -296,5 +339,38 @@ fn write_lines(mut sink: Sink, rx: Receiver<Message>, written: &AtomicU64) {
             report("flush", e);
         }
         std::thread::sleep(BATCH_WINDOW);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::config::Digest;
+    use crate::telemetry::Collected as _;
+
+    #[test]
+    fn metrics_read_the_audit_lines_written_and_dropped_when_scraped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let audit =
+            AuditLog::open(&AuditTarget::File(dir.path().join("audit.jsonl"))).expect("audit");
+        let mut registry = Registry::default();
+        registry.register_collector(audit.collector());
+        let subject = Subject::new("p", "v1", &Digest::of(b"m").to_string(), "d".into());
+        let record = AuditRecord::KernelSyscall {
+            syscall: "connect".into(),
+            count: 1,
+        };
+        audit.record(&subject, &record);
+        audit.flush();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoded");
+        for needle in [
+            "sandgate_audit_lines_written_total 1",
+            "sandgate_audit_lines_dropped_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
     }
 }

@@ -20,19 +20,21 @@ use http::{Method, StatusCode};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use serde::{Deserialize, Serialize};
-use sha2::Digest as _;
-use url::{Host, Url};
-use wasmtime::{Caller, Linker};
+use url::Url;
 
-use crate::abi::{self, Invocation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::config::EgressSettings;
 use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 
+mod cache;
+mod host;
 mod redact;
 mod transport;
 
+pub use host::{EgressState, EgressView, add_to_linker};
+
+use cache::{CacheControl, CachedResponse, cache_key, cache_max_age};
 use redact::Secret;
 use transport::Transport;
 
@@ -63,122 +65,6 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 pub const MAX_REDIRECTS: usize = 5;
 /// Entries kept per policy in the response cache.
 const CACHE_CAPACITY: u64 = 10_000;
-
-/// One `egress.allow` prefix, parsed: a URL matches when scheme, host and
-/// port are equal and the prefix's path segments are a prefix of its own.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EgressRule {
-    text: String,
-    scheme: String,
-    host: Host<String>,
-    port: u16,
-    segments: Vec<String>,
-}
-
-impl EgressRule {
-    /// Parses an allowlist prefix such as `http://127.0.0.1:8080/introspect`.
-    pub fn parse(text: &str) -> Result<EgressRule, String> {
-        let url = Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(format!(
-                "`{text}` must be an http:// or https:// URL prefix"
-            ));
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(format!("`{text}` must not carry user information"));
-        }
-        if url.query().is_some() || url.fragment().is_some() {
-            return Err(format!("`{text}` must not have a query or fragment"));
-        }
-        let (Some(host), Some(port)) = (url.host(), url.port_or_known_default()) else {
-            return Err(format!("`{text}` has no host"));
-        };
-        Ok(EgressRule {
-            text: text.to_owned(),
-            scheme: url.scheme().to_owned(),
-            host: host.to_owned(),
-            port,
-            segments: segments(&url),
-        })
-    }
-
-    /// Whether `url` falls under this prefix.
-    pub fn matches(&self, url: &Url) -> bool {
-        url.scheme() == self.scheme
-            && url.username().is_empty()
-            && url.password().is_none()
-            && url.host().is_some_and(|host| self.is_host(&host))
-            && url.port_or_known_default() == Some(self.port)
-            && self.is_path_prefix_of(url)
-    }
-
-    fn is_host(&self, host: &Host<&str>) -> bool {
-        match (host, &self.host) {
-            (Host::Domain(a), Host::Domain(b)) => a == b,
-            (Host::Ipv4(a), Host::Ipv4(b)) => a == b,
-            (Host::Ipv6(a), Host::Ipv6(b)) => a == b,
-            _ => false,
-        }
-    }
-
-    /// Whether this prefix's segments begin `url`'s path. Trailing empty
-    /// segments (`/a/`) need no trimming here: the prefix's own last segment
-    /// is never empty, so it cannot end inside them.
-    ///
-    /// Under a path prefix, a URL a server could read as another path is
-    /// refused: an encoded `/`, `\` or NUL, or a `..;x`-style dot segment
-    /// (servers that drop `;` parameters walk it up), so `/api/..%2fadmin`
-    /// does not pass for `/api`.
-    fn is_path_prefix_of(&self, url: &Url) -> bool {
-        let Some(mut path) = url.path_segments() else {
-            return self.segments.is_empty();
-        };
-        if !self.segments.is_empty() && path.clone().any(is_ambiguous_segment) {
-            return false;
-        }
-        self.segments
-            .iter()
-            .all(|want| path.next() == Some(want.as_str()))
-    }
-
-    /// Whether every URL under `other` is also under this prefix.
-    pub fn covers(&self, other: &EgressRule) -> bool {
-        self.scheme == other.scheme
-            && self.host == other.host
-            && self.port == other.port
-            && other.segments.starts_with(&self.segments)
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.text
-    }
-}
-
-/// Whether a (serialised) path segment may name a different path once a
-/// server decodes it: see `EgressRule::is_path_prefix_of`.
-fn is_ambiguous_segment(segment: &str) -> bool {
-    let lower = segment.to_ascii_lowercase();
-    if ["%2f", "%5c", "%00"].iter().any(|e| lower.contains(e)) {
-        return true;
-    }
-    let bare = lower
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .replace("%2e", ".");
-    lower.contains(';') && (bare == "." || bare == "..")
-}
-
-fn segments(url: &Url) -> Vec<String> {
-    let mut segs: Vec<String> = url
-        .path_segments()
-        .map(|s| s.map(str::to_owned).collect())
-        .unwrap_or_default();
-    while segs.last().is_some_and(String::is_empty) {
-        segs.pop();
-    }
-    segs
-}
 
 /// The HttpRequest document of DESIGN §2.
 #[derive(Debug, Deserialize)]
@@ -227,12 +113,6 @@ pub struct HttpCall {
 pub struct CacheStats {
     pub hits: AtomicU64,
     pub misses: AtomicU64,
-}
-
-#[derive(Clone)]
-struct CachedResponse {
-    expires: Instant,
-    document: Arc<Vec<u8>>,
 }
 
 /// The egress path of one policy. Shared by all its evaluations, which
@@ -626,57 +506,6 @@ async fn within<T>(
     }
 }
 
-fn cache_key(
-    method: &Method,
-    url: &Url,
-    headers: &[(HeaderName, HeaderValue)],
-    body: Option<&[u8]>,
-) -> [u8; 32] {
-    let mut hasher = sha2::Sha256::new();
-    hasher.update(method.as_str());
-    hasher.update([0]);
-    hasher.update(url.as_str());
-    let mut sorted: Vec<_> = headers.iter().collect();
-    sorted.sort_by(|a, b| {
-        a.0.as_str()
-            .cmp(b.0.as_str())
-            .then(a.1.as_bytes().cmp(b.1.as_bytes()))
-    });
-    for (name, value) in sorted {
-        hasher.update([0]);
-        hasher.update(name.as_str());
-        hasher.update([b':']);
-        hasher.update(value.as_bytes());
-    }
-    hasher.update([1]);
-    hasher.update(body.unwrap_or_default());
-    hasher.finalize().into()
-}
-
-enum CacheControl {
-    NoStore,
-    MaxAge(Duration),
-    Default,
-}
-
-fn cache_max_age(headers: &HeaderMap) -> CacheControl {
-    let mut result = CacheControl::Default;
-    for value in headers.get_all(header::CACHE_CONTROL) {
-        let Ok(value) = value.to_str() else { continue };
-        for directive in value.split(',').map(|d| d.trim().to_ascii_lowercase()) {
-            if directive == "no-store" || directive == "no-cache" || directive == "private" {
-                return CacheControl::NoStore;
-            }
-            if let Some(age) = directive.strip_prefix("max-age=")
-                && let Ok(secs) = age.trim_matches('"').parse::<u64>()
-            {
-                result = CacheControl::MaxAge(Duration::from_secs(secs));
-            }
-        }
-    }
-    result
-}
-
 /// Request headers a guest may not send: they would let a peer answer in a
 /// form the bridge cannot scrub (compressed, transfer-coded, or a slice of a
 /// body too short to contain a whole credential).
@@ -709,123 +538,4 @@ fn uninspectable_coding(headers: &HeaderMap) -> Option<String> {
         }
     }
     None
-}
-
-/// Adds `http_send` and `http_read` to the `sandgate` import module.
-pub fn add_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
-    linker.func_wrap_async(
-        abi::MODULE,
-        "http_send",
-        |mut caller: Caller<'_, Invocation>, (ptr, len): (i32, i32)| {
-            Box::new(async move {
-                let len = usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-                caller.data_mut().pending = None;
-                if len > MAX_REQUEST_BYTES {
-                    return Ok(INVALID_REQUEST);
-                }
-                let raw = abi::read_guest(&mut caller, ptr, len)?;
-                let inv = caller.data_mut();
-                if inv.egress_calls >= inv.bridge.settings.max_calls {
-                    tracing::warn!(policy = %inv.subject.policy, decision_id = %inv.subject.decision_id, "egress call budget exhausted");
-                    return Ok(BUDGET_EXHAUSTED);
-                }
-                inv.egress_calls += 1;
-                let (bridge, audit, subject, trace, probe) = (Arc::clone(&inv.bridge), inv.audit.clone(), inv.subject.clone(), inv.trace.clone(), inv.probe);
-                let mut calls = Vec::new();
-                let send = bridge.send(&raw, &audit, &subject, &mut calls, &trace);
-                let result = probe.hostcall(crate::probes::phase::HTTP_SEND, send).await;
-                let inv = caller.data_mut();
-                inv.http_calls.append(&mut calls);
-                Ok(match result {
-                    Ok(document) => {
-                        let n = document.len() as i64;
-                        inv.pending = Some(document);
-                        n
-                    }
-                    Err(code) => {
-                        if code == EGRESS_DENIED {
-                            inv.egress_denied += 1;
-                        }
-                        code
-                    }
-                })
-            })
-        },
-    )?;
-    linker.func_wrap(
-        abi::MODULE,
-        "http_read",
-        |mut caller: Caller<'_, Invocation>, ptr: i32, len: i32| -> wasmtime::Result<i32> {
-            let probe = caller.data().probe;
-            probe.phase(crate::probes::phase::HTTP_READ, || {
-                http_read(&mut caller, ptr, len)
-            })
-        },
-    )?;
-    Ok(())
-}
-
-/// `http_read`: copies the pending response document into the guest.
-fn http_read(caller: &mut Caller<'_, Invocation>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
-    let Some(document) = caller.data_mut().pending.take() else {
-        return Ok(INVALID_REQUEST as i32);
-    };
-    let len =
-        usize::try_from(len).map_err(|_| abi::AbiViolation(format!("negative length {len}")))?;
-    let n = document.len().min(len);
-    abi::write_guest(caller, ptr, &document[..n])?;
-    Ok(n as i32)
-}
-
-#[cfg(test)]
-mod egress_properties;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn url(s: &str) -> Url {
-        Url::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
-    }
-
-    #[test]
-    fn prefixes_match_whole_segments_of_normalised_urls() {
-        let rule =
-            EgressRule::parse("http://127.0.0.1:8080/introspect").unwrap_or_else(|e| panic!("{e}"));
-        assert!(rule.matches(&url("http://127.0.0.1:8080/introspect")));
-        assert!(rule.matches(&url("http://127.0.0.1:8080/introspect/x?y=1")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspection")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8081/introspect")));
-        assert!(!rule.matches(&url("https://127.0.0.1:8080/introspect")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect/../admin")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect/%2e%2e/admin")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8080/introspect%2F..%2Fadmin")));
-        assert!(!rule.matches(&url("http://127.0.0.1:8080@evil.example/introspect")));
-        assert!(!rule.matches(&url("http://user@127.0.0.1:8080/introspect")));
-        assert!(!rule.matches(&url("http://[::ffff:127.0.0.1]:8080/introspect")));
-        assert!(!rule.matches(&url("http://localhost:8080/introspect")));
-        // Other spellings of the same IPv4 address normalise to it.
-        assert!(rule.matches(&url("http://2130706433:8080/introspect")));
-        assert!(rule.matches(&url("http://0x7f.0.0.1:8080/introspect")));
-        // A trailing slash names the same directory; the root prefix covers the host.
-        let dir = EgressRule::parse("http://auth.example/api/").unwrap_or_else(|e| panic!("{e}"));
-        assert!(dir.matches(&url("http://auth.example/api")));
-        assert!(dir.matches(&url("http://auth.example/api/v1/")));
-        assert!(!dir.matches(&url("http://auth.example/apiv1")));
-        assert!(!dir.matches(&url("http://auth.example.evil/api")));
-        let root = EgressRule::parse("http://auth.example").unwrap_or_else(|e| panic!("{e}"));
-        assert!(root.matches(&url("http://auth.example/anything/else")));
-        assert!(!root.matches(&url("http://other.example/")));
-    }
-
-    #[test]
-    fn prefixes_are_validated() {
-        assert!(EgressRule::parse("ftp://h/x").is_err());
-        assert!(EgressRule::parse("http://u:p@h/x").is_err());
-        assert!(EgressRule::parse("http://h/x?q=1").is_err());
-        assert!(EgressRule::parse("not a url").is_err());
-        let a = EgressRule::parse("http://h/a").unwrap_or_else(|e| panic!("{e}"));
-        let ab = EgressRule::parse("http://h/a/b/").unwrap_or_else(|e| panic!("{e}"));
-        assert!(a.covers(&ab) && !ab.covers(&a));
-    }
 }

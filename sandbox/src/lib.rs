@@ -9,11 +9,14 @@
 pub mod abi;
 pub mod audit;
 pub mod bridge;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod fetch;
+pub mod host;
 pub mod policy;
+pub mod preview1;
 pub mod probes;
 pub mod server;
 pub mod telemetry;

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
 use sandgate::audit::AuditLog;
 use sandgate::config::{self, AuditTarget, Config, EngineSettings, PolicySpec};
 use sandgate::engine::CacheReport;
-use sandgate::{Engine, EvalOptions, Policy, abi, policy, wasi};
+use sandgate::policy::PolicyReport;
+use sandgate::{Engine, EvalOptions, FailMode, Policy, abi, policy, wasi};
 
 /// mimalloc instead of the system allocator: the daemon allocates on every
 /// thread (HTTP workers, guests, the audit writer, the span exporter), and
@@ -67,21 +68,7 @@ enum Command {
     },
     /// Receive OTLP traces and print their span trees (a terminal view of
     /// what the daemon exports, for machines without Jaeger).
-    Trace {
-        /// OTLP/gRPC listen address (point `telemetry.otlp_endpoint` here).
-        #[arg(long, default_value = "127.0.0.1:4317")]
-        listen: std::net::SocketAddr,
-        /// Also receive OTLP/HTTP (`POST /v1/traces`) on this address.
-        #[arg(long)]
-        http_listen: Option<std::net::SocketAddr>,
-        /// Print at most this many traces a second; the others are counted,
-        /// in one line a second.
-        #[arg(long, default_value_t = 100, value_name = "TRACES")]
-        max_per_second: u32,
-        /// Print every trace received (for a file or a pipe).
-        #[arg(long, conflicts_with = "max_per_second")]
-        all: bool,
-    },
+    Trace(sandgate::cli::trace::Args),
     /// Show a module's imports, exports, ABI version and the WASI it needs.
     Inspect {
         #[arg(long)]
@@ -129,7 +116,7 @@ fn main() -> ExitCode {
     // The trace view is one receiver printing to one terminal: a single
     // thread serves it without handing each export between threads.
     let mut builder = match cli.command {
-        Command::Trace { .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Trace(_) => tokio::runtime::Builder::new_current_thread(),
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {
@@ -176,14 +163,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check { config, json } => check(&config, json).await,
         Command::Inspect { module, json } => inspect(&module, json).await,
         Command::Serve { config } => serve(&config).await,
-        Command::Trace {
-            listen,
-            http_listen,
-            max_per_second,
-            all,
-        } => {
-            let limit = (!all).then_some(max_per_second);
-            sandgate::telemetry::view::serve(listen, http_listen, limit).await?;
+        Command::Trace(args) => {
+            sandgate::cli::trace::run(args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -291,27 +272,7 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         )
         .await
         {
-            Ok(versions) => {
-                let mut policy = versions.primary().report();
-                let loaded: Vec<serde_json::Value> = versions
-                    .iter()
-                    .map(|(version, weight)| {
-                        let facts = version.facts();
-                        serde_json::json!({
-                            "version": version.spec().version,
-                            "module": version.spec().module.to_string(),
-                            "digest": facts.digest,
-                            "weight": weight,
-                            "compiled_from": facts.compiled_from,
-                            "fetched_from": facts.fetched_from,
-                        })
-                    })
-                    .collect();
-                if let Some(map) = policy.as_object_mut() {
-                    map.insert("versions".into(), loaded.into());
-                }
-                report.push(policy);
-            }
+            Ok(versions) => report.push(PolicyReport::of(&versions)),
             Err(e) => failures.push(e.to_string()),
         }
     }
@@ -349,7 +310,7 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheReport) {
+fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
     out!("config {}: ok", config.source.display());
     out!("  listen {}", config.server.listen);
     if let Some(grpc) = config.server.grpc_listen {
@@ -373,9 +334,9 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
         ("on", _) => out!("  module cache {dir}"),
-        (_, Some(reason)) => out!(
-            "  module cache refused ({dir}): {reason}; modules are compiled at every start"
-        ),
+        (_, Some(reason)) => {
+            out!("  module cache refused ({dir}): {reason}; modules are compiled at every start")
+        }
         _ => out!("  module cache off"),
     }
     if let Some(dir) = &config.engine.download_dir
@@ -388,132 +349,103 @@ fn print_check(config: &Config, report: &[serde_json::Value], cache: &CacheRepor
         out!("  downloads    {}", dir.display());
     }
     for p in report {
-        let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
-        let list = |v: &serde_json::Value| {
-            let items: Vec<String> = v
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .map(|x| {
-                            x.as_str()
-                                .map(str::to_owned)
-                                .unwrap_or_else(|| x.to_string())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            if items.is_empty() {
-                "(none)".to_owned()
-            } else {
-                items.join(", ")
-            }
-        };
         out!();
-        let versions = p["versions"].as_array().cloned().unwrap_or_default();
+        let versions = &p.versions;
         if versions.len() > 1 {
-            out!("policy {}", s(&p["name"]));
+            out!("policy {}", p.name);
         } else {
-            out!("policy {} (version {})", s(&p["name"]), s(&p["version"]));
+            out!("policy {} (version {})", p.name, p.version);
         }
-        for v in &versions {
+        for v in versions {
             let label = if versions.len() > 1 {
-                format!("  version {} (weight {})", s(&v["version"]), v["weight"])
+                format!(
+                    "  version {} (weight {})",
+                    v.summary.version, v.summary.weight
+                )
             } else {
                 "  module".to_owned()
             };
             // Where the module came from: the file, the download cache or the
             // network, or not read at all when a compiled copy was cached.
-            let fetched = match v["fetched_from"].as_str() {
+            let fetched = match &v.fetched_from {
                 Some(from) => format!("read from {from}"),
                 None => "not read".to_owned(),
             };
             out!(
                 "{label:<15} {}\n                {}; {fetched}; compiled: {}",
-                s(&v["module"]),
-                s(&v["digest"]),
-                s(&v["compiled_from"])
+                v.module,
+                v.summary.digest,
+                v.compiled_from
             );
         }
-        let routing = &p["routing"];
         if versions.len() > 1 {
             out!(
                 "  routing       header {}, sticky {}",
-                routing["version_header"].as_str().unwrap_or("off"),
-                routing["sticky"].as_str().unwrap_or("off")
+                p.routing.version_header.unwrap_or("off"),
+                p.routing.sticky.as_deref().unwrap_or("off")
             );
         }
-        if let Some(cache) = p["decision_cache"].as_object() {
+        if let Some(cache) = &p.decision_cache {
             out!(
                 "  decisions     cached {} ms, at most {} entries",
-                cache["ttl_ms"],
-                cache["max_entries"]
+                cache.ttl_ms,
+                cache.max_entries
             );
         }
         out!(
             "  limits        timeout {} ms, memory {} MiB, output {} bytes, fail_mode {}",
-            p["timeout_ms"],
-            p["memory_limit_mb"],
-            p["max_output_bytes"],
-            s(&p["fail_mode"])
-        );
-        let w = &p["wasi"];
-        out!(
-            "  wasi allow    {} (on_denied {})",
-            list(&w["allow"]),
-            s(&w["on_denied"])
-        );
-        out!("  wasi granted  {}", list(&w["functions"]));
-        out!("  env           {}", list(&w["env"]));
-        if !list(&w["env_not_set"]).starts_with('(') {
-            out!(
-                "  env not set   {} (listed but absent from the daemon's environment)",
-                list(&w["env_not_set"])
-            );
-        }
-        let preopens: Vec<String> = w["preopens"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|p| {
-                        format!(
-                            "{} -> {} ({})",
-                            s(&p["host"]),
-                            s(&p["guest"]),
-                            s(&p["mode"])
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out!(
-            "  preopens      {}",
-            if preopens.is_empty() {
-                "(none)".to_owned()
-            } else {
-                preopens.join(", ")
+            p.timeout_ms,
+            p.memory_limit_mb,
+            p.max_output_bytes,
+            match p.fail_mode {
+                FailMode::Closed => "closed",
+                FailMode::Open => "open",
             }
         );
-        out!("  refused       {}", list(&w["imports_refused"]));
-        out!("  egress allow  {}", list(&p["egress"]["allow"]));
-        let credentials: Vec<String> = p["egress"]["credentials"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|c| {
-                        format!(
-                            "{} for {} (from {})",
-                            s(&c["header"]),
-                            s(&c["prefix"]),
-                            s(&c["source"])
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let w = &p.wasi;
+        out!(
+            "  wasi allow    {} (on_denied {})",
+            listed(&w.allow),
+            w.on_denied
+        );
+        out!("  wasi granted  {}", listed(&w.functions));
+        out!("  env           {}", listed(&w.env));
+        if !w.env_not_set.is_empty() {
+            out!(
+                "  env not set   {} (listed but absent from the daemon's environment)",
+                listed(&w.env_not_set)
+            );
+        }
+        let preopens: Vec<String> = w
+            .preopens
+            .iter()
+            .map(|o| format!("{} -> {} ({})", o.host.display(), o.guest, o.mode))
+            .collect();
+        out!("  preopens      {}", listed(&preopens));
+        out!("  refused       {}", listed(&w.imports_refused));
+        out!("  egress allow  {}", listed(&p.egress.allow));
+        let credentials: Vec<String> = p
+            .egress
+            .credentials
+            .iter()
+            .map(|c| format!("{} for {} (from {})", c.header, c.prefix, c.source))
+            .collect();
         if !credentials.is_empty() {
             out!("  credentials   {}", credentials.join(", "));
         }
     }
+}
+
+/// `items` joined with commas, or `(none)`.
+fn listed(items: &[impl std::fmt::Display]) -> String {
+    if items.is_empty() {
+        return "(none)".to_owned();
+    }
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Binds, prints the bound addresses on stderr (one parseable line each:

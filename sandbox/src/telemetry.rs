@@ -1,14 +1,16 @@
 //! Telemetry: the Prometheus metrics of the daemon (served at `/metrics`) and,
 //! in [`traces`], OpenTelemetry traces. Every metric name is defined here,
 //! once, as a constant; `server` records into the handles this module hands
-//! out after each evaluation (the bridge's egress denials arrive in the
-//! `Evaluation`).
+//! out after each evaluation, as plain [`EvaluationFigures`], and other
+//! concerns (audit, probes) hand in their own counters as [`Collected`].
+//!
+//! Over 600 lines: every metric's name, help and registration is kept here,
+//! in one place, as the style asks; its tests render the whole exposition.
 
-pub mod log;
 mod connections;
+pub mod log;
 mod queue;
 pub mod traces;
-pub mod view;
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -23,10 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::audit::AuditLog;
 use crate::decision::ErrorCode;
-use crate::policy::Evaluation;
-use crate::probes::Probes;
 use traces::{ExportStats, Tracing};
 
 pub use connections::{ConnectionMetrics, OpenConnection, TimeoutPhase};
@@ -172,9 +171,9 @@ fn instantiation_histogram() -> Histogram {
 }
 
 impl Metrics {
-    /// Registers every metric; `audit` (and the trace exporter's `export`
-    /// counters, when exporting) are read at scrape time.
-    pub fn new(audit: &AuditLog, otlp: Option<&Tracing>, probes: &Probes) -> Metrics {
+    /// Registers every metric; the counters of `audit` and `probes` (and the
+    /// trace exporter's `export` counters, when exporting) are read at scrape time.
+    pub fn new(audit: &impl Collected, otlp: Option<&Tracing>, probes: &impl Collected) -> Metrics {
         let mut registry = Registry::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let evaluation: HistogramFamily<VersionLabels> =
@@ -276,9 +275,8 @@ impl Metrics {
         );
         let connections = ConnectionMetrics::register(&mut registry);
         registry.register_collector(probes.collector());
-        registry.register_collector(Box::new(AuditCounters {
-            audit: audit.clone(),
-        }));
+        registry.register_collector(audit.collector());
+        registry.register_collector(Box::new(GuestOutputCounters));
         if let Some(tracing) = otlp {
             registry.register_collector(Box::new(ExportCounters {
                 stats: Arc::clone(tracing.stats()),
@@ -425,6 +423,32 @@ impl Metrics {
     }
 }
 
+/// What one finished evaluation amounts to for the metrics, in plain
+/// figures: the evaluating module converts its own result into this.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EvaluationFigures {
+    pub allow: bool,
+    /// The DESIGN §3 code of a failed evaluation, `None` for a decision.
+    pub error: Option<ErrorCode>,
+    /// Wall time of the evaluation, instantiation included.
+    pub duration: Duration,
+    /// Time spent instantiating the module (zero when none was needed).
+    pub instantiate: Duration,
+    /// The preview1 function of each WASI call refused, in order.
+    pub denied_calls: Vec<&'static str>,
+    /// Bridged HTTP requests refused by the egress allowlist.
+    pub egress_denied: u32,
+    /// Lines of guest output cut off by the per-evaluation bound.
+    pub guest_output_dropped: u64,
+}
+
+/// A concern that keeps its own counters (the audit log, the probes) and
+/// lets the metrics read them at scrape time through a collector.
+pub trait Collected {
+    /// A collector encoding this concern's counters when `/metrics` is scraped.
+    fn collector(&self) -> Box<dyn Collector>;
+}
+
 /// Content type of [`Metrics::render`].
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -448,16 +472,15 @@ pub struct PolicyMetrics {
 
 impl PolicyMetrics {
     /// Records one finished evaluation: its decision, latencies, WASI and egress denials.
-    pub fn evaluated(&self, evaluation: &Evaluation) {
-        let decision = &evaluation.decision;
-        self.decision(decision.allow, decision.error_code());
+    pub fn evaluated(&self, evaluation: impl Into<EvaluationFigures>) {
+        let evaluation = evaluation.into();
+        self.decision(evaluation.allow, evaluation.error);
         if let Some(otlp) = self.otlp() {
-            let calls: Vec<&'static str> = evaluation.denials.iter().map(|d| d.call).collect();
             otlp.evaluated(
                 &self.policy,
                 &self.version,
                 evaluation.duration,
-                &calls,
+                &evaluation.denied_calls,
                 evaluation.egress_denied,
             );
         }
@@ -479,13 +502,13 @@ impl PolicyMetrics {
             self.egress_denials
                 .inc_by(u64::from(evaluation.egress_denied));
         }
-        for denial in &evaluation.denials {
+        for &call in &evaluation.denied_calls {
             self.metrics
                 .inner
                 .wasi_denials
                 .get_or_create(&WasiLabels {
                     policy: self.policy.clone(),
-                    call: denial.call,
+                    call,
                 })
                 .inc();
         }
@@ -563,38 +586,19 @@ impl Drop for InFlight {
     }
 }
 
-/// Reads the audit log's counters at scrape time.
-struct AuditCounters {
-    audit: AuditLog,
-}
+/// Reads the guest log writer's counter at scrape time.
+#[derive(Debug)]
+struct GuestOutputCounters;
 
-impl std::fmt::Debug for AuditCounters {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditCounters").finish_non_exhaustive()
-    }
-}
-
-impl Collector for AuditCounters {
+impl Collector for GuestOutputCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         encode_counters(
             &mut encoder,
-            &[
-                (
-                    names::AUDIT_DROPPED,
-                    "Audit lines dropped because the writer fell behind",
-                    self.audit.dropped(),
-                ),
-                (
-                    names::AUDIT_WRITTEN,
-                    "Audit lines written",
-                    self.audit.written(),
-                ),
-                (
-                    names::GUEST_OUTPUT_UNWRITTEN,
-                    "Kept lines of guest output the log writer did not write",
-                    log::unwritten_lines(),
-                ),
-            ],
+            &[(
+                names::GUEST_OUTPUT_UNWRITTEN,
+                "Kept lines of guest output the log writer did not write",
+                log::unwritten_lines(),
+            )],
         )
     }
 }
@@ -647,13 +651,35 @@ impl Collector for ExportCounters {
 mod tests {
     use super::*;
 
+    /// Counters another concern keeps (as the audit log and the probes do).
+    struct Counted(&'static str);
+
+    impl Collected for Counted {
+        fn collector(&self) -> Box<dyn Collector> {
+            Box::new(CountedCollector(self.0))
+        }
+    }
+
+    #[derive(Debug)]
+    struct CountedCollector(&'static str);
+
+    impl Collector for CountedCollector {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_counters(&mut encoder, &[(self.0, "help", 7)])
+        }
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(
+            &Counted("sandgate_test_audit_counter"),
+            None,
+            &Counted("sandgate_test_probe_counter"),
+        )
+    }
+
     #[test]
     fn metrics_render_with_their_contract_labels() {
-        let metrics = Metrics::new(
-            &AuditLog::disabled(),
-            None,
-            &Probes::off("not started in this test"),
-        );
+        let metrics = metrics();
         let policy = metrics.policy("orders", "v2");
         policy.decision(true, None);
         policy.decision(false, Some(ErrorCode::EvalTimeout));
@@ -665,7 +691,35 @@ mod tests {
             r#"sandgate_decisions_total{policy="orders",version="v2",allow="false",error="eval_timeout"} 1"#,
             r#"sandgate_max_in_flight_refusals_total{policy="orders"} 1"#,
             r#"sandgate_request_errors_total{error="policy_not_found"} 1"#,
-            "sandgate_audit_lines_dropped_total 0",
+            "sandgate_test_audit_counter_total 7",
+            "sandgate_test_probe_counter_total 7",
+            "sandgate_guest_output_unwritten_lines_total ",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn an_evaluations_figures_count_its_decision_and_denials() {
+        let metrics = metrics();
+        metrics.policy("orders", "v2").evaluated(EvaluationFigures {
+            allow: false,
+            error: None,
+            duration: Duration::from_millis(3),
+            instantiate: Duration::from_millis(1),
+            denied_calls: vec!["path_open", "sock_accept", "path_open"],
+            egress_denied: 2,
+            guest_output_dropped: 5,
+        });
+        let text = metrics.render();
+        for needle in [
+            r#"sandgate_decisions_total{policy="orders",version="v2",allow="false",error="none"} 1"#,
+            r#"sandgate_wasi_denials_total{policy="orders",call="path_open"} 2"#,
+            r#"sandgate_wasi_denials_total{policy="orders",call="sock_accept"} 1"#,
+            r#"sandgate_egress_denials_total{policy="orders"} 2"#,
+            r#"sandgate_guest_output_dropped_lines_total{policy="orders"} 5"#,
+            r#"sandgate_evaluation_duration_seconds_count{policy="orders",version="v2"} 1"#,
+            r#"sandgate_instantiation_duration_seconds_count{policy="orders",version="v2"} 1"#,
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }

@@ -12,19 +12,17 @@ use wasmtime::{Instance, Module, Store, Val};
 use wasmtime_wizer::{InstanceState, SnapshotVal, ValType, Wizer};
 
 use super::{DEADLINE_MARGIN, classify, hand_off_output, link, new_store};
-use crate::abi::Invocation;
+use crate::abi;
 use crate::audit::{AuditLog, Subject};
 use crate::bridge::Bridge;
 use crate::config::{Digest, Grants, PolicySpec};
 use crate::engine::Engine;
+use crate::host::Invocation;
 use crate::probes::Probe;
-use crate::wasi::Source;
 use crate::telemetry::traces::Scope;
+use crate::wasi::Source;
 
-/// The optional export run once at load (DESIGN §2).
-pub const INIT_EXPORT: &str = "sandgate_init";
-/// The reactor initialiser of wasi-libc, run before `sandgate_init`.
-pub const INITIALIZE_EXPORT: &str = "_initialize";
+pub use crate::abi::call::{INIT_EXPORT, INITIALIZE_EXPORT};
 /// WASI functions refused while init runs, whatever the grants: a snapshot
 /// must not freeze a secret or a time.
 pub const REFUSED_AT_INIT: [&str; 3] = ["clock_res_get", "clock_time_get", "random_get"];
@@ -187,14 +185,9 @@ async fn run_init(
     sandgate_init: bool,
 ) -> Result<Instance, RunError> {
     let instance = pre.instantiate_async(&mut *store).await?;
-    if let Ok(initialize) = instance.get_typed_func::<(), ()>(&mut *store, INITIALIZE_EXPORT) {
-        initialize.call_async(&mut *store, ()).await?;
-    }
+    abi::call::initialize(&mut *store, instance).await?;
     if sandgate_init {
-        let status = instance
-            .get_typed_func::<(), i32>(&mut *store, INIT_EXPORT)?
-            .call_async(&mut *store, ())
-            .await?;
+        let status = abi::call::init(&mut *store, instance).await?;
         if status != 0 {
             return Err(RunError::Refused(format!(
                 "{INIT_EXPORT} returned {status}"
@@ -208,6 +201,7 @@ async fn run_init(
 /// stderr lines (a Rust panic message lands there).
 fn reason(inv: &Invocation) -> String {
     let lines: Vec<String> = inv
+        .wasi
         .output
         .kept_lines()
         .into_iter()

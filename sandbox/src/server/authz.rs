@@ -189,6 +189,21 @@ impl ForwardRequest {
     }
 }
 
+/// The guest input of a forward-auth call, as `/v1/authz/{name}` builds it
+/// under the `trusted` header convention, or why it is refused as
+/// `invalid_input` (public for the fuzz targets).
+pub fn forward_auth_input(
+    own_method: &str,
+    own_path: &str,
+    own_query: &str,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    trusted: ForwardAuthHeaders,
+) -> Result<Vec<u8>, String> {
+    ForwardRequest::from_http(own_method, own_path, own_query, headers, peer, trusted)
+        .map(|request| request.to_input())
+}
+
 /// Splits a request target (`/a/b?x=1`, or an absolute URI) into path and query.
 pub(crate) fn split_target(target: &str) -> (String, String) {
     let target = target.split('#').next().unwrap_or_default();

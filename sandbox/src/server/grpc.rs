@@ -18,7 +18,7 @@ use envoy_types::ext_authz::v3::pb::{
     Address, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
     HeaderValueOption, HttpResponse, HttpStatus, HttpStatusCode, OkHttpResponse,
 };
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer};
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
 use prost::Message as _;
@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest, Source};
 use super::connections::{Limits, Listener};
+use super::registry::Generation;
 use super::{Answer, Outcome, State};
 use crate::decision::ErrorCode;
 use crate::telemetry::traces::Parent;
@@ -111,12 +112,14 @@ where
             return Box::pin(async move { Ok(invalid(Code::Unimplemented, message).into_http()) });
         }
         Box::pin(async move {
-            let limit = state.max_body_bytes();
+            let generation = state.current();
+            let limit = generation.max_body_bytes();
             let mut grpc = Grpc::new(CheckCodec).apply_max_message_size_config(Some(limit), None);
             let mut response = grpc
                 .unary(
                     Check {
                         state: Arc::clone(&state),
+                        generation,
                     },
                     request,
                 )
@@ -150,9 +153,10 @@ fn invalid(code: Code, message: String) -> Status {
     Status::with_metadata(code, message, metadata)
 }
 
-/// One `Check` call.
+/// One `Check` call, answered from the generation serving when it arrived.
 struct Check {
     state: Arc<State>,
+    generation: Arc<Generation>,
 }
 
 impl UnaryService<Decoded> for Check {
@@ -161,6 +165,7 @@ impl UnaryService<Decoded> for Check {
 
     fn call(&mut self, request: tonic::Request<Decoded>) -> Self::Future {
         let state = Arc::clone(&self.state);
+        let generation = Arc::clone(&self.generation);
         Box::pin(async move {
             let metadata = Parent::from_headers(request.metadata().as_ref());
             let check = match request.into_inner() {
@@ -173,7 +178,7 @@ impl UnaryService<Decoded> for Check {
                     ));
                 }
             };
-            let answer = check_answer(&state, check, metadata).await;
+            let answer = check_answer(&state, &generation, check, metadata).await;
             Ok(tonic::Response::new(check_response(&answer)))
         })
     }
@@ -181,13 +186,18 @@ impl UnaryService<Decoded> for Check {
 
 /// `metadata` is the trace context of the gRPC call; the original request's
 /// own `traceparent` (in its attributes) wins when present.
-async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> Answer {
+async fn check_answer(
+    state: &State,
+    generation: &Generation,
+    check: CheckRequest,
+    metadata: Parent,
+) -> Answer {
     let attributes = check.attributes.unwrap_or_default();
     let named = attributes
         .context_extensions
         .get(POLICY_EXTENSION)
         .filter(|p| !p.is_empty());
-    let name = match (named, state.only_policy()) {
+    let name = match (named, generation.only_policy()) {
         (Some(name), _) => name.clone(),
         (None, Some(only)) => only.to_owned(),
         (None, None) => {
@@ -202,6 +212,7 @@ async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> A
     };
     let Some(http) = attributes.request.and_then(|r| r.http) else {
         return state.reject(
+            generation,
             &name,
             Outcome::BadRequest,
             "CheckRequest has no attributes.request.http".to_owned(),
@@ -212,18 +223,34 @@ async fn check_answer(state: &State, check: CheckRequest, metadata: Parent) -> A
         from_request if from_request.trace_id().is_some() => from_request,
         _ => metadata,
     };
-    let source = attributes
-        .source
+    let request = forward_request(http, source_address(attributes.source));
+    let input = Bytes::from(request.to_input());
+    state
+        .evaluate(generation, &name, input, trace, &request.headers)
+        .await
+}
+
+/// The guest input of a CheckRequest's bytes, as `Check` maps it; `None`
+/// when it has no `attributes.request.http` (public for the fuzz targets).
+pub fn check_request_input(bytes: &[u8]) -> Result<Option<Vec<u8>>, prost::DecodeError> {
+    let attributes = CheckRequest::decode(bytes)?.attributes.unwrap_or_default();
+    let Some(http) = attributes.request.and_then(|r| r.http) else {
+        return Ok(None);
+    };
+    let request = forward_request(http, source_address(attributes.source));
+    Ok(Some(request.to_input()))
+}
+
+/// The downstream address of the original request, when Envoy gives one.
+fn source_address(source: Option<Peer>) -> Option<String> {
+    source
         .and_then(|peer| peer.address)
         .and_then(|address| match address.address {
             Some(Address::SocketAddress(socket)) if !socket.address.is_empty() => {
                 Some(socket.address)
             }
             _ => None,
-        });
-    let request = forward_request(http, source);
-    let input = Bytes::from(request.to_input());
-    state.evaluate(&name, input, trace, &request.headers).await
+        })
 }
 
 /// The forward-auth input of an Envoy HttpRequest: `path` carries the query

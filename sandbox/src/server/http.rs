@@ -27,6 +27,7 @@ use tower::ServiceExt as _;
 
 use super::authz::{self, DECISION_ID_HEADER, ERROR_HEADER, ForwardRequest};
 use super::connections::{Admitted, Limits, Listener};
+use super::registry::Generation;
 use super::{Answer, Outcome, State};
 use crate::decision::{Decision, ErrorCode, FailMode};
 use crate::policy::input;
@@ -118,10 +119,12 @@ async fn evaluate(
     body: Body,
 ) -> Response {
     let name = policy_name(name);
-    let answer = match read_input(&state, &name, &headers, body).await {
+    let generation = state.current();
+    let answer = match read_input(&state, &generation, &name, &headers, body).await {
         Ok(input) => {
+            let trace = Parent::from_headers(&headers);
             state
-                .evaluate(&name, input, Parent::from_headers(&headers), &headers)
+                .evaluate(&generation, &name, input, trace, &headers)
                 .await
         }
         Err(answer) => answer,
@@ -140,11 +143,16 @@ async fn opa_data(
 ) -> Response {
     let name = policy_name(name);
     let trace = Parent::from_headers(&headers);
-    let answer = match read_input(&state, &name, &headers, body).await {
+    let generation = state.current();
+    let answer = match read_input(&state, &generation, &name, &headers, body).await {
         Err(answer) => answer,
         Ok(body) => match opa_input(&body) {
-            Ok(input) => state.evaluate(&name, input, trace, &headers).await,
-            Err(message) => state.reject(&name, Outcome::BadRequest, message, trace),
+            Ok(input) => {
+                state
+                    .evaluate(&generation, &name, input, trace, &headers)
+                    .await
+            }
+            Err(message) => state.reject(&generation, &name, Outcome::BadRequest, message, trace),
         },
     };
     let status = json_status(&answer);
@@ -194,6 +202,7 @@ async fn forward_auth(
         None => (rest, "/"),
     };
     let trace = Parent::from_headers(&parts.headers);
+    let generation = state.current();
     let answer = if name.is_empty() {
         state.unattributed(
             "",
@@ -208,16 +217,18 @@ async fn forward_auth(
             parts.uri.query().unwrap_or_default(),
             &parts.headers,
             Some(peer),
-            state.forward_auth_headers(),
+            generation.forward_auth_headers(),
         ) {
             Ok(request) => {
                 let input = Bytes::from(request.to_input());
-                state.evaluate(name, input, trace, &request.headers).await
+                state
+                    .evaluate(&generation, name, input, trace, &request.headers)
+                    .await
             }
             Err(message) => {
                 // Audited and counted by `reject`; a client can cause it at will.
                 tracing::debug!(policy = ?super::truncated(name, 128), peer = %peer, reason = ?message, "forward-auth request refused");
-                state.reject(name, Outcome::BadRequest, message, trace)
+                state.reject(&generation, name, Outcome::BadRequest, message, trace)
             }
         }
     };
@@ -351,17 +362,19 @@ fn policy_name(name: Result<Path<String>, axum::extract::rejection::PathRejectio
 /// is answered first (404) without reading; an oversized body is 413.
 async fn read_input(
     state: &State,
+    generation: &Generation,
     name: &str,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Bytes, Answer> {
     let trace = || Parent::from_headers(headers);
-    if !state.is_configured(name) {
-        return Err(state.not_found(name));
+    if !generation.is_configured(name) {
+        return Err(state.not_found(generation, name));
     }
-    let limit = state.max_body_bytes();
+    let limit = generation.max_body_bytes();
     let too_large = |size: String| {
         state.reject(
+            generation,
             name,
             Outcome::TooLarge,
             format!("request body is {size}; server.max_body_bytes allows {limit}"),
@@ -381,6 +394,7 @@ async fn read_input(
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(too_large("larger than that".to_owned())),
         Err(e) => Err(state.reject(
+            generation,
             name,
             Outcome::BadRequest,
             format!("request body could not be read: {e}"),

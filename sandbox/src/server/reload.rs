@@ -18,8 +18,9 @@ use serde::Serialize;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 
-use super::{Generation, Serving, Slot, State, Status, VersionSummary};
+use super::registry::{Generation, Serving, Slot, State, Status};
 use crate::config::{self, Config, Digest, ModuleSource};
+use crate::policy::VersionSummary;
 use crate::policy::Versions;
 use crate::telemetry::log::Escaped;
 

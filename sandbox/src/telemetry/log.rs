@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
-use crate::wasi::{GuestLine, Source};
-
 /// A string from outside the daemon (a guest, a client), shown in a log line
 /// with control characters, line and paragraph separators, bidirectional
 /// overrides and the backslash escaped, so it can never start a line of its
@@ -52,6 +50,28 @@ impl fmt::Debug for Escaped<'_> {
         fmt::Display::fmt(self, f)?;
         f.write_char('"')
     }
+}
+
+/// Bytes of guest output (stdout, stderr and `log` messages together) kept
+/// per evaluation for the daemon log; the rest is counted and dropped.
+pub const MAX_GUEST_OUTPUT_BYTES: usize = 16 * 1024;
+/// Lines of guest output kept per evaluation; the rest are counted and dropped.
+pub const MAX_GUEST_OUTPUT_LINES: usize = 100;
+
+/// Where a line of guest output came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Stdout,
+    Stderr,
+    /// The `sandgate::log` import, with its level (0 trace … 4 error).
+    Log(i32),
+}
+
+/// One line a guest wrote, without its newline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestLine {
+    pub source: Source,
+    pub text: String,
 }
 
 /// What one evaluation's guest wrote, already bounded, on its way to the log.
@@ -211,8 +231,8 @@ fn write(batch: &GuestBatch) {
             kept_lines = batch.lines.len(),
             dropped_lines = batch.dropped_lines,
             dropped_bytes = batch.dropped_bytes,
-            max_lines = crate::wasi::MAX_GUEST_OUTPUT_LINES,
-            max_bytes = crate::wasi::MAX_GUEST_OUTPUT_BYTES,
+            max_lines = MAX_GUEST_OUTPUT_LINES,
+            max_bytes = MAX_GUEST_OUTPUT_BYTES,
             "guest output truncated"
         );
     }

@@ -8,25 +8,30 @@
 //! printed each second; the others are counted from the export request's
 //! envelope, their spans left undecoded, and one line each second says how
 //! many were not shown. `--all` prints every trace.
+//!
+//! Over 600 lines with its tests: both OTLP transports, the rate limit and
+//! the printing of `sandgate trace`; it is to move to a CLI module.
+
+mod render;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{Span, status};
 use prost::Message as _;
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
 use tonic::transport::server::TcpIncoming;
+
+use render::{count, render};
 
 /// HTTP/2 receive window per stream of the gRPC receiver.
 const RECEIVE_WINDOW: u32 = 4 << 20;
@@ -38,6 +43,30 @@ const MAX_FRAME: u32 = 1 << 20;
 const MAX_REQUEST: usize = 16 << 20;
 /// The gRPC method OTLP exporters call.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+// The arguments of `sandgate trace` (its help text is the variant's in `main.rs`).
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// OTLP/gRPC listen address (point `telemetry.otlp_endpoint` here).
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    pub listen: SocketAddr,
+    /// Also receive OTLP/HTTP (`POST /v1/traces`) on this address.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Print at most this many traces a second; the others are counted,
+    /// in one line a second.
+    #[arg(long, default_value_t = 100, value_name = "TRACES")]
+    pub max_per_second: u32,
+    /// Print every trace received (for a file or a pipe).
+    #[arg(long, conflicts_with = "max_per_second")]
+    pub all: bool,
+}
+
+/// Runs `sandgate trace` until the process is stopped.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let limit = (!args.all).then_some(args.max_per_second);
+    serve(args.listen, args.http_listen, limit).await
+}
 
 /// Serves OTLP/gRPC on `grpc` and, when given, OTLP/HTTP on `http`
 /// (`POST /v1/traces`), printing received traces to stdout: at most
@@ -252,7 +281,7 @@ impl View {
     fn receive(&self, export: Export) -> Result<String, prost::DecodeError> {
         let traces = Received::group(&export)?;
         let show = {
-            let mut second = super::queue::lock(&self.second);
+            let mut second = self.second.lock().unwrap_or_else(PoisonError::into_inner);
             let room = self.max_per_second.map_or(traces.len(), |max| {
                 max.saturating_sub(second.shown) as usize
             });
@@ -276,7 +305,8 @@ impl View {
     /// The line saying what this second did not print, if anything; the next
     /// second starts.
     fn next_second(&self) -> Option<String> {
-        let second = std::mem::take(&mut *super::queue::lock(&self.second));
+        let second =
+            std::mem::take(&mut *self.second.lock().unwrap_or_else(PoisonError::into_inner));
         let max = self.max_per_second?;
         (second.hidden_traces > 0).then(|| {
             format!(
@@ -331,193 +361,14 @@ impl<'a> Received<'a> {
     }
 }
 
-/// The span trees of `traces`: each span with its duration and attributes,
-/// its events (`•`) and, on error, its status (`✗`).
-fn render(traces: &[Received<'_>]) -> Result<String, prost::DecodeError> {
-    let decoded = traces
-        .iter()
-        .map(|trace| {
-            trace
-                .spans
-                .iter()
-                .map(|raw| Span::decode((*raw).clone()))
-                .collect::<Result<Vec<Span>, _>>()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut out = String::with_capacity(decoded.iter().map(Vec::len).sum::<usize>() * 160);
-    let mut tree = Tree::default();
-    for (trace, spans) in traces.iter().zip(&decoded) {
-        out.push_str("trace ");
-        hex(&mut out, &trace.id);
-        let _ = writeln!(
-            out,
-            " ({}, {})",
-            trace.service,
-            count(spans.len() as u64, "span")
-        );
-        tree.build(spans.iter());
-        for &root in &tree.roots {
-            let mut note = String::new();
-            if !root.parent_span_id.is_empty() {
-                note.push_str(" (child of remote span ");
-                hex(&mut note, &root.parent_span_id);
-                note.push(')');
-            }
-            write_span(&mut out, root, &tree, 1, &note);
-        }
-        out.push('\n');
-    }
-    Ok(out)
-}
-
-/// The parent links of one trace's spans, in buffers reused from trace to
-/// trace: no hashing, O(n log n) in the trace's spans.
-#[derive(Default)]
-struct Tree<'a> {
-    /// The trace's span ids, sorted, to tell local parents from remote ones.
-    ids: Vec<&'a [u8]>,
-    /// Spans with a parent in the trace, by parent id, then start time.
-    children: Vec<&'a Span>,
-    /// Spans without one, by start time.
-    roots: Vec<&'a Span>,
-}
-
-impl<'a> Tree<'a> {
-    fn build(&mut self, spans: impl Iterator<Item = &'a Span> + Clone) {
-        self.ids.clear();
-        self.children.clear();
-        self.roots.clear();
-        self.ids.extend(spans.clone().map(|s| s.span_id.as_slice()));
-        self.ids.sort_unstable();
-        for span in spans {
-            if self
-                .ids
-                .binary_search(&span.parent_span_id.as_slice())
-                .is_ok()
-            {
-                self.children.push(span);
-            } else {
-                self.roots.push(span);
-            }
-        }
-        self.children
-            .sort_by_key(|s| (s.parent_span_id.as_slice(), s.start_time_unix_nano));
-        self.roots.sort_by_key(|s| s.start_time_unix_nano);
-    }
-
-    fn children_of(&self, span: &Span) -> &[&'a Span] {
-        let id = span.span_id.as_slice();
-        let from = self
-            .children
-            .partition_point(|c| c.parent_span_id.as_slice() < id);
-        let to = self
-            .children
-            .partition_point(|c| c.parent_span_id.as_slice() <= id);
-        &self.children[from..to]
-    }
-}
-
-fn write_span(out: &mut String, span: &Span, tree: &Tree<'_>, depth: usize, note: &str) {
-    let indent = |out: &mut String| (0..depth).for_each(|_| out.push_str("  "));
-    let micros = span
-        .end_time_unix_nano
-        .saturating_sub(span.start_time_unix_nano)
-        / 1_000;
-    indent(out);
-    let _ = write!(out, "{} {micros}µs{note}", span.name);
-    let (mut plain, mut syscalls) = (Vec::new(), Vec::new());
-    for kv in &span.attributes {
-        match syscall_attribute(&kv.key) {
-            Some((group, field)) => syscalls.push((group, field, kv)),
-            None => plain.push(kv),
-        }
-    }
-    attributes(out, plain);
-    // A `kernel` span's `syscall.<name>.<phase>.{count,time_ns}`,
-    // a line per syscall and phase.
-    for row in syscalls.chunk_by(|a, b| a.0 == b.0) {
-        indent(out);
-        out.push_str("  · ");
-        out.push_str(row[0].0);
-        for (_, field, kv) in row {
-            out.push(' ');
-            out.push_str(field);
-            out.push('=');
-            value(out, kv.value.as_ref());
-        }
-        out.push('\n');
-    }
-    if let Some(status) = &span.status
-        && status.code == status::StatusCode::Error as i32
-    {
-        indent(out);
-        out.push_str("  ✗ ");
-        out.push_str(&status.message);
-        out.push('\n');
-    }
-    for event in &span.events {
-        indent(out);
-        out.push_str("  • ");
-        out.push_str(&event.name);
-        attributes(out, &event.attributes);
-    }
-    for child in tree.children_of(span) {
-        write_span(out, child, tree, depth + 1, "");
-    }
-}
-
-/// `syscall.<name>.<phase>` and `count` or `time_ns`, for an attribute of
-/// a `kernel` span's syscalls.
-fn syscall_attribute(key: &str) -> Option<(&str, &str)> {
-    let (group, field) = key.rsplit_once('.')?;
-    let named = group.starts_with("syscall.") && group.matches('.').count() == 2;
-    (named && matches!(field, "count" | "time_ns")).then_some((group, field))
-}
-
-/// ` key=value` for each attribute, then the end of the line.
-fn attributes<'a>(out: &mut String, list: impl IntoIterator<Item = &'a KeyValue>) {
-    for kv in list {
-        out.push(' ');
-        out.push_str(&kv.key);
-        out.push('=');
-        value(out, kv.value.as_ref());
-    }
-    out.push('\n');
-}
-
-fn value(out: &mut String, v: Option<&AnyValue>) {
-    let _ = match v.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => {
-            out.push_str(s);
-            Ok(())
-        }
-        Some(any_value::Value::BoolValue(b)) => write!(out, "{b}"),
-        Some(any_value::Value::IntValue(i)) => write!(out, "{i}"),
-        Some(any_value::Value::DoubleValue(d)) => write!(out, "{d}"),
-        Some(other) => write!(out, "{other:?}"),
-        None => Ok(()),
-    };
-}
-
-/// `n thing` or `n things`.
-fn count(n: u64, thing: &str) -> String {
-    format!("{n} {thing}{}", if n == 1 { "" } else { "s" })
-}
-
-fn hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
     use opentelemetry_proto::tonic::trace::v1 as official;
     use opentelemetry_proto::tonic::trace::v1::span::Event;
+    use opentelemetry_proto::tonic::trace::v1::{Span, status};
 
     fn string(key: &str, v: &str) -> KeyValue {
         KeyValue {

@@ -1,0 +1,350 @@
+//! The per-invocation account: the syscalls one invocation made, by phase,
+//! folded into a summary and reported as the decision's `kernel` child span
+//! (per-syscall counts and time as attributes) and a `kernel_syscall` audit
+//! line for each syscall its grants do not explain. The consumer reports them.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, HashMap},
+    sync::{LazyLock, Mutex},
+    time::{Instant, SystemTime},
+};
+
+use opentelemetry::{Key, KeyValue, trace::SpanKind};
+
+use super::{Watch, expected, phase};
+use crate::{audit::AuditRecord, preview1 as wasi};
+
+const PHASES: [&str; phase::COUNT] = [
+    "guest",
+    "instantiate",
+    "teardown",
+    "log",
+    "http_send",
+    "http_read",
+];
+
+/// One invocation's syscalls so far.
+pub(super) struct Account {
+    pub(super) watch: Watch,
+    pub(super) started: SystemTime,
+    /// When the daemon saw the invocation end (the span's end).
+    pub(super) ended: Option<SystemTime>,
+    pub(super) expires: Instant,
+    /// (syscall nr, phase) → (count, nanoseconds in the kernel).
+    pub(super) syscalls: BTreeMap<(u32, u32), (u64, u64)>,
+    pub(super) wasi_denied: Vec<u32>,
+}
+
+/// An account folded for reporting.
+#[derive(Debug, PartialEq)]
+pub(super) struct Summary {
+    total: u64,
+    total_ns: u64,
+    /// (syscall, count) of syscalls outside the expected set.
+    pub(super) unexpected: Vec<(Cow<'static, str>, u64)>,
+    wasi_denied: Vec<&'static str>,
+}
+
+/// One syscall's count and kernel time in one phase of an invocation.
+#[derive(Debug, PartialEq)]
+struct Row {
+    nr: u32,
+    phase: u32,
+    name: Cow<'static, str>,
+    count: u64,
+    ns: u64,
+}
+
+impl Account {
+    pub(super) fn summarise(&self) -> Summary {
+        let mut unexpected: BTreeMap<Cow<'static, str>, u64> = BTreeMap::new();
+        let (mut total, mut total_ns) = (0, 0);
+        for (&(nr, phase), &(count, ns)) in &self.syscalls {
+            total += count;
+            total_ns += ns;
+            if !self.watch.expected.allows(phase, nr) {
+                *unexpected.entry(expected::name(nr)).or_default() += count;
+            }
+        }
+        Summary {
+            total,
+            total_ns,
+            unexpected: unexpected.into_iter().collect(),
+            wasi_denied: self
+                .wasi_denied
+                .iter()
+                .map(|&call| {
+                    wasi::PREVIEW1
+                        .get(call as usize)
+                        .copied()
+                        .unwrap_or("unknown")
+                })
+                .collect(),
+        }
+    }
+
+    /// Each syscall's count and time in each phase, by syscall name then
+    /// phase: what a sampled decision's `kernel` span lists.
+    fn rows(&self) -> Vec<Row> {
+        let mut rows: Vec<Row> = self
+            .syscalls
+            .iter()
+            .map(|(&(nr, phase), &(count, ns))| Row {
+                nr,
+                phase,
+                name: expected::name(nr),
+                count,
+                ns,
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            a.name
+                .cmp(&b.name)
+                .then(phase_name(a.phase).cmp(phase_name(b.phase)))
+        });
+        rows
+    }
+}
+
+fn phase_name(phase: u32) -> &'static str {
+    PHASES.get(phase as usize).copied().unwrap_or("unknown")
+}
+
+/// At most this many (syscall, phase) pairs get their attribute keys made
+/// once and kept; past that (never, with the kernel's few hundred syscalls
+/// and the six phases) each span makes its own.
+const MAX_INTERNED_KEYS: usize = 4096;
+
+/// Appends each row's `syscall.<name>.<phase>.count` and
+/// `syscall.<name>.<phase>.time_ns` attributes of a `kernel` span.
+/// The keys are made once per syscall and phase and kept for the life of the
+/// process, so that a span's attributes are made, and copied for export,
+/// without a string allocated per syscall.
+fn push_syscall_attributes(rows: &[Row], attributes: &mut Vec<KeyValue>) {
+    /// (syscall nr, phase) → its two keys.
+    type Kept = HashMap<(u32, u32), [&'static str; 2]>;
+    static KEYS: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
+    let mut keys = KEYS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for row in rows {
+        let [count, time] = match keys.get(&(row.nr, row.phase)) {
+            Some(known) => known.map(Key::from_static_str),
+            None => {
+                let prefix = format!("syscall.{}.{}", row.name, phase_name(row.phase));
+                let made = [format!("{prefix}.count"), format!("{prefix}.time_ns")];
+                if keys.len() >= MAX_INTERNED_KEYS {
+                    made.map(Key::from)
+                } else {
+                    let kept = made.map(|key| &*Box::leak(key.into_boxed_str()));
+                    keys.insert((row.nr, row.phase), kept);
+                    kept.map(Key::from_static_str)
+                }
+            }
+        };
+        attributes.push(KeyValue::new(count, row.count as i64));
+        attributes.push(KeyValue::new(time, row.ns as i64));
+    }
+}
+
+impl Summary {
+    /// The `kernel` span under the decision's span, and an audit
+    /// line per unexpected syscall.
+    pub(super) fn emit(&self, account: &Account, complete: bool) {
+        let watch = &account.watch;
+        for (syscall, count) in &self.unexpected {
+            tracing::warn!(
+                policy = %watch.subject.policy,
+                decision_id = %watch.subject.decision_id,
+                %syscall,
+                count,
+                "syscall outside what the policy's grants explain"
+            );
+            watch.audit.record(
+                &watch.subject,
+                &AuditRecord::KernelSyscall {
+                    syscall: syscall.to_string(),
+                    count: *count,
+                },
+            );
+        }
+        if !watch.trace.is_sampled() {
+            return;
+        }
+        // Per-syscall counts and times are attributes, not an event per
+        // syscall: an event costs the export about ten allocations and the
+        // receiver a message of its own, and attributes can be searched on.
+        let span = watch
+            .trace
+            .child_at("kernel", SpanKind::Internal, account.started, || {
+                let rows = account.rows();
+                let mut attributes = Vec::with_capacity(5 + 2 * rows.len());
+                attributes.extend([
+                    KeyValue::new("kernel.syscalls.count", self.total as i64),
+                    KeyValue::new("kernel.syscalls.time_ns", self.total_ns as i64),
+                    KeyValue::new("kernel.complete", complete),
+                    KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
+                    KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
+                ]);
+                push_syscall_attributes(&rows, &mut attributes);
+                attributes
+            });
+        for (syscall, count) in &self.unexpected {
+            span.event("kernel_syscall", || {
+                vec![
+                    KeyValue::new("syscall.name", syscall.clone()),
+                    KeyValue::new("syscall.count", *count as i64),
+                ]
+            });
+        }
+        span.end_at(account.ended.unwrap_or_else(SystemTime::now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::audit::{AuditLog, Subject};
+    use crate::config::{Digest, Grants};
+    use crate::probes::Expected;
+    use crate::telemetry::traces::Scope;
+
+    fn account(grants: &Grants) -> Account {
+        account_audited(grants, AuditLog::disabled())
+    }
+
+    fn account_audited(grants: &Grants, audit: AuditLog) -> Account {
+        let subject = Subject::new("p", "v1", &Digest::of(b"m").to_string(), "d".into());
+        Account {
+            watch: Watch {
+                subject,
+                audit,
+                trace: Scope::default(),
+                expected: Arc::new(Expected::for_policy(grants, &Default::default())),
+                deadline: Duration::from_millis(50),
+            },
+            started: SystemTime::now(),
+            ended: None,
+            expires: Instant::now(),
+            syscalls: BTreeMap::new(),
+            wasi_denied: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn accounts_fold_per_syscall_and_phase_and_flag_the_unexpected() {
+        use syscalls::Sysno;
+        let mut account = account(&Grants::default());
+        let nr = |s: Sysno| s.id() as u32;
+        account
+            .syscalls
+            .insert((nr(Sysno::futex), phase::GUEST), (2, 300));
+        account
+            .syscalls
+            .insert((nr(Sysno::ioctl), phase::TEARDOWN), (1, 50));
+        account
+            .syscalls
+            .insert((nr(Sysno::openat), phase::GUEST), (3, 900));
+        account.wasi_denied.push(
+            wasi::PREVIEW1
+                .iter()
+                .position(|f| *f == "path_open")
+                .unwrap_or(0) as u32,
+        );
+        let summary = account.summarise();
+        assert_eq!(summary.total, 6);
+        assert_eq!(summary.total_ns, 1250);
+        assert_eq!(summary.unexpected, vec![("openat".into(), 3)]);
+        assert_eq!(summary.wasi_denied, vec!["path_open"]);
+        let rows = account.rows();
+        let rows: Vec<_> = rows
+            .iter()
+            .map(|r| (&*r.name, phase_name(r.phase), r.count, r.ns))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("futex", "guest", 2, 300),
+                ("ioctl", "teardown", 1, 50),
+                ("openat", "guest", 3, 900)
+            ]
+        );
+    }
+
+    #[test]
+    fn syscall_attribute_keys_name_the_syscall_and_phase_and_are_made_once() {
+        use syscalls::Sysno;
+        let row = |nr: u32, phase: u32, count: u64| Row {
+            nr,
+            phase,
+            name: expected::name(nr),
+            count,
+            ns: 10 * count,
+        };
+        let rows = [
+            row(Sysno::openat.id() as u32, phase::INSTANTIATE, 1),
+            row(100_000, 99, 2),
+        ];
+        let made = |rows: &[Row]| {
+            let mut attributes = Vec::new();
+            push_syscall_attributes(rows, &mut attributes);
+            attributes
+        };
+        let first = made(&rows);
+        let listed: Vec<(&str, String)> = first
+            .iter()
+            .map(|kv| (kv.key.as_str(), kv.value.to_string()))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("syscall.openat.instantiate.count", "1".to_owned()),
+                ("syscall.openat.instantiate.time_ns", "10".to_owned()),
+                ("syscall.syscall_100000.unknown.count", "2".to_owned()),
+                ("syscall.syscall_100000.unknown.time_ns", "20".to_owned()),
+            ]
+        );
+        let again = made(&rows[..1]);
+        assert!(
+            std::ptr::eq(first[0].key.as_str(), again[0].key.as_str()),
+            "the key is kept, not made again"
+        );
+    }
+
+    #[test]
+    fn unexpected_syscalls_become_kernel_syscall_audit_lines() {
+        use syscalls::Sysno;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let audit = AuditLog::open(&crate::config::AuditTarget::File(path.clone())).expect("audit");
+        let mut account = account_audited(&Grants::default(), audit.clone());
+        account
+            .syscalls
+            .insert((Sysno::connect.id() as u32, phase::GUEST), (2, 10));
+        account
+            .syscalls
+            .insert((Sysno::futex.id() as u32, phase::GUEST), (5, 10));
+        account.summarise().emit(&account, true);
+        audit.flush();
+        let text = std::fs::read_to_string(&path).expect("audit text");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let line = &lines[0];
+        assert_eq!(line["kind"], "kernel_syscall");
+        assert_eq!(line["syscall"], "connect");
+        assert_eq!(line["count"], 2);
+        assert_eq!(line["policy"], "p");
+        assert_eq!(line["decision_id"], "d");
+        assert!(
+            line["digest"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("sha256:"))
+        );
+    }
+}
