@@ -73,7 +73,7 @@ fn eval(config: &Path, name: &str, cache: &Path) -> (Value, String) {
         "input.json",
         r#"{"user":"alice"}"#,
     );
-    let out = Eval::policy(&config, name).input(&input).run(cache);
+    let out = Eval::policy(config, name).input(&input).run(cache);
     assert_eq!(
         out.status.code(),
         Some(0),

@@ -285,11 +285,8 @@ async fn reload_under_load_drops_no_request_and_failed_reloads_change_nothing() 
             "{needle} missing from /metrics:\n{text}"
         );
     }
-    assert!(
-        daemon.logs().contains("reload failed; generation"),
-        "failures are logged:\n{}",
-        daemon.logs()
-    );
+    // Failures are logged.
+    daemon.logged("reload failed; generation").await;
 }
 
 /// Polls `/v1/policies/p/evaluate` until `done` holds for the answer.

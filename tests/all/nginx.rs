@@ -3,13 +3,6 @@
 //! endpoint. The nginx config is `deploy/nginx/sandgate.conf`, rendered and
 //! checked with `nginx -t` here.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
 use crate::support::nginx::{main_config, nginx_command, render_template};
 use crate::support::*;
 

@@ -5,7 +5,7 @@
 //! runs and says why its probes are off.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 

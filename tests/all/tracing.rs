@@ -7,7 +7,6 @@
 //! sampling, a burst of decisions exported whole, collectors that are down
 //! or stop answering, and `sandgate trace`, the terminal view.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,9 +14,6 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -26,9 +22,7 @@ use opentelemetry_proto::tonic::trace::v1::{Span, span, status};
 use prost::Message as _;
 use serde_json::{Value, json};
 
-use crate::support::otlp::{
-    Got, Received, evaluate, grpc_receiver, http_receiver, named, telemetry,
-};
+use crate::support::otlp::{Got, attr, evaluate, grpc_receiver, http_receiver, named, telemetry};
 use crate::support::*;
 
 const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -514,7 +508,13 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         let answer: Value =
             evaluate(&client, &daemon, "/v1/policies/rbac/evaluate", input, None).await;
         assert_eq!(answer["allow"], true, "{answer}");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // Far beyond a decision's cost on a loaded machine, far below the
+        // exporter's retries: a decision never waits on the export.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a decision waited on the exporter: {:?}",
+            started.elapsed()
+        );
     }
     until_counted(
         &daemon,
@@ -524,11 +524,10 @@ async fn an_unreachable_collector_never_fails_decisions_and_is_reported() {
         async || {},
     )
     .await;
-    let logs = daemon.logs();
-    assert!(logs.contains("OTLP trace export failed"), "{logs}");
+    let failed = daemon.logged("OTLP trace export failed").await;
     assert!(
-        logs.contains(&dead.to_string()),
-        "the log names the endpoint:\n{logs}"
+        failed.contains(&dead.to_string()),
+        "the log names the endpoint: {failed}"
     );
 }
 

@@ -123,6 +123,25 @@ impl Daemon {
         self.stderr.lock().expect("lines").join("\n")
     }
 
+    /// Waits until the daemon has logged a line containing `text` (its log
+    /// reaches the test through a pipe and a reader thread, after the answer
+    /// that caused it); returns that line.
+    pub async fn logged(&self, text: &str) -> String {
+        eventually(
+            Duration::from_secs(10),
+            format!("the daemon logs {text:?}"),
+            async || {
+                let lines = self.stderr.lock().expect("lines");
+                lines
+                    .iter()
+                    .find(|line| line.contains(text))
+                    .cloned()
+                    .ok_or_else(|| lines.join("\n"))
+            },
+        )
+        .await
+    }
+
     /// POSTs `input` to `/v1/policies/{policy}/evaluate`; returns the status
     /// and the JSON answer (`null` when it is not JSON).
     pub async fn evaluate(

@@ -19,13 +19,13 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use cli::{Eval, sandgate, sandgate_with_env, sandgate_with_stdin, stdout_json};
+pub use cli::{Eval, sandgate, stdout_json};
 pub use daemon::{ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
 pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request};
 pub use guests::{
     ALLOW_RESULT, DENY_RESULT, abi_guest, allow_if, code_guest, response_guest, spinning_guest,
 };
-pub use nginx::{Backend, Nginx, free_port, start_nginx};
+pub use nginx::{Backend, free_port, start_nginx};
 
 /// How often `eventually` looks again.
 const POLL: Duration = Duration::from_millis(20);
