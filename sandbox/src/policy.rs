@@ -11,6 +11,7 @@
 //! split of the module map in docs/architecture.md.
 
 mod decision_cache;
+mod init_cache;
 pub mod input;
 mod report;
 mod route;
@@ -120,8 +121,11 @@ pub struct SnapshotFacts {
     pub digest: String,
     /// Whether `sandgate_init` ran (else only `_initialize`).
     pub sandgate_init: bool,
-    /// Milliseconds init and the snapshot took at load.
+    /// Milliseconds init and the snapshot took at load (or looking it up).
     pub init_ms: u64,
+    /// Whether the snapshot came from the cache of init results (the module,
+    /// its grants and every file init read unchanged) instead of running init.
+    pub cached: bool,
 }
 
 /// Options of one evaluation beyond the input.
@@ -949,23 +953,58 @@ async fn initialise(
                 })?
         }
     };
-    let initialised = match snapshot::initialise(engine, spec, &bytes, digest, audit).await {
-        Ok(initialised) => initialised,
-        Err(snapshot::InitError::Unsupported(why)) if !sandgate_init => {
-            tracing::warn!(
-                policy = %spec.name,
-                version = %spec.version,
-                "no snapshot ({why}); _initialize runs at every evaluation"
-            );
-            return Ok((None, None));
+    let started = Instant::now();
+    let cache = engine.artifact_cache();
+    let material = init_cache::material(spec, digest);
+    let hit = cache.and_then(|cache| init_cache::lookup(cache, &material, &spec.name));
+    let cached = hit.is_some();
+    let initialised = match hit {
+        Some(hit) => snapshot::Initialised {
+            bytes: hit.bytes,
+            digest: hit.digest,
+            took: started.elapsed(),
+            reads: Vec::new(),
+            bridged: false,
+        },
+        None => {
+            let initialised = match snapshot::initialise(engine, spec, &bytes, digest, audit).await
+            {
+                Ok(initialised) => initialised,
+                Err(snapshot::InitError::Unsupported(why)) if !sandgate_init => {
+                    tracing::warn!(
+                        policy = %spec.name,
+                        version = %spec.version,
+                        "no snapshot ({why}); _initialize runs at every evaluation"
+                    );
+                    return Ok((None, None));
+                }
+                Err(snapshot::InitError::Unsupported(why)) => {
+                    return Err(invalid(format!(
+                        "it exports `{}`, but its state cannot be snapshotted: {why}",
+                        snapshot::INIT_EXPORT
+                    )));
+                }
+                Err(snapshot::InitError::Failed(why)) => return Err(invalid(why)),
+            };
+            if let Some(cache) = cache {
+                if initialised.bridged {
+                    tracing::info!(
+                        policy = %spec.name,
+                        version = %spec.version,
+                        "init made a bridged HTTP call: its snapshot is not cached"
+                    );
+                } else {
+                    init_cache::store(
+                        cache,
+                        &material,
+                        (&initialised.digest, &initialised.bytes),
+                        &initialised.reads,
+                        spec.grants.preopens.iter().map(|p| p.host.clone()),
+                    );
+                }
+            }
+            initialised
         }
-        Err(snapshot::InitError::Unsupported(why)) => {
-            return Err(invalid(format!(
-                "it exports `{}`, but its state cannot be snapshotted: {why}",
-                snapshot::INIT_EXPORT
-            )));
-        }
-        Err(snapshot::InitError::Failed(why)) => return Err(invalid(why)),
     };
     let snapshot_digest = initialised.digest;
     let compiled = {
@@ -985,12 +1024,14 @@ async fn initialise(
         snapshot = %snapshot_digest,
         sandgate_init,
         init_ms = initialised.took.as_millis() as u64,
+        cached,
         "policy initialised; evaluations start from its snapshot"
     );
     let facts = SnapshotFacts {
         digest: snapshot_digest.to_string(),
         sandgate_init,
         init_ms: initialised.took.as_millis() as u64,
+        cached,
     };
     Ok((Some((snapshot_module, snapshot_digest)), Some(facts)))
 }

@@ -396,3 +396,114 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
             .contains("sandgate_last_reload_failed 1")
     );
 }
+
+/// `sandgate check --json` and `sandgate eval` of the rbac policy with
+/// `cache` as the daemon's cache: the snapshot facts, the answer to
+/// `AUDITOR_READS` and what the runs logged.
+fn check_and_eval(config: &Path, cache: &Path) -> (Value, Value, String) {
+    let config = config.to_str().expect("UTF-8 path");
+    let check = sandgate(&["check", "--config", config, "--json"], cache);
+    let log = String::from_utf8_lossy(&check.stderr).into_owned();
+    assert_eq!(check.status.code(), Some(0), "{log}");
+    let report = stdout_json(&check);
+    let facts = report["policies"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "rbac"))
+        .map(|p| p["snapshot"].clone())
+        .unwrap_or_else(|| panic!("rbac in {report}"));
+    let eval = sandgate_with_stdin(
+        &[
+            "eval", "--config", config, "--policy", "rbac", "--input", "-",
+        ],
+        cache,
+        Some(AUDITOR_READS.as_bytes()),
+    );
+    assert_eq!(
+        eval.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    (facts, stdout_json(&eval), log)
+}
+
+/// Gives the auditor role of the rbac example's table `grant` on everything.
+fn set_auditor(dir: &Path, grant: Value) {
+    let table = dir.join("data").join("roles.json");
+    let mut roles: Value =
+        serde_json::from_str(&std::fs::read_to_string(&table).expect("read table")).expect("json");
+    roles["roles"]["auditor"] = serde_json::json!({ "*": grant });
+    std::fs::write(&table, roles.to_string()).expect("write table");
+}
+
+#[test]
+fn a_restart_starts_from_the_cached_init_result_until_a_file_init_read_changes() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let config = rbac_config(dir.path(), "");
+
+    let (first, answer, _) = check_and_eval(&config, &cache);
+    assert_eq!(first["cached"], false, "nothing cached yet: {first}");
+    assert_eq!(answer["allow"], false, "no auditor role yet: {answer}");
+    let (second, answer, _) = check_and_eval(&config, &cache);
+    assert_eq!(
+        second["cached"], true,
+        "unchanged module and files: {second}"
+    );
+    assert_eq!(second["digest"], first["digest"], "the same snapshot");
+    assert_eq!(answer["allow"], false, "{answer}");
+
+    // The role table init parsed changes: init runs again and answers from it.
+    set_auditor(dir.path(), serde_json::json!(["read"]));
+    let (third, answer, _) = check_and_eval(&config, &cache);
+    assert_eq!(third["cached"], false, "the role table changed: {third}");
+    assert_ne!(third["digest"], first["digest"], "a new snapshot");
+    assert_eq!(answer["allow"], true, "the new role applies: {answer}");
+    let (fourth, answer, _) = check_and_eval(&config, &cache);
+    assert_eq!(fourth["cached"], true, "{fourth}");
+    assert_eq!(fourth["digest"], third["digest"]);
+    assert_eq!(answer["allow"], true, "{answer}");
+
+    // A file added to the preopened directory changes what init could list.
+    std::fs::write(dir.path().join("data").join("extra.json"), "{}").expect("write");
+    let (fifth, _, _) = check_and_eval(&config, &cache);
+    assert_eq!(
+        fifth["cached"], false,
+        "the preopen's listing changed: {fifth}"
+    );
+}
+
+#[test]
+fn an_altered_cached_snapshot_is_refused_and_init_runs_again() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let config = rbac_config(dir.path(), "");
+    set_auditor(dir.path(), serde_json::json!(["read"]));
+    let (first, _, _) = check_and_eval(&config, &cache);
+    assert_eq!(first["cached"], false, "{first}");
+    let (second, _, _) = check_and_eval(&config, &cache);
+    assert_eq!(second["cached"], true, "{second}");
+
+    // Flip one byte of the snapshot's data, keeping its length and tag.
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .expect("cache dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "snapshot"))
+        .collect();
+    assert_eq!(entries.len(), 1, "one snapshot entry: {entries:?}");
+    let mut bytes = std::fs::read(&entries[0]).expect("read entry");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&entries[0], &bytes).expect("alter entry");
+
+    let (third, answer, log) = check_and_eval(&config, &cache);
+    assert_eq!(
+        third["cached"], false,
+        "the altered entry must not be used: {third}"
+    );
+    assert!(
+        log.contains("cache entry refused"),
+        "the refusal is logged: {log}"
+    );
+    assert_eq!(answer["allow"], true, "{answer}");
+}

@@ -5,6 +5,7 @@
 //! the instance's memory and globals are then written back into a new module.
 //! `Policy::load` compiles that module and starts every evaluation from it.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,11 @@ pub struct Initialised {
     pub digest: Digest,
     /// How long instrumenting, init and the snapshot took.
     pub took: Duration,
+    /// The host paths init opened through its preopens.
+    pub reads: Vec<PathBuf>,
+    /// Whether init made a bridged HTTP call (its result then depends on
+    /// more than the module and its files).
+    pub bridged: bool,
 }
 
 /// The grants init runs with: the policy's, without clocks and randomness.
@@ -146,6 +152,8 @@ pub async fn initialise(
         }
     };
     hand_off_output(store.data(), Instant::now() + spec.timeout);
+    let reads = store.data().wasi.opened_paths();
+    let bridged = store.data().egress.calls > 0;
     let mut state = State {
         store: &mut store,
         instance,
@@ -164,6 +172,8 @@ pub async fn initialise(
         digest: Digest::of(&bytes),
         bytes,
         took: started.elapsed(),
+        reads,
+        bridged,
     })
 }
 

@@ -6,6 +6,7 @@
 //! refuses paths that leave their preopen and writes that are not granted.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -62,6 +63,9 @@ pub struct WasiState {
     pub output: GuestOutput,
     /// The calls refused so far, in order.
     pub denials: Vec<Denial>,
+    /// What `path_open` opened, in order: the new descriptor and the host
+    /// path it names (what init read, for the snapshot's cache key).
+    pub opened: Vec<(u32, PathBuf)>,
 }
 
 impl WasiState {
@@ -73,7 +77,35 @@ impl WasiState {
             grants,
             output,
             denials: Vec::new(),
+            opened: Vec::new(),
         })
+    }
+
+    /// The host path `fd` names: a preopened directory, or what `path_open`
+    /// opened from one.
+    fn host_path(&self, fd: u32) -> Option<PathBuf> {
+        if let Some(preopen) = (fd as usize)
+            .checked_sub(3)
+            .and_then(|i| self.grants.preopens.get(i))
+        {
+            return Some(preopen.host.clone());
+        }
+        self.opened
+            .iter()
+            .rev()
+            .find(|(opened, _)| *opened == fd)
+            .map(|(_, path)| path.clone())
+    }
+
+    /// The host paths `path_open` opened, each once, in order.
+    pub fn opened_paths(&self) -> Vec<PathBuf> {
+        let mut paths: Vec<PathBuf> = Vec::with_capacity(self.opened.len());
+        for (_, path) in &self.opened {
+            if !paths.contains(path) {
+                paths.push(path.clone());
+            }
+        }
+        paths
     }
 }
 
@@ -391,9 +423,11 @@ fn define_guarded_path_open<T: Send + 'static>(
                             let new_fd =
                                 u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
                             let access = dir_access.unwrap_or(Access::ReadOnly);
-                            (host.state)(caller.data_mut())
-                                .fd_access
-                                .insert(new_fd, access);
+                            let state = (host.state)(caller.data_mut());
+                            state.fd_access.insert(new_fd, access);
+                            if let Some(dir) = state.host_path(fd as u32) {
+                                state.opened.push((new_fd, dir.join(&path)));
+                            }
                         }
                     }
                     ERRNO_NOTCAPABLE | ERRNO_PERM | ERRNO_ACCES => {
