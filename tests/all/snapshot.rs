@@ -401,8 +401,8 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
 /// `cache` as the daemon's cache: the snapshot facts, the answer to
 /// `AUDITOR_READS` and what the runs logged.
 fn check_and_eval(config: &Path, cache: &Path) -> (Value, Value, String) {
-    let config = config.to_str().expect("UTF-8 path");
-    let check = sandgate(&["check", "--config", config, "--json"], cache);
+    let path = config.to_str().expect("UTF-8 path");
+    let check = sandgate(&["check", "--config", path, "--json"], cache);
     let log = String::from_utf8_lossy(&check.stderr).into_owned();
     assert_eq!(check.status.code(), Some(0), "{log}");
     let report = stdout_json(&check);
@@ -411,13 +411,9 @@ fn check_and_eval(config: &Path, cache: &Path) -> (Value, Value, String) {
         .and_then(|p| p.iter().find(|p| p["name"] == "rbac"))
         .map(|p| p["snapshot"].clone())
         .unwrap_or_else(|| panic!("rbac in {report}"));
-    let eval = sandgate_with_stdin(
-        &[
-            "eval", "--config", config, "--policy", "rbac", "--input", "-",
-        ],
-        cache,
-        Some(AUDITOR_READS.as_bytes()),
-    );
+    let eval = Eval::policy(config, "rbac")
+        .stdin(AUDITOR_READS.as_bytes())
+        .run(cache);
     assert_eq!(
         eval.status.code(),
         Some(0),
