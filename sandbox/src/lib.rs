@@ -16,6 +16,7 @@ pub mod engine;
 pub mod fetch;
 pub mod policy;
 pub mod probes;
+pub mod proxywasm;
 pub mod server;
 pub mod telemetry;
 pub mod wasi;

@@ -771,7 +771,7 @@ pub fn envoy_check_request(
     }
 }
 
-fn response_headers(response: &CheckResponse) -> HashMap<String, String> {
+pub fn response_headers(response: &CheckResponse) -> HashMap<String, String> {
     let headers = match &response.http_response {
         Some(HttpResponse::OkResponse(ok)) => &ok.headers,
         Some(HttpResponse::DeniedResponse(denied)) => &denied.headers,
