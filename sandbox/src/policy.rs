@@ -19,7 +19,7 @@ pub mod snapshot;
 pub use decision_cache::DecisionCache;
 pub use report::{
     CredentialReport, DecisionCacheReport, EgressReport, PolicyReport, PreopenReport,
-    RoutingReport, VersionReport, VersionSummary, WasiReport,
+    ProxyWasmReport, RoutingReport, VersionReport, VersionSummary, WasiReport,
 };
 pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
 
@@ -107,6 +107,10 @@ pub struct ModuleFacts {
     pub fetched_from: Option<String>,
     pub wasi_imports: Vec<String>,
     pub sandgate_imports: Vec<String>,
+    /// The proxy-wasm host functions (`env` imports) of a filter.
+    pub proxy_wasm_imports: Vec<String>,
+    /// The proxy-wasm ABI version a filter declares (`0.2.1`).
+    pub proxy_wasm_abi: Option<String>,
     pub has_initialize: bool,
     /// The initialised snapshot evaluations start from, when the module has
     /// state to keep (`_initialize` or `sandgate_init`).
@@ -262,6 +266,14 @@ impl Policy {
             fetched_from: fetched.map(|f| f.to_string()),
             wasi_imports: imports_of(&module, wasi::MODULE),
             sandgate_imports: imports_of(&module, abi::MODULE),
+            proxy_wasm_imports: if is_filter(&spec.abi) {
+                let mut calls = imports_of(&module, proxywasm::MODULE);
+                calls.sort_unstable();
+                calls
+            } else {
+                Vec::new()
+            },
+            proxy_wasm_abi: proxywasm::abi_version(&module).map(str::to_owned),
             has_initialize: module.get_export(snapshot::INITIALIZE_EXPORT).is_some(),
             snapshot: snapshot_facts,
         };

@@ -328,3 +328,65 @@ async fn hostile_filters_fail_closed_with_their_error_code_while_the_daemon_keep
         "{audit:?}"
     );
 }
+
+#[test]
+fn inspect_recognises_a_filter_and_check_prints_what_it_is_granted_or_why_it_fails() {
+    let dir = tempdir();
+    let cache = dir.path().join("cache");
+    let module = guest("proxy_wasm_authcall");
+    let out = sandgate(&["inspect", "--module", &module.to_string_lossy()], &cache);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("abi           proxy-wasm 0.2.1"), "{text}");
+    assert!(text.contains("proxy_http_call"), "{text}");
+    let refused = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("host refused"))
+        .unwrap_or_default();
+    assert!(refused.contains("proxy_grpc_call"), "{text}");
+
+    let config = write(
+        dir.path(),
+        "sandgate.toml",
+        &format!(
+            "{}[policy.egress]\nallow = [\"http://127.0.0.1:9/check\"]\n[policy.proxy_wasm.clusters]\nauthsvc = \"http://127.0.0.1:9\"\n",
+            apikey_policy("apikey")
+        ),
+    );
+    let out = sandgate(&["check", "--config", &config.to_string_lossy()], &cache);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("abi           proxy-wasm 0.2.1 (plugin_config 53 bytes)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clusters      authsvc -> http://127.0.0.1:9"),
+        "{text}"
+    );
+
+    // A filter that refuses its plugin_config does not load, and says why.
+    let config = write(
+        dir.path(),
+        "bad.toml",
+        &apikey_policy("apikey").replace(
+            "plugin_config = '{\"header\": \"x-api-key\", \"keys\": {\"k-alice\": \"alice\"}}'",
+            "plugin_config = \"not json\"",
+        ),
+    );
+    let out = sandgate(&["check", "--config", &config.to_string_lossy()], &cache);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("on_configure returned false") && said.contains("bad plugin configuration"),
+        "{said}"
+    );
+}

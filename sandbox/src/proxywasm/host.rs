@@ -634,7 +634,7 @@ fn add_provided<T: Send + 'static>(linker: &mut Linker<T>, host: Host<T>) -> was
                 let document = request_document(&base, &headers, &body);
                 let sent = bridge::send(caller.data_mut(), host.egress, &document).await;
                 let response = match sent {
-                    Ok(document) => response_of(&document)?,
+                    Ok(document) => response_of(&document).map_err(wasmtime::Error::msg)?,
                     Err(bridge::TIMEOUT | bridge::CONNECTION_ERROR | bridge::RESPONSE_TOO_LARGE) => {
                         // As Envoy does: the call is made, its response is empty.
                         CallResponse::default()
@@ -803,13 +803,15 @@ struct BridgeResponse {
     body: String,
 }
 
-/// The filter's view of a bridged response: `:status` and the headers, the body.
-fn response_of(document: &[u8]) -> Result<CallResponse, AbiViolation> {
+/// The filter's view of a bridged response: `:status` and the headers, the
+/// body. The bridge wrote the document, so a failure here is the host's
+/// (`internal`), never the filter's.
+fn response_of(document: &[u8]) -> anyhow::Result<CallResponse> {
     let response: BridgeResponse = serde_json::from_slice(document)
-        .map_err(|e| AbiViolation(format!("bridge response is not readable: {e}")))?;
+        .map_err(|e| anyhow::anyhow!("the bridge's response document is not readable: {e}"))?;
     let body = base64::engine::general_purpose::STANDARD
         .decode(response.body)
-        .map_err(|e| AbiViolation(format!("bridge response body: {e}")))?;
+        .map_err(|e| anyhow::anyhow!("the bridge's response body is not base64: {e}"))?;
     let mut headers = vec![(":status".to_owned(), response.status.to_string())];
     headers.extend(
         response

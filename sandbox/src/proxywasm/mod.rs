@@ -313,6 +313,6 @@ pub fn validate(module: &Module) -> Result<(), String> {
 pub fn abi_version(module: &Module) -> Option<&'static str> {
     ABI_VERSIONS
         .iter()
-        .find(|name| module.get_export(name).is_some())
-        .map(|name| &name["proxy_abi_version_".len()..])
+        .position(|name| module.get_export(name).is_some())
+        .map(|i| ["0.2.1", "0.2.0", "0.1.0"][i])
 }
