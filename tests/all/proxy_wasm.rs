@@ -280,6 +280,29 @@ async fn auth_call_filter_asks_the_auth_service_through_the_audited_bridge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_reads_the_request_body_and_properties_of_a_json_request() {
+    let dir = tempdir();
+    let config = daemon_config(dir.path(), "", &hostile_policy("body", "body"));
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+    let input = |body: &str| json!({"request": {"method": "POST", "path": "/api/orders", "query": "a=1", "headers": {}, "body": body, "source": {"address": "10.1.2.3"}}});
+
+    let allowed = evaluate(&client, &daemon, "body", input("{\"item\":\"tea\"}")).await;
+    assert_eq!(allowed["allow"], true, "{allowed}");
+    assert_eq!(
+        allowed["headers"],
+        json!({"x-body-bytes": "14", "x-path": "/api/orders?a=1", "x-method": "POST", "x-plugin": "body", "x-source": "10.1.2.3"}),
+        "{allowed}"
+    );
+    let denied = evaluate(&client, &daemon, "body", input("forbidden")).await;
+    assert_eq!(denied["allow"], false, "{denied}");
+    assert_eq!(denied["status"], 403, "{denied}");
+    assert_eq!(denied["reason"], "forbidden body", "{denied}");
+    assert_eq!(denied["headers"], json!({"x-reason": "body"}), "{denied}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_filters_fail_closed_with_their_error_code_while_the_daemon_keeps_serving() {
     let dir = tempdir();
     let policies = [

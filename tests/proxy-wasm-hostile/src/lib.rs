@@ -2,7 +2,9 @@
 //! `plugin_config` picks: `bad-pointer` (a header map pointer outside its
 //! memory), `pause-forever` (pauses with no call pending), `huge-response`
 //! (a local response body of 64 MiB), `refused-call` (calls a host function
-//! sandgate refuses). Never a policy anyone should run.
+//! sandgate refuses). Never a policy anyone should run. One well-behaved
+//! mode, `body`, shows what a filter reads: the request body (403 when it
+//! says `forbidden`) and the properties it answers with as headers.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType};
@@ -90,5 +92,32 @@ impl HttpContext for Hostile {
             }
             _ => Action::Continue,
         }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.mode != "body" || !end_of_stream {
+            return Action::Continue;
+        }
+        let body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        if body.windows(9).any(|w| w == b"forbidden") {
+            self.send_http_response(403, vec![("x-reason", "body")], Some(b"forbidden body"));
+            return Action::Pause;
+        }
+        let property = |path: Vec<&str>| {
+            self.get_property(path)
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_else(|| "(none)".into())
+        };
+        let seen = [
+            ("x-body-bytes", body.len().to_string()),
+            ("x-path", property(vec!["request", "path"])),
+            ("x-method", property(vec!["request", "method"])),
+            ("x-plugin", property(vec!["plugin_name"])),
+            ("x-source", property(vec!["source", "address"])),
+        ];
+        for (name, value) in seen {
+            self.set_http_request_header(name, Some(&value));
+        }
+        Action::Continue
     }
 }
