@@ -343,6 +343,14 @@ async fn hostile_filters_fail_closed_with_their_error_code_while_the_daemon_keep
     .await;
     assert_eq!(allowed["allow"], true, "{allowed}");
 
+    let metrics = daemon.metrics(&client).await;
+    assert!(
+        metrics.contains(
+            r#"sandgate_wasi_denials_total{policy="refused-call",call="proxy_register_shared_queue"} 1"#
+        ),
+        "{metrics}"
+    );
+
     let audit = audit_lines(&dir.path().join("audit.jsonl"));
     assert!(
         audit.iter().any(|l| l["kind"] == "wasi_denied"

@@ -104,6 +104,13 @@ impl Invocation {
         }
     }
 
+    /// A refused proxy-wasm host call: reported like a refused WASI call and
+    /// kept with them, so the decision's metrics count it too.
+    fn filter_refused(&mut self, denial: &Denial) {
+        self.refused(denial);
+        self.wasi.denials.push(denial.clone());
+    }
+
     fn filter_state(&mut self) -> &mut FilterState {
         &mut self.filter
     }
@@ -146,7 +153,7 @@ pub fn add_filter_to_linker(
     let host = proxywasm::Host {
         view: Invocation::filter,
         egress: Invocation::egress,
-        refused: Invocation::refused,
+        refused: Invocation::filter_refused,
     };
     proxywasm::add_to_linker(linker, module, host)?;
     let host = wasi::Host {

@@ -234,7 +234,10 @@ fn add_provided<T: Send + 'static>(linker: &mut Linker<T>, host: Host<T>) -> was
             // proxy-wasm has critical (5) above error; the output knows 0..=4.
             let level = level.clamp(0, 4);
             view.output.log(level, &message);
-            view.trace.guest_log(level, &message);
+            view.state.log_calls += 1;
+            if view.state.log_calls <= crate::abi::log::MAX_LOG_CALLS {
+                view.trace.guest_log(level, &message);
+            }
             Ok(OK)
         },
     )?;

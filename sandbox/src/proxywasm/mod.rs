@@ -225,6 +225,8 @@ pub struct FilterState {
     pub max_bytes: usize,
     /// Host calls refused so far (names).
     pub refused: Vec<&'static str>,
+    /// `proxy_log` calls made (span events stop at `MAX_LOG_CALLS`).
+    pub log_calls: u32,
 }
 
 impl FilterState {
