@@ -118,11 +118,12 @@ impl Abi {
 /// What a proxy-wasm filter is configured with.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProxyWasmSettings {
-    /// The bytes `on_configure` reads as its plugin configuration.
-    pub plugin_config: String,
+    /// The bytes `on_configure` reads as its plugin configuration (shared:
+    /// every store of the filter holds it).
+    pub plugin_config: std::sync::Arc<str>,
     /// `dispatch_http_call` cluster name -> base URL (no trailing `/`),
     /// each within `[policy.egress] allow`.
-    pub clusters: BTreeMap<String, String>,
+    pub clusters: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 impl PolicySpec {

@@ -200,7 +200,7 @@ impl PolicyReport {
                 crate::config::Abi::ProxyWasm(settings) => Some(ProxyWasmReport {
                     abi_version: facts.proxy_wasm_abi.clone(),
                     plugin_config_bytes: settings.plugin_config.len(),
-                    clusters: settings.clusters.clone(),
+                    clusters: (*settings.clusters).clone(),
                     host_calls: facts
                         .proxy_wasm_imports
                         .iter()

@@ -36,7 +36,11 @@ pub async fn configure<T: Send + 'static>(
     if let Ok(configure) =
         instance.get_typed_func::<(i32, i32), i32>(&mut store, "proxy_on_configure")
     {
-        let size = get(store.as_context_mut().data_mut()).plugin_config.len() as i32;
+        let mut context = store.as_context_mut();
+        let size = get(context.data_mut())
+            .settings
+            .as_ref()
+            .map_or(0, |s| s.plugin_config.len()) as i32;
         if configure
             .call_async(&mut store, (ROOT_CONTEXT, size))
             .await?

@@ -296,7 +296,11 @@ fn add_provided<T: Send + 'static>(linker: &mut Linker<T>, host: Host<T>) -> was
             Box::new(async move {
                 let state = (host.view)(caller.data_mut()).state;
                 let bytes: Vec<u8> = match buffer {
-                    PLUGIN_CONFIGURATION => state.plugin_config.to_vec(),
+                    PLUGIN_CONFIGURATION => state
+                        .settings
+                        .as_ref()
+                        .map(|s| s.plugin_config.as_bytes().to_vec())
+                        .unwrap_or_default(),
                     VM_CONFIGURATION => Vec::new(),
                     REQUEST_BODY => state.request.body.clone(),
                     CALL_RESPONSE_BODY => match &state.delivering {
@@ -630,7 +634,8 @@ fn add_provided<T: Send + 'static>(linker: &mut Linker<T>, host: Host<T>) -> was
                     .map_err(|e| AbiViolation(format!("dispatch_http_call headers: {e}")))?;
                 let body = read(&mut caller, b_ptr, b_len, max, "dispatch_http_call body")?;
                 let state = (host.view)(caller.data_mut()).state;
-                let Some(base) = state.clusters.get(&upstream).cloned() else {
+                let base = state.settings.as_ref().and_then(|s| s.clusters.get(&upstream).cloned());
+                let Some(base) = base else {
                     tracing::warn!(cluster = %crate::telemetry::log::Escaped(&upstream), "dispatch_http_call to a cluster not in [policy.proxy_wasm.clusters]");
                     return Ok(BAD_ARGUMENT);
                 };

@@ -7,10 +7,11 @@
 //! and one HTTP context per decision, `map` is the wire form of header maps.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use serde_json::Value;
 use wasmtime::{ExternType, Module};
+
+use crate::config::ProxyWasmSettings;
 
 pub mod call;
 mod host;
@@ -198,10 +199,9 @@ pub struct CallResponse {
 /// The state of one filter instance (one store).
 #[derive(Default)]
 pub struct FilterState {
-    /// What `on_configure` reads.
-    pub plugin_config: Arc<[u8]>,
-    /// `dispatch_http_call` cluster -> base URL.
-    pub clusters: Arc<BTreeMap<String, String>>,
+    /// What `on_configure` reads, and the clusters of `dispatch_http_call`
+    /// (`None` in a store of an ABI v1 guest: nothing is allocated for it).
+    pub settings: Option<ProxyWasmSettings>,
     /// The policy's name (`plugin_name`) and the decision id (`request.id`).
     pub plugin_name: String,
     pub decision_id: String,
@@ -238,8 +238,7 @@ impl FilterState {
         max_bytes: u64,
     ) -> FilterState {
         FilterState {
-            plugin_config: Arc::from(settings.plugin_config.as_bytes()),
-            clusters: Arc::new(settings.clusters.clone()),
+            settings: Some(settings.clone()),
             plugin_name: plugin_name.to_owned(),
             decision_id: decision_id.to_owned(),
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),

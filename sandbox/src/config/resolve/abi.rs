@@ -85,9 +85,10 @@ impl Resolver<'_> {
         Ok(Abi::ProxyWasm(ProxyWasmSettings {
             plugin_config: plugin_config
                 .as_ref()
-                .map(|c| c.get_ref().clone())
-                .unwrap_or_default(),
-            clusters,
+                .map(|c| c.get_ref().as_str())
+                .unwrap_or_default()
+                .into(),
+            clusters: clusters.into(),
         }))
     }
 }
@@ -107,7 +108,7 @@ mod tests {
         let Abi::ProxyWasm(settings) = &config.policies[0].abi else {
             panic!("not proxy-wasm: {:?}", config.policies[0].abi);
         };
-        assert_eq!(settings.plugin_config, "{\"k\": 1}");
+        assert_eq!(&*settings.plugin_config, "{\"k\": 1}");
         assert_eq!(settings.clusters["authsvc"], "http://127.0.0.1:8080/auth");
         let plain = crate::config::parse(POLICY, std::path::Path::new("sandgate.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
