@@ -749,7 +749,12 @@ fn is_filter(abi: &Abi) -> bool {
 /// Checks a module against the ABI its policy declares.
 fn validate(abi: &Abi, module: &Module) -> Result<(), String> {
     match abi {
-        Abi::SandgateV1 => abi::validate(module),
+        Abi::SandgateV1 => abi::validate(module).map_err(|e| match proxywasm::abi_version(module) {
+            Some(version) => format!(
+                "{e}: it is a proxy-wasm {version} filter; configure it with abi = \"proxy-wasm\""
+            ),
+            None => e,
+        }),
         Abi::ProxyWasm(_) => proxywasm::validate(module),
     }
 }

@@ -404,6 +404,20 @@ fn inspect_recognises_a_filter_and_check_prints_what_it_is_granted_or_why_it_fai
         "{text}"
     );
 
+    // A filter configured as an ABI v1 guest is refused with the fix.
+    let config = write(
+        dir.path(),
+        "v1.toml",
+        &policy_toml(&guest("proxy_wasm_apikey"), ""),
+    );
+    let out = sandgate(&["check", "--config", &config.to_string_lossy()], &cache);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("configure it with abi = \"proxy-wasm\""),
+        "{said}"
+    );
+
     // A filter that refuses its plugin_config does not load, and says why.
     let config = write(
         dir.path(),
