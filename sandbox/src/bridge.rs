@@ -32,7 +32,7 @@ mod host;
 mod redact;
 mod transport;
 
-pub use host::{EgressState, EgressView, add_to_linker};
+pub use host::{EgressState, EgressView, add_to_linker, send};
 
 use cache::{CacheControl, CachedResponse, cache_key, cache_max_age};
 use redact::Secret;

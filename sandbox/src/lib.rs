@@ -18,6 +18,7 @@ pub mod host;
 pub mod policy;
 pub mod preview1;
 pub mod probes;
+pub mod proxywasm;
 pub mod server;
 pub mod telemetry;
 pub mod wasi;

@@ -424,6 +424,24 @@ fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
         out!("  preopens      {}", listed(&preopens));
         out!("  refused       {}", listed(&w.imports_refused));
         out!("  egress allow  {}", listed(&p.egress.allow));
+        if let Some(filter) = &p.proxy_wasm {
+            out!(
+                "  abi           proxy-wasm {} (plugin_config {} bytes)",
+                filter.abi_version.as_deref().unwrap_or("?"),
+                filter.plugin_config_bytes
+            );
+            let clusters: Vec<String> = filter
+                .clusters
+                .iter()
+                .map(|(name, url)| format!("{name} -> {url}"))
+                .collect();
+            out!("  clusters      {}", listed(&clusters));
+            out!("  host calls    {}", listed(&filter.host_calls));
+            out!(
+                "  host refused  {} (audited as wasi_denied when called)",
+                listed(&filter.host_calls_refused)
+            );
+        }
         let credentials: Vec<String> = p
             .egress
             .credentials
@@ -493,6 +511,17 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .map(|(_, n, _)| n.clone())
         .collect();
     let groups = policy::needed_groups(&wasi_imports);
+    if let Some(version) = sandgate::proxywasm::abi_version(&module) {
+        return inspect_filter(
+            path,
+            &digest,
+            &module,
+            version,
+            &wasi_imports,
+            &groups,
+            json,
+        );
+    }
     let abi_result = match abi::validate(&module) {
         Err(e) => Err(e),
         Ok(()) => match Policy::load(&engine, PolicySpec::for_module(path)).await {
@@ -549,6 +578,81 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(if abi_result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `inspect` of a proxy-wasm filter: its ABI version, whether this host can
+/// run it, and which of its host calls sandgate provides or refuses.
+fn inspect_filter(
+    path: &Path,
+    digest: &config::Digest,
+    module: &wasmtime::Module,
+    version: &str,
+    wasi_imports: &[String],
+    groups: &[&str],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use sandgate::proxywasm;
+    let valid = proxywasm::validate(module);
+    let mut calls: Vec<String> = module
+        .imports()
+        .filter(|i| i.module() == proxywasm::MODULE)
+        .map(|i| i.name().to_owned())
+        .collect();
+    calls.sort_unstable();
+    let (provided, refused): (Vec<String>, Vec<String>) = calls
+        .into_iter()
+        .partition(|c| proxywasm::SUPPORTED.contains(&c.as_str()));
+    if json {
+        out!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "module": path,
+                "digest": digest.to_string(),
+                "abi": "proxy-wasm",
+                "proxy_wasm_abi_version": version,
+                "abi_error": valid.as_ref().err(),
+                "host_calls": provided,
+                "host_calls_refused": refused,
+                "exports": module.exports().map(|e| e.name().to_owned()).collect::<Vec<_>>(),
+                "wasi_functions": wasi_imports,
+                "wasi_groups": groups,
+            }))?
+        );
+    } else {
+        out!("module {} ({digest})", path.display());
+        match &valid {
+            Ok(()) => {
+                out!("  abi           proxy-wasm {version} (configure with abi = \"proxy-wasm\")")
+            }
+            Err(e) => out!("  abi           proxy-wasm {version}, cannot run here: {e}"),
+        }
+        out!("  host calls    {}", listed(&provided));
+        out!(
+            "  host refused  {} (audited as wasi_denied when called)",
+            listed(&refused)
+        );
+        out!("  wasi imports  {}", listed(wasi_imports));
+        out!(
+            "  wasi needs    {}",
+            if groups.is_empty() {
+                "nothing".to_owned()
+            } else {
+                format!(
+                    "allow = [{}]",
+                    groups
+                        .iter()
+                        .map(|g| format!("\"{g}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
+    Ok(if valid.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -20,7 +20,7 @@ pub mod snapshot;
 pub use decision_cache::DecisionCache;
 pub use report::{
     CredentialReport, DecisionCacheReport, EgressReport, PolicyReport, PreopenReport,
-    RoutingReport, VersionReport, VersionSummary, WasiReport,
+    ProxyWasmReport, RoutingReport, VersionReport, VersionSummary, WasiReport,
 };
 pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
 
@@ -38,12 +38,13 @@ use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
 use crate::abi::{self, AbiViolation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::bridge::{Bridge, CacheStats, EgressState, HttpCall};
-use crate::config::{Digest, ModuleSource, PolicySpec};
+use crate::config::{Abi, Digest, ModuleSource, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
 use crate::fetch::Fetched;
 use crate::host::{self, Invocation};
 use crate::probes::{self, Expected, Probe, Watch};
+use crate::proxywasm;
 use crate::telemetry::log::{Escaped, GuestBatch};
 use crate::telemetry::traces::{Parent, Scope, Tracing};
 use crate::wasi::{self, Denial, WasiDenied, WasiState};
@@ -108,6 +109,10 @@ pub struct ModuleFacts {
     pub fetched_from: Option<String>,
     pub wasi_imports: Vec<String>,
     pub sandgate_imports: Vec<String>,
+    /// The proxy-wasm host functions (`env` imports) of a filter.
+    pub proxy_wasm_imports: Vec<String>,
+    /// The proxy-wasm ABI version a filter declares (`0.2.1`).
+    pub proxy_wasm_abi: Option<String>,
     pub has_initialize: bool,
     /// The initialised snapshot evaluations start from, when the module has
     /// state to keep (`_initialize` or `sandgate_init`).
@@ -187,6 +192,9 @@ struct Loaded {
     /// Whether each evaluation calls `_initialize` (only when no snapshot
     /// holds its effect).
     initialize_per_eval: bool,
+    /// Whether each evaluation runs a proxy-wasm filter's root context and
+    /// `on_configure` (only when no snapshot holds the configured filter).
+    configure_per_eval: bool,
     /// Digest of the initialised module, when evaluations start from one.
     snapshot: Option<Digest>,
     grants: Arc<crate::config::Grants>,
@@ -246,21 +254,31 @@ impl Policy {
             }
         };
         let (module, digest, from, fetched, bytes) = obtain(engine, &spec, &invalid).await?;
-        abi::validate(&module).map_err(&invalid)?;
+        validate(&spec.abi, &module).map_err(&invalid)?;
         let (initialised, snapshot_facts) = if snapshot {
             initialise(engine, &spec, &module, &digest, bytes, audit, &invalid).await?
         } else {
             (None, None)
         };
         let evaluated = initialised.as_ref().map_or(&module, |(m, _)| m);
-        let pre = link(engine, evaluated, &spec.grants).map_err(&invalid)?;
+        let pre = link(engine, evaluated, &spec.grants, &spec.abi).map_err(&invalid)?;
         let initialize_per_eval = evaluated.get_export(snapshot::INITIALIZE_EXPORT).is_some();
+        // A filter without a snapshot is configured in every evaluation.
+        let configure_per_eval = is_filter(&spec.abi) && initialised.is_none();
         let facts = ModuleFacts {
             digest: digest.to_string(),
             compiled_from: from.to_string(),
             fetched_from: fetched.map(|f| f.to_string()),
             wasi_imports: imports_of(&module, wasi::MODULE),
             sandgate_imports: imports_of(&module, abi::MODULE),
+            proxy_wasm_imports: if is_filter(&spec.abi) {
+                let mut calls = imports_of(&module, proxywasm::MODULE);
+                calls.sort_unstable();
+                calls
+            } else {
+                Vec::new()
+            },
+            proxy_wasm_abi: proxywasm::abi_version(&module).map(str::to_owned),
             has_initialize: module.get_export(snapshot::INITIALIZE_EXPORT).is_some(),
             snapshot: snapshot_facts,
         };
@@ -283,6 +301,7 @@ impl Policy {
                 engine: engine.clone(),
                 pre,
                 initialize_per_eval,
+                configure_per_eval,
                 snapshot: initialised.map(|(_, d)| d),
                 digest,
                 facts,
@@ -423,6 +442,10 @@ impl Policy {
             .instantiate_async(&mut store)
             .await
             .map_err(|e| format!("instantiation failed: {e:#}"))?;
+        if is_filter(&self.inner.spec.abi) {
+            // `proxywasm::validate` checked its ABI version export.
+            return Ok(());
+        }
         abi::call::check_version(&mut store, instance).await
     }
 
@@ -445,7 +468,7 @@ impl Policy {
         let mut egress_denied = 0;
         let mut http_calls = Vec::new();
         let mut guest_output_dropped = 0;
-        let outcome = match self.input_document(input, &subject) {
+        let outcome = match self.prepare(input, &subject) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => {
                 let probe = probes::watch(|| Watch {
@@ -618,6 +641,23 @@ impl Policy {
         self.inner.bridge.cache_stats()
     }
 
+    /// What the guest is handed: the input document of ABI v1, or the
+    /// request a proxy-wasm filter is fed.
+    fn prepare(&self, input: &[u8], subject: &Subject) -> Result<Prepared, String> {
+        if !is_filter(&self.inner.spec.abi) {
+            return self.input_document(input, subject).map(Prepared::Document);
+        }
+        let max = self.inner.spec.max_input_bytes;
+        if input.len() as u64 > max {
+            return Err(format!(
+                "input is {} bytes; the policy accepts at most {max}",
+                input.len()
+            ));
+        }
+        input::validate(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
+        proxywasm::FilterRequest::from_input(input).map(Prepared::Request)
+    }
+
     /// The input document of DESIGN §2, built around the caller's JSON without
     /// re-serialising it.
     fn input_document(&self, input: &[u8], subject: &Subject) -> Result<Vec<u8>, String> {
@@ -652,7 +692,7 @@ impl Policy {
     async fn run(
         &self,
         store: &mut Store<Invocation>,
-        document: &[u8],
+        document: &Prepared,
         instantiate: &mut Duration,
         trace: &Scope,
     ) -> anyhow::Result<Decision> {
@@ -675,13 +715,52 @@ impl Policy {
         &self,
         store: &mut Store<Invocation>,
         instance: wasmtime::Instance,
-        document: &[u8],
+        prepared: &Prepared,
     ) -> anyhow::Result<Decision> {
         if self.inner.initialize_per_eval {
             abi::call::initialize(&mut *store, instance).await?;
         }
-        let max_output = self.inner.spec.max_output_bytes;
-        abi::call::evaluate(&mut *store, instance, document, max_output).await
+        match prepared {
+            Prepared::Document(document) => {
+                let max_output = self.inner.spec.max_output_bytes;
+                abi::call::evaluate(&mut *store, instance, document, max_output).await
+            }
+            Prepared::Request(request) => {
+                if self.inner.configure_per_eval
+                    && let Err(why) =
+                        proxywasm::call::configure(&mut *store, instance, host::FILTER_STATE).await?
+                {
+                    return Err(AbiViolation(why).into());
+                }
+                store.data_mut().filter.feed(request.clone());
+                proxywasm::call::decide(&mut *store, instance, host::FILTER_STATE).await
+            }
+        }
+    }
+}
+
+/// What a fresh instance is handed.
+enum Prepared {
+    /// The input document of ABI v1.
+    Document(Vec<u8>),
+    /// The request a proxy-wasm filter is fed.
+    Request(proxywasm::FilterRequest),
+}
+
+fn is_filter(abi: &Abi) -> bool {
+    matches!(abi, Abi::ProxyWasm(_))
+}
+
+/// Checks a module against the ABI its policy declares.
+fn validate(abi: &Abi, module: &Module) -> Result<(), String> {
+    match abi {
+        Abi::SandgateV1 => abi::validate(module).map_err(|e| match proxywasm::abi_version(module) {
+            Some(version) => format!(
+                "{e}: it is a proxy-wasm {version} filter; configure it with abi = \"proxy-wasm\""
+            ),
+            None => e,
+        }),
+        Abi::ProxyWasm(_) => proxywasm::validate(module),
     }
 }
 
@@ -799,7 +878,17 @@ fn new_store(
     // Instantiation starts with the WASI context (it opens the preopens)
     // and ends when `run` has the instance.
     probe.enter(probes::phase::INSTANTIATE);
+    let filter = match &spec.abi {
+        Abi::ProxyWasm(settings) => proxywasm::FilterState::new(
+            settings,
+            &spec.name,
+            &subject.decision_id,
+            spec.max_output_bytes,
+        ),
+        Abi::SandgateV1 => proxywasm::FilterState::default(),
+    };
     let invocation = Invocation {
+        filter,
         wasi: WasiState::new(grants, output)?,
         egress: EgressState::new(bridge),
         limiter: MemoryLimiter::new(spec.memory_limit_bytes),
@@ -1017,7 +1106,8 @@ async fn initialise(
             })?
     };
     let (snapshot_module, _) = compiled.map_err(|e| invalid(format!("initialised module: {e}")))?;
-    abi::validate(&snapshot_module).map_err(|e| invalid(format!("initialised module: {e}")))?;
+    validate(&spec.abi, &snapshot_module)
+        .map_err(|e| invalid(format!("initialised module: {e}")))?;
     tracing::info!(
         policy = %spec.name,
         version = %spec.version,
@@ -1048,9 +1138,13 @@ fn link(
     engine: &Engine,
     module: &Module,
     grants: &crate::config::Grants,
+    abi: &Abi,
 ) -> Result<InstancePre<Invocation>, String> {
     let mut linker = Linker::new(engine.wasmtime());
-    host::add_to_linker(&mut linker, module, grants)?;
+    match abi {
+        Abi::SandgateV1 => host::add_to_linker(&mut linker, module, grants)?,
+        Abi::ProxyWasm(_) => host::add_filter_to_linker(&mut linker, module, grants)?,
+    }
     linker
         .instantiate_pre(module)
         .map_err(|e| format!("cannot link the module: {e:#}"))

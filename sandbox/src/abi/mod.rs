@@ -16,5 +16,10 @@ pub const MODULE: &str = "sandgate";
 /// The import module of WASI preview 1, the only other one a guest may import.
 pub const WASI_MODULE: &str = "wasi_snapshot_preview1";
 
+/// Longest guest log message kept; longer ones are truncated.
+pub const MAX_LOG_BYTES: usize = 16 * 1024;
+/// Guest log calls per evaluation that become span events.
+pub const MAX_LOG_CALLS: u32 = 256;
+
 /// Imports of module `sandgate` this host provides.
 pub const IMPORTS: [&str; 3] = ["log", "http_send", "http_read"];

@@ -64,36 +64,22 @@ pub fn add_to_linker<T: Send + 'static>(
         "http_send",
         move |mut caller: Caller<'_, T>, (ptr, len): (i32, i32)| {
             Box::new(async move {
-                let len = usize::try_from(len).map_err(|_| AbiViolation(format!("negative length {len}")))?;
+                let len = usize::try_from(len)
+                    .map_err(|_| AbiViolation(format!("negative length {len}")))?;
                 get(caller.data_mut()).state.pending = None;
                 if len > MAX_REQUEST_BYTES {
                     return Ok(INVALID_REQUEST);
                 }
                 let raw = memory::read_guest(&mut caller, ptr, len)?;
-                let view = get(caller.data_mut());
-                if view.state.calls >= view.state.bridge.settings.max_calls {
-                    tracing::warn!(policy = %view.subject.policy, decision_id = %view.subject.decision_id, "egress call budget exhausted");
-                    return Ok(BUDGET_EXHAUSTED);
-                }
-                view.state.calls += 1;
-                let (bridge, audit, subject, trace, probe) = (Arc::clone(&view.state.bridge), view.audit.clone(), view.subject.clone(), view.trace.clone(), view.probe);
-                let mut calls = Vec::new();
-                let send = bridge.send(&raw, &audit, &subject, &mut calls, &trace);
-                let result = probe.hostcall(crate::probes::phase::HTTP_SEND, send).await;
+                let result = send(caller.data_mut(), get, &raw).await;
                 let state = get(caller.data_mut()).state;
-                state.http_calls.append(&mut calls);
                 Ok(match result {
                     Ok(document) => {
                         let n = document.len() as i64;
                         state.pending = Some(document);
                         n
                     }
-                    Err(code) => {
-                        if code == EGRESS_DENIED {
-                            state.denied += 1;
-                        }
-                        code
-                    }
+                    Err(code) => code,
                 })
             })
         },
@@ -109,6 +95,40 @@ pub fn add_to_linker<T: Send + 'static>(
         },
     )?;
     Ok(())
+}
+
+/// Sends one HttpRequest document (DESIGN §2) through the policy's bridge on
+/// behalf of the store's guest: the call budget, the allowlist, credentials,
+/// limits and the audit of [`Bridge`]. The `Ok` document is the
+/// HttpResponse; the `Err` is the contract's negative code. Other host
+/// modules (the proxy-wasm `dispatch_http_call`) send through here too.
+pub async fn send<T>(
+    data: &mut T,
+    get: fn(&mut T) -> EgressView<'_>,
+    raw: &[u8],
+) -> Result<Vec<u8>, i64> {
+    let view = get(data);
+    if view.state.calls >= view.state.bridge.settings.max_calls {
+        tracing::warn!(policy = %view.subject.policy, decision_id = %view.subject.decision_id, "egress call budget exhausted");
+        return Err(BUDGET_EXHAUSTED);
+    }
+    view.state.calls += 1;
+    let (bridge, audit, subject, trace, probe) = (
+        Arc::clone(&view.state.bridge),
+        view.audit.clone(),
+        view.subject.clone(),
+        view.trace.clone(),
+        view.probe,
+    );
+    let mut calls = Vec::new();
+    let sent = bridge.send(raw, &audit, &subject, &mut calls, &trace);
+    let result = probe.hostcall(crate::probes::phase::HTTP_SEND, sent).await;
+    let state = get(data).state;
+    state.http_calls.append(&mut calls);
+    if result == Err(EGRESS_DENIED) {
+        state.denied += 1;
+    }
+    result
 }
 
 /// `http_read`: copies the pending response document into the guest.

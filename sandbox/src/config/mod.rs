@@ -17,8 +17,8 @@ mod settings;
 
 pub use egress::{Credential, EgressRule, EgressSettings};
 pub use policy::{
-    Access, DecisionCacheSettings, Digest, Grants, ModuleSource, OnDenied, PolicySpec, Preopen,
-    Routing, StickyKey, VersionSpec,
+    Abi, Access, DecisionCacheSettings, Digest, Grants, ModuleSource, OnDenied, PolicySpec,
+    Preopen, ProxyWasmSettings, Routing, StickyKey, VersionSpec,
 };
 pub use resolve::{load, parse};
 pub use settings::{

@@ -90,6 +90,40 @@ pub struct PolicySpec {
     pub fail_mode: FailMode,
     pub grants: Grants,
     pub egress: EgressSettings,
+    /// The ABI the module speaks, with what it needs (`abi`, `plugin_config`,
+    /// `[policy.proxy_wasm.clusters]`).
+    pub abi: Abi,
+}
+
+/// The ABI a policy's module speaks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Abi {
+    /// The guest ABI v1 of DESIGN §2 (`abi = "sandgate-v1"`, the default).
+    #[default]
+    SandgateV1,
+    /// A proxy-wasm filter, ABI 0.2.x (`abi = "proxy-wasm"`, DESIGN §2b).
+    ProxyWasm(ProxyWasmSettings),
+}
+
+impl Abi {
+    /// The name as written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Abi::SandgateV1 => "sandgate-v1",
+            Abi::ProxyWasm(_) => "proxy-wasm",
+        }
+    }
+}
+
+/// What a proxy-wasm filter is configured with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProxyWasmSettings {
+    /// The bytes `on_configure` reads as its plugin configuration (shared:
+    /// every store of the filter holds it).
+    pub plugin_config: std::sync::Arc<str>,
+    /// `dispatch_http_call` cluster name -> base URL (no trailing `/`),
+    /// each within `[policy.egress] allow`.
+    pub clusters: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 impl PolicySpec {
@@ -121,6 +155,7 @@ impl PolicySpec {
             fail_mode: FailMode::Closed,
             grants: Grants::default(),
             egress: EgressSettings::default(),
+            abi: Abi::default(),
         }
     }
 }

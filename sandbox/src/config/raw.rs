@@ -99,6 +99,19 @@ pub(super) struct RawPolicy {
     pub(super) fail_mode: Option<FailMode>,
     pub(super) wasi: Option<RawWasi>,
     pub(super) egress: Option<RawEgress>,
+    /// `abi = "proxy-wasm"` (default `sandgate-v1`).
+    pub(super) abi: Option<Spanned<String>>,
+    /// Handed to a proxy-wasm filter's `on_configure`.
+    pub(super) plugin_config: Option<Spanned<String>>,
+    /// `[policy.proxy_wasm]`: the clusters of `dispatch_http_call`.
+    pub(super) proxy_wasm: Option<Spanned<RawProxyWasm>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxyWasm {
+    #[serde(default)]
+    pub(super) clusters: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 /// The `version` key of a policy: a name, or an array of `[[policy.version]]`

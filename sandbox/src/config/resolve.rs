@@ -10,6 +10,7 @@ use serde_spanned::Spanned;
 use super::raw::RawConfig;
 use super::{Config, ConfigError, TelemetrySettings};
 
+mod abi;
 mod egress;
 mod engine;
 mod policy;

@@ -11,10 +11,7 @@ use crate::telemetry::traces::Scope;
 use crate::wasi::GuestOutput;
 use sandgate_probes_common::phase;
 
-/// Longest guest log message kept; longer ones are truncated.
-pub const MAX_LOG_BYTES: usize = 16 * 1024;
-/// Guest log calls per evaluation that become span events.
-pub const MAX_LOG_CALLS: u32 = 256;
+pub use crate::abi::{MAX_LOG_BYTES, MAX_LOG_CALLS};
 
 /// What `log` reaches in the embedder's store: its call count, the
 /// evaluation's output, span and probe.

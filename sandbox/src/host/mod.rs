@@ -14,6 +14,7 @@ use crate::abi::MODULE;
 use crate::audit::{AuditLog, AuditRecord, Subject};
 use crate::bridge::{self, EgressState, EgressView};
 use crate::engine::MemoryLimiter;
+use crate::proxywasm::{self, FilterState, FilterView};
 use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 use crate::wasi::{self, Denial, WasiState};
@@ -36,6 +37,8 @@ pub struct Invocation {
     pub epochs: u64,
     /// This invocation as the eBPF probes know it.
     pub probe: crate::probes::Probe,
+    /// The filter's state when the policy is a proxy-wasm filter.
+    pub filter: FilterState,
 }
 
 impl Invocation {
@@ -80,6 +83,27 @@ impl Invocation {
         }
     }
 
+    fn filter(&mut self) -> FilterView<'_> {
+        FilterView {
+            state: &mut self.filter,
+            output: &self.wasi.output,
+            trace: &self.trace,
+            clock: self.wasi.grants.allows("clock_time_get"),
+            on_denied: self.wasi.grants.on_denied,
+        }
+    }
+
+    /// A refused proxy-wasm host call: reported like a refused WASI call and
+    /// kept with them, so the decision's metrics count it too.
+    fn filter_refused(&mut self, denial: &Denial) {
+        self.refused(denial);
+        self.wasi.denials.push(denial.clone());
+    }
+
+    fn filter_state(&mut self) -> &mut FilterState {
+        &mut self.filter
+    }
+
     fn egress(&mut self) -> EgressView<'_> {
         EgressView {
             state: &mut self.egress,
@@ -107,6 +131,29 @@ pub fn add_to_linker(
     };
     wasi::add_to_linker(linker, module, grants, host)
 }
+
+/// Links every host module for a proxy-wasm filter (DESIGN §2b): WASI
+/// preview 1 as `grants` allow, and the proxy-wasm host functions of `env`.
+pub fn add_filter_to_linker(
+    linker: &mut Linker<Invocation>,
+    module: &Module,
+    grants: &crate::config::Grants,
+) -> Result<(), String> {
+    let host = proxywasm::Host {
+        view: Invocation::filter,
+        egress: Invocation::egress,
+        refused: Invocation::filter_refused,
+    };
+    proxywasm::add_to_linker(linker, module, host)?;
+    let host = wasi::Host {
+        state: |inv: &mut Invocation| &mut inv.wasi,
+        refused: Invocation::refused,
+    };
+    wasi::add_to_linker(linker, module, grants, host)
+}
+
+/// The accessor of the filter's state, for `proxywasm::call`.
+pub const FILTER_STATE: fn(&mut Invocation) -> &mut FilterState = Invocation::filter_state;
 
 /// Adds the `sandgate` import module: `log`, and the HTTP functions from `bridge`.
 fn add_sandgate_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {

@@ -36,6 +36,23 @@ pub struct PolicyReport {
     pub fail_mode: FailMode,
     pub wasi: WasiReport,
     pub egress: EgressReport,
+    /// What a proxy-wasm filter is configured with; absent for ABI v1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_wasm: Option<ProxyWasmReport>,
+}
+
+/// A proxy-wasm filter's settings and the host calls it would be refused.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProxyWasmReport {
+    /// The ABI version the module declares (`0.2.1`).
+    pub abi_version: Option<String>,
+    pub plugin_config_bytes: usize,
+    /// `dispatch_http_call` cluster -> base URL.
+    pub clusters: std::collections::BTreeMap<String, String>,
+    /// The module's proxy-wasm imports sandgate provides.
+    pub host_calls: Vec<String>,
+    /// The module's proxy-wasm imports sandgate refuses (audited as `wasi_denied`).
+    pub host_calls_refused: Vec<String>,
 }
 
 /// One loaded version: its summary and where its module came from.
@@ -179,6 +196,26 @@ impl PolicyReport {
             fail_mode: spec.fail_mode,
             wasi: WasiReport::of(spec, &facts.wasi_imports),
             egress: EgressReport::of(spec),
+            proxy_wasm: match &spec.abi {
+                crate::config::Abi::ProxyWasm(settings) => Some(ProxyWasmReport {
+                    abi_version: facts.proxy_wasm_abi.clone(),
+                    plugin_config_bytes: settings.plugin_config.len(),
+                    clusters: (*settings.clusters).clone(),
+                    host_calls: facts
+                        .proxy_wasm_imports
+                        .iter()
+                        .filter(|i| crate::proxywasm::SUPPORTED.contains(&i.as_str()))
+                        .cloned()
+                        .collect(),
+                    host_calls_refused: facts
+                        .proxy_wasm_imports
+                        .iter()
+                        .filter(|i| crate::proxywasm::REFUSED.contains(&i.as_str()))
+                        .cloned()
+                        .collect(),
+                }),
+                crate::config::Abi::SandgateV1 => None,
+            },
         }
     }
 

@@ -40,9 +40,12 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// The plan for `module`; a proxy-wasm filter always has state to keep
+    /// (its configured root context).
     pub fn of(module: &Module) -> Plan {
         let sandgate_init = module.get_export(INIT_EXPORT).is_some();
-        if sandgate_init || module.get_export(INITIALIZE_EXPORT).is_some() {
+        let filter = crate::proxywasm::abi_version(module).is_some();
+        if sandgate_init || filter || module.get_export(INITIALIZE_EXPORT).is_some() {
             Plan::Snapshot { sandgate_init }
         } else {
             Plan::Nothing
@@ -112,7 +115,7 @@ pub async fn initialise(
             .0
     };
     let grants = Arc::new(init_grants(&spec.grants));
-    let pre = link(engine, &module, &grants).map_err(failed)?;
+    let pre = link(engine, &module, &grants, &spec.abi).map_err(failed)?;
     let bridge = Arc::new(Bridge::new(&spec.egress).map_err(|e| failed(e.to_string()))?);
     let subject = Subject::new(
         &spec.name,
@@ -133,7 +136,8 @@ pub async fn initialise(
     .map_err(|e| failed(format!("cannot prepare an instance: {e:#}")))?;
 
     let sandgate_init = module.get_export(INIT_EXPORT).is_some();
-    let run = run_init(&mut store, &pre, sandgate_init);
+    let filter = matches!(spec.abi, crate::config::Abi::ProxyWasm(_));
+    let run = run_init(&mut store, &pre, sandgate_init, filter);
     let ran = match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
         Ok(Ok(instance)) => Ok(instance),
         Ok(Err(RunError::Refused(message))) => Err(message),
@@ -193,9 +197,17 @@ async fn run_init(
     store: &mut Store<Invocation>,
     pre: &wasmtime::InstancePre<Invocation>,
     sandgate_init: bool,
+    filter: bool,
 ) -> Result<Instance, RunError> {
     let instance = pre.instantiate_async(&mut *store).await?;
     abi::call::initialize(&mut *store, instance).await?;
+    if filter {
+        // A proxy-wasm filter's root context, started and configured.
+        crate::proxywasm::call::configure(&mut *store, instance, crate::host::FILTER_STATE)
+            .await
+            .map_err(RunError::Guest)?
+            .map_err(RunError::Refused)?;
+    }
     if sandgate_init {
         let status = abi::call::init(&mut *store, instance).await?;
         if status != 0 {

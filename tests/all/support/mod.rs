@@ -96,7 +96,8 @@ pub fn guests_dir() -> PathBuf {
 }
 
 /// Path of a built example guest (`rbac`, `abac_owner`, `snoop`, `introspect`,
-/// `remote_decision`), building all of them for wasm32-wasip1 on first use.
+/// `remote_decision`, the proxy-wasm filters `proxy_wasm_apikey`,
+/// `proxy_wasm_authcall`, `proxy_wasm_hostile`), building all of them for wasm32-wasip1 on first use.
 pub fn guest(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -118,6 +119,12 @@ pub fn guest(name: &str) -> PathBuf {
                 "introspect",
                 "-p",
                 "remote-decision",
+                "-p",
+                "proxy-wasm-apikey",
+                "-p",
+                "proxy-wasm-authcall",
+                "-p",
+                "proxy-wasm-hostile",
                 "--target-dir",
             ])
             .arg(guests_dir())

@@ -48,6 +48,7 @@ impl Resolver<'_> {
         };
         let grants = self.grants(&key, raw.wasi)?;
         let egress = self.egress(&key, raw.egress)?;
+        let abi = self.abi(&key, &raw.abi, &raw.plugin_config, raw.proxy_wasm, &egress)?;
         let decision_cache = self.decision_cache(
             &key,
             &raw.decision_cache_ttl_ms,
@@ -73,6 +74,7 @@ impl Resolver<'_> {
             fail_mode: raw.fail_mode.unwrap_or_default(),
             grants,
             egress,
+            abi,
         })
     }
 
