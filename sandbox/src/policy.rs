@@ -728,7 +728,8 @@ impl Policy {
             Prepared::Request(request) => {
                 if self.inner.configure_per_eval
                     && let Err(why) =
-                        proxywasm::call::configure(&mut *store, instance, host::FILTER_STATE).await?
+                        proxywasm::call::configure(&mut *store, instance, host::FILTER_STATE)
+                            .await?
                 {
                     return Err(AbiViolation(why).into());
                 }

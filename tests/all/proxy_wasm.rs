@@ -11,7 +11,6 @@ use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::server::response_headers;
 use crate::support::*;
 
 /// The API-key filter's `[[policy]]`: key `k-alice` belongs to alice.

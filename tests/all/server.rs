@@ -462,20 +462,6 @@ async fn forward_auth_takes_the_original_request_from_proxy_headers_or_its_own_p
     assert_eq!(unknown.headers()["x-sandgate-error"], "policy_not_found");
 }
 
-/// The headers of an ext_authz OkResponse, by name.
-pub fn response_headers(response: &CheckResponse) -> HashMap<String, String> {
-    let headers = match &response.http_response {
-        Some(HttpResponse::OkResponse(ok)) => &ok.headers,
-        Some(HttpResponse::DeniedResponse(denied)) => &denied.headers,
-        _ => return HashMap::new(),
-    };
-    headers
-        .iter()
-        .filter_map(|h| h.header.as_ref())
-        .map(|h| (h.key.clone(), h.value.clone()))
-        .collect()
-}
-
 fn metadata_text(response: &CheckResponse, key: &str) -> Option<String> {
     match response
         .dynamic_metadata

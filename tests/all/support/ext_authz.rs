@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Peer, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 
 /// An ext_authz client connected to one daemon's gRPC port.
@@ -85,4 +86,18 @@ pub fn envoy_check_request(
             ..Default::default()
         }),
     }
+}
+
+/// The headers of an ext_authz answer (OK or denied), by name.
+pub fn response_headers(response: &CheckResponse) -> HashMap<String, String> {
+    let headers = match &response.http_response {
+        Some(HttpResponse::OkResponse(ok)) => &ok.headers,
+        Some(HttpResponse::DeniedResponse(denied)) => &denied.headers,
+        _ => return HashMap::new(),
+    };
+    headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect()
 }

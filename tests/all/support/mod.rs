@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 pub use cli::{Eval, sandgate, stdout_json};
 pub use daemon::{ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
-pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request};
+pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request, response_headers};
 pub use guests::{
     ALLOW_RESULT, DENY_RESULT, abi_guest, allow_if, code_guest, response_guest, spinning_guest,
 };
