@@ -326,3 +326,42 @@ impl Taken {
 
 /// The index a policy is given when its expected set is not in the kernel.
 pub(super) const UNCHECKED: u32 = NO_POLICY;
+
+#[cfg(test)]
+mod tests {
+    use sandgate_probes_common::{tally_home, tally_key};
+
+    use super::*;
+
+    #[test]
+    fn ending_a_stretch_takes_the_tallies_and_leaves_the_slot_clear() {
+        let mut slot = Box::new(Slot::default());
+        slot.invocation = 7;
+        // What the programs leave after three syscalls in two pairs.
+        for (nr, phase, count, ns) in [(202, phase::GUEST, 2, 300), (16, phase::TEARDOWN, 1, 50)] {
+            let key = tally_key(nr, phase);
+            slot.tallies[tally_home(key)] = Tally { key, count, ns };
+        }
+        slot.total = 3;
+        slot.total_ns = 350;
+        slot.overflow = 0;
+        let pointer: *mut Slot = &mut *slot;
+        // SAFETY: a slot only this test touches.
+        let taken = unsafe { end(pointer) }.expect("tallies");
+        assert_eq!((taken.total, taken.total_ns, taken.overflow), (3, 350, 0));
+        let mut pairs: Vec<_> = taken.tallies().collect();
+        pairs.sort_unstable();
+        assert_eq!(
+            pairs,
+            [(16, phase::TEARDOWN, 1, 50), (202, phase::GUEST, 2, 300)]
+        );
+        let cleared = Slot {
+            policy: slot.policy,
+            phase: slot.phase,
+            ..Slot::default()
+        };
+        assert_eq!(*slot, cleared, "invocation, totals and tallies are cleared");
+        // SAFETY: as above.
+        assert!(unsafe { end(pointer) }.is_none(), "nothing twice");
+    }
+}
