@@ -1,15 +1,20 @@
 //! eBPF probes (DESIGN §9): the kernel's view of every guest invocation.
 //!
 //! The programs of `ebpf-probes/` are embedded in the binary. At startup,
-//! per `[ebpf] mode`, [`Probes::start`] loads them with aya and attaches
-//! uprobes to the marker functions of [`markers`] and the `raw_syscalls`
-//! tracepoints, filtered in the kernel to this process and to threads inside
-//! a guest invocation. Each invocation the evaluation path [`watch`]es gets
-//! an account; a task folds the ring buffer's events into it and, when the
-//! invocation's end event arrives, reports it: a `kernel` child span
-//! of the decision's span with per-syscall counts and time, and a
-//! `kernel_syscall` audit line for each syscall outside what the policy's
-//! grants explain ([`Expected`]).
+//! per `[ebpf] mode`, [`Probes::start`] loads them with aya, maps their
+//! per-thread slot array into the daemon's memory and attaches the
+//! `raw_syscalls` tracepoints, filtered in the kernel to this process and
+//! to threads inside a stretch of a guest invocation. Each invocation the
+//! evaluation path [`watch`]es gets an account. Around every poll of the
+//! invocation the polling thread publishes it in its slot with plain stores
+//! ([`markers`]); the programs count and time each syscall the thread makes
+//! in the slot, and at the end of the poll the thread adds those tallies to
+//! the account. When the invocation ends ([`end`]) the account is reported:
+//! a `kernel` child span of the decision's span with per-syscall counts and
+//! time, and a `kernel_syscall` audit line for each syscall outside what the
+//! policy's grants explain ([`Expected`]). The ring buffer carries only the
+//! unusual (an unexpected syscall, full tallies): a normal decision sends no
+//! event.
 //!
 //! Attribution: a syscall is charged to the invocation whose future the
 //! thread was polling when it made it, and to the phase the host was in
@@ -17,21 +22,18 @@
 //! `http_send`, `http_read`). Work the host does for a guest elsewhere is not
 //! charged: DNS resolution on tokio's blocking pool, the audit writer thread,
 //! the span exporter. Nothing is lost silently: events the ring buffer could
-//! not take, syscalls a full per-thread map could not track, and invocations
-//! whose end event never came are counted and shown in `/v1/probes` and the
-//! metrics.
-//!
-//! Over 600 lines: loading, the ring-buffer consumer and the per-invocation
-//! account with its tests are still one file, to be split by job.
+//! not take, syscalls no tally could name, polls on a thread that got no
+//! slot, and invocations that never ended are counted and shown in
+//! `/v1/probes` and the metrics.
 
 mod account;
 mod consume;
 mod expected;
 mod load;
 pub mod markers;
+mod slots;
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     sync::{
         Arc, OnceLock,
@@ -58,15 +60,15 @@ use crate::{
 };
 use account::Account;
 use consume::Shared;
-use load::{TRACEPOINTS, UPROBES, attach};
+use load::{TRACEPOINTS, attach};
 
 /// The attached probes, for the evaluation path; unset when they are off.
 static ATTACHED: OnceLock<Arc<Shared>> = OnceLock::new();
 
 static NEXT_INVOCATION: AtomicU64 = AtomicU64::new(1);
 
-/// How long past its deadline an invocation's end event may take before its
-/// account is closed as incomplete.
+/// How long past its deadline an invocation may run before its account is
+/// closed as incomplete (its future was dropped without ending it).
 const END_GRACE: Duration = Duration::from_secs(5);
 
 /// The daemon's probes: attached, or off with the reason why.
@@ -98,7 +100,7 @@ impl Probes {
             Ok(shared) => {
                 let shared = ATTACHED.get_or_init(|| shared);
                 tracing::info!(
-                    programs = UPROBES.len() + TRACEPOINTS.len(),
+                    programs = TRACEPOINTS.len(),
                     "eBPF probes attached: guest invocations and their syscalls are traced"
                 );
                 Ok(Probes {
@@ -141,11 +143,6 @@ impl Probes {
         };
         let mut programs = Vec::new();
         if self.shared.is_some() {
-            programs.extend(UPROBES.iter().map(|(program, symbol)| ProgramReport {
-                name: program,
-                kind: "uprobe",
-                target: format!("{symbol} (/proc/self/exe)"),
-            }));
             programs.extend(
                 TRACEPOINTS
                     .iter()
@@ -216,15 +213,24 @@ pub struct Counters {
     pub events_received: u64,
     /// Events lost because the ring buffer was full.
     pub events_dropped: u64,
-    /// Syscalls not tracked because a per-thread map was full.
+    /// Syscalls of a registered thread the programs could not charge.
     pub syscalls_untracked: u64,
+    /// Syscalls counted in an invocation's totals but not by name (its
+    /// slot's tallies were full).
+    pub syscalls_untallied: u64,
+    /// Polls of an invocation on a thread that could not get a slot (their
+    /// syscalls are unseen; the invocation is reported incomplete).
+    pub stretches_unslotted: u64,
+    /// Worker threads holding a slot.
+    pub slots_in_use: u64,
     /// Invocations watched, reported, and closed without their end event.
     pub invocations_watched: u64,
     pub invocations_reported: u64,
     pub invocations_incomplete: u64,
     /// Invocations still open.
     pub invocations_open: u64,
-    /// Syscalls outside the expected set (each also an audit line).
+    /// Distinct syscalls outside the expected set, per invocation (each
+    /// also an audit line).
     pub unexpected_syscalls: u64,
 }
 
@@ -234,7 +240,7 @@ pub struct Watch {
     pub audit: AuditLog,
     pub trace: Scope,
     pub expected: Arc<Expected>,
-    /// The policy's `timeout_ms` (plus margin): the end event is due by then.
+    /// The policy's `timeout_ms` (plus margin): the invocation ends by then.
     pub deadline: Duration,
 }
 
@@ -246,31 +252,28 @@ pub fn watch(make: impl FnOnce() -> Watch) -> Probe {
     };
     let id = NEXT_INVOCATION.fetch_add(1, Ordering::Relaxed);
     let watch = make();
-    let account = Account {
-        expires: Instant::now() + watch.deadline + END_GRACE,
-        started: SystemTime::now(),
-        ended: None,
-        watch,
-        syscalls: BTreeMap::new(),
-        wasi_denied: Vec::new(),
-    };
-    shared.lock_accounts().insert(id, account);
+    let policy = shared.expected_index(&watch.expected);
+    let expires = Instant::now() + watch.deadline + END_GRACE;
+    let account = Account::new(watch, expires);
+    shared.lock_accounts(id).insert(id, account);
     shared.watched.fetch_add(1, Ordering::Relaxed);
-    Probe(id)
+    Probe { id, policy }
 }
 
-/// Says the invocation is over: its account is reported once the programs'
-/// end event, which follows all of its other events, is read.
+/// Says the invocation is over and reports its account: every stretch of
+/// it has ended, and each added its tallies when it did.
 pub fn end(probe: Probe) {
     if !probe.is_watched() {
         return;
     }
-    if let Some(shared) = ATTACHED.get()
-        && let Some(account) = shared.lock_accounts().get_mut(&probe.0)
-    {
+    let Some(shared) = ATTACHED.get() else {
+        return;
+    };
+    let account = shared.lock_accounts(probe.id).remove(&probe.id);
+    if let Some(mut account) = account {
         account.ended = Some(SystemTime::now());
+        shared.report(account, true);
     }
-    markers::sandgate_probe_invocation_end(probe.0);
 }
 
 /// The probes' counters at scrape time.
@@ -313,12 +316,22 @@ impl Collector for ProbeMetrics {
                 ),
                 (
                     "sandgate_probe_syscalls_untracked",
-                    "Syscalls not tracked because a per-thread eBPF map was full",
+                    "Syscalls of a daemon thread the eBPF programs could not charge",
                     c.syscalls_untracked,
                 ),
                 (
+                    "sandgate_probe_syscalls_untallied",
+                    "Syscalls counted in an invocation's totals but not by name (its slot's tallies were full)",
+                    c.syscalls_untallied,
+                ),
+                (
+                    "sandgate_probe_stretches_unslotted",
+                    "Polls of an invocation on a thread without an eBPF slot (their syscalls unseen)",
+                    c.stretches_unslotted,
+                ),
+                (
                     "sandgate_probe_invocations_incomplete",
-                    "Invocations whose end event never arrived (reported without it)",
+                    "Invocations reported with syscalls unseen or unnamed, or never ended",
                     c.invocations_incomplete,
                 ),
                 (

@@ -146,15 +146,9 @@ async fn a_decision_from_the_rbac_snapshot_makes_no_file_call_and_a_compute_gues
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    for program in [
-        "guest_enter",
-        "guest_exit",
-        "sys_enter",
-        "sys_exit",
-        "wasi_denied",
-    ] {
-        assert!(programs.contains(&program), "{report}");
-    }
+    // The two syscall tracepoints and nothing else: no uprobe on the
+    // per-decision path.
+    assert_eq!(programs, ["sys_enter", "sys_exit"], "{report}");
 
     let answer = evaluate(
         &client,
@@ -300,8 +294,13 @@ async fn a_thousand_concurrent_evaluations_are_each_charged_their_own_syscalls()
     let counters = settled_counters(&client, &daemon).await;
     assert_eq!(counters["events_dropped"], 0, "{counters}");
     assert_eq!(counters["syscalls_untracked"], 0, "{counters}");
+    assert_eq!(counters["syscalls_untallied"], 0, "{counters}");
+    assert_eq!(counters["stretches_unslotted"], 0, "{counters}");
     assert_eq!(counters["invocations_incomplete"], 0, "{counters}");
     assert_eq!(counters["invocations_reported"], N as u64, "{counters}");
+    // Counts stay in the kernel: a thousand normal decisions send no event.
+    assert_eq!(counters["events_sent"], 0, "{counters}");
+    assert_eq!(counters["events_received"], 0, "{counters}");
     for (policy, trace_id) in &traces {
         let kernel = by_trace
             .get(trace_id)
@@ -471,4 +470,90 @@ async fn a_bridged_calls_socket_syscalls_are_charged_to_its_invocation_and_http_
         );
     }
     tokio::task::block_in_place(|| daemon.stop());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unexpected_syscall_is_an_event_a_kernel_syscall_audit_line_and_counted_in_the_span() {
+    let (collector, received) = grpc_receiver().await;
+    let dir = tempdir();
+    // `clock_res_get` is answered with `clock_getres(2)`, which no grant
+    // explains (the clocks are read through the vDSO, not a syscall).
+    let clock = wat_policy(
+        dir.path(),
+        "clock",
+        &abi_guest(
+            r#"(import "wasi_snapshot_preview1" "clock_res_get" (func $res (param i32 i32) (result i32)))"#,
+            "(drop (call $res (i32.const 1) (i32.const 2048))) i64.const 4398046511118",
+        ),
+        "timeout_ms = 2000\n[policy.wasi]\nallow = [\"clock\"]\n",
+    );
+    let config = daemon_config(
+        dir.path(),
+        &telemetry(&format!("http://{collector}"), ""),
+        &format!("{clock}\n{}", compute_policy(dir.path())),
+    );
+    let mut daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+
+    // Normal decisions first: nothing goes through the ring buffer.
+    for _ in 0..20 {
+        let answer = evaluate(
+            &client,
+            &daemon,
+            "/v1/policies/compute/evaluate",
+            "{}",
+            None,
+        )
+        .await;
+        assert_eq!(answer["allow"], true, "{answer}");
+    }
+    let counters = settled_counters(&client, &daemon).await;
+    assert_eq!(counters["invocations_reported"], 20, "{counters}");
+    assert_eq!(counters["events_sent"], 0, "{counters}");
+
+    let answer = evaluate(&client, &daemon, "/v1/policies/clock/evaluate", "{}", None).await;
+    assert_eq!(answer["allow"], true, "{answer}");
+    let decision_id = answer["decision_id"]
+        .as_str()
+        .expect("decision id")
+        .to_owned();
+    let (_, kernel) = kernel_span(&received, answer["trace_id"].as_str().expect("id")).await;
+    let seen = syscalls(&kernel);
+    assert_eq!(
+        seen.get(&("clock_getres".to_owned(), "guest".to_owned())),
+        Some(&1),
+        "{seen:?}"
+    );
+    assert_eq!(kernel.attr("kernel.unexpected").as_deref(), Some("1"));
+
+    // The kernel sent one event for it, and the daemon read it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counters = loop {
+        let counters = settled_counters(&client, &daemon).await;
+        if counters["events_received"] == 1 || Instant::now() > deadline {
+            break counters;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(counters["events_sent"], 1, "{counters}");
+    assert_eq!(counters["events_received"], 1, "{counters}");
+    assert_eq!(counters["unexpected_syscalls"], 1, "{counters}");
+    let metrics = daemon.metrics(&client).await;
+    assert!(
+        metrics.contains("sandgate_kernel_unexpected_syscalls_total 1"),
+        "{metrics}"
+    );
+    tokio::task::block_in_place(|| daemon.stop());
+
+    let audit = audit_lines(&dir.path().join("audit.jsonl"));
+    let lines: Vec<&Value> = audit
+        .iter()
+        .filter(|l| l["kind"] == "kernel_syscall")
+        .collect();
+    assert_eq!(lines.len(), 1, "{audit:#?}");
+    assert_eq!(lines[0]["syscall"], "clock_getres");
+    assert_eq!(lines[0]["count"], 1);
+    assert_eq!(lines[0]["policy"], "clock");
+    assert_eq!(lines[0]["decision_id"], decision_id.as_str());
 }

@@ -1,7 +1,8 @@
 //! The per-invocation account: the syscalls one invocation made, by phase,
-//! folded into a summary and reported as the decision's `kernel` child span
-//! (per-syscall counts and time as attributes) and a `kernel_syscall` audit
-//! line for each syscall its grants do not explain. The consumer reports them.
+//! added up from the tallies of each of its stretches, folded into a summary
+//! and reported as the decision's `kernel` child span (per-syscall counts and
+//! time as attributes) and a `kernel_syscall` audit line for each syscall its
+//! grants do not explain. The invocation's end reports it.
 
 use std::{
     borrow::Cow,
@@ -12,7 +13,7 @@ use std::{
 
 use opentelemetry::{Key, KeyValue, trace::SpanKind};
 
-use super::{Watch, expected, phase};
+use super::{Watch, expected, phase, slots::Taken};
 use crate::{audit::AuditRecord, preview1 as wasi};
 
 const PHASES: [&str; phase::COUNT] = [
@@ -33,6 +34,13 @@ pub(super) struct Account {
     pub(super) expires: Instant,
     /// (syscall nr, phase) → (count, nanoseconds in the kernel).
     pub(super) syscalls: BTreeMap<(u32, u32), (u64, u64)>,
+    /// Every syscall charged, and their time, including the untallied.
+    pub(super) total: u64,
+    pub(super) total_ns: u64,
+    /// Syscalls in `total` but not in `syscalls`: a slot's tallies were full.
+    pub(super) untallied: u64,
+    /// A stretch ran on a thread without a slot: syscalls went unseen.
+    pub(super) unslotted: bool,
     pub(super) wasi_denied: Vec<u32>,
 }
 
@@ -57,12 +65,42 @@ struct Row {
 }
 
 impl Account {
+    pub(super) fn new(watch: Watch, expires: Instant) -> Account {
+        Account {
+            watch,
+            started: SystemTime::now(),
+            ended: None,
+            expires,
+            syscalls: BTreeMap::new(),
+            total: 0,
+            total_ns: 0,
+            untallied: 0,
+            unslotted: false,
+            wasi_denied: Vec::new(),
+        }
+    }
+
+    /// Adds what the programs tallied in one stretch.
+    pub(super) fn add(&mut self, taken: &Taken) {
+        self.total += taken.total;
+        self.total_ns += taken.total_ns;
+        self.untallied += taken.overflow;
+        for (nr, phase, count, ns) in taken.tallies() {
+            let entry = self.syscalls.entry((nr, phase)).or_default();
+            entry.0 += count;
+            entry.1 += ns;
+        }
+    }
+
+    /// Whether every syscall of the invocation was seen and named.
+    pub(super) fn is_complete(&self) -> bool {
+        !self.unslotted && self.untallied == 0
+    }
+
     pub(super) fn summarise(&self) -> Summary {
         let mut unexpected: BTreeMap<Cow<'static, str>, u64> = BTreeMap::new();
-        let (mut total, mut total_ns) = (0, 0);
-        for (&(nr, phase), &(count, ns)) in &self.syscalls {
-            total += count;
-            total_ns += ns;
+        let (total, total_ns) = (self.total, self.total_ns);
+        for (&(nr, phase), &(count, _)) in &self.syscalls {
             if !self.watch.expected.allows(phase, nr) {
                 *unexpected.entry(expected::name(nr)).or_default() += count;
             }
@@ -218,20 +256,22 @@ mod tests {
 
     fn account_audited(grants: &Grants, audit: AuditLog) -> Account {
         let subject = Subject::new("p", "v1", &Digest::of(b"m").to_string(), "d".into());
-        Account {
-            watch: Watch {
+        Account::new(
+            Watch {
                 subject,
                 audit,
                 trace: Scope::default(),
                 expected: Arc::new(Expected::for_policy(grants, &Default::default())),
                 deadline: Duration::from_millis(50),
             },
-            started: SystemTime::now(),
-            ended: None,
-            expires: Instant::now(),
-            syscalls: BTreeMap::new(),
-            wasi_denied: Vec::new(),
-        }
+            Instant::now(),
+        )
+    }
+
+    fn insert(account: &mut Account, nr: u32, phase: u32, count: u64, ns: u64) {
+        account.syscalls.insert((nr, phase), (count, ns));
+        account.total += count;
+        account.total_ns += ns;
     }
 
     #[test]
@@ -239,15 +279,9 @@ mod tests {
         use syscalls::Sysno;
         let mut account = account(&Grants::default());
         let nr = |s: Sysno| s.id() as u32;
-        account
-            .syscalls
-            .insert((nr(Sysno::futex), phase::GUEST), (2, 300));
-        account
-            .syscalls
-            .insert((nr(Sysno::ioctl), phase::TEARDOWN), (1, 50));
-        account
-            .syscalls
-            .insert((nr(Sysno::openat), phase::GUEST), (3, 900));
+        insert(&mut account, nr(Sysno::futex), phase::GUEST, 2, 300);
+        insert(&mut account, nr(Sysno::ioctl), phase::TEARDOWN, 1, 50);
+        insert(&mut account, nr(Sysno::openat), phase::GUEST, 3, 900);
         account.wasi_denied.push(
             wasi::PREVIEW1
                 .iter()
@@ -321,12 +355,14 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let audit = AuditLog::open(&crate::config::AuditTarget::File(path.clone())).expect("audit");
         let mut account = account_audited(&Grants::default(), audit.clone());
-        account
-            .syscalls
-            .insert((Sysno::connect.id() as u32, phase::GUEST), (2, 10));
-        account
-            .syscalls
-            .insert((Sysno::futex.id() as u32, phase::GUEST), (5, 10));
+        insert(
+            &mut account,
+            Sysno::connect.id() as u32,
+            phase::GUEST,
+            2,
+            10,
+        );
+        insert(&mut account, Sysno::futex.id() as u32, phase::GUEST, 5, 10);
         account.summarise().emit(&account, true);
         audit.flush();
         let text = std::fs::read_to_string(&path).expect("audit text");

@@ -6,7 +6,9 @@
 
 use std::borrow::Cow;
 
-use sandgate_probes_common::phase;
+use std::sync::OnceLock;
+
+use sandgate_probes_common::{EXPECTED_BITS, ExpectedSet, phase};
 use syscalls::{Sysno, SysnoSet};
 
 use crate::config::{EgressSettings, Grants};
@@ -127,6 +129,8 @@ const NETWORK: SysnoSet = SysnoSet::new(&[
 pub struct Expected {
     guest: SysnoSet,
     runtime: SysnoSet,
+    /// Where these sets are in the kernel's `EXPECTED` map, once written.
+    pub(super) kernel_index: OnceLock<u32>,
 }
 
 impl Expected {
@@ -143,7 +147,22 @@ impl Expected {
         Expected {
             runtime: guest.clone().union(&RUNTIME),
             guest,
+            kernel_index: OnceLock::new(),
         }
+    }
+
+    /// The two sets as the programs read them (the guest's phases, then
+    /// instantiation and teardown): bit `nr` set when `nr` is expected.
+    pub(super) fn kernel_sets(&self) -> [ExpectedSet; 2] {
+        [&self.guest, &self.runtime].map(|set| {
+            let mut bits = ExpectedSet::default();
+            for nr in 0..EXPECTED_BITS {
+                if Sysno::new(nr as usize).is_some_and(|s| set.contains(s)) {
+                    bits[(nr / 64) as usize] |= 1 << (nr % 64);
+                }
+            }
+            bits
+        })
     }
 
     /// Whether syscall `nr`, made in `phase` of an invocation, is expected.
@@ -213,5 +232,30 @@ mod tests {
         assert!(!files.allows(phase::GUEST, 100_000));
         assert_eq!(name(nr(Sysno::openat)), "openat");
         assert_eq!(name(100_000), "syscall_100000");
+    }
+
+    #[test]
+    fn the_sets_written_to_the_kernel_say_what_allows_says() {
+        use sandgate_probes_common::{expected_index, tally_home, tally_key, tally_pair};
+        let no_egress = EgressSettings::default();
+        for expected in [
+            Expected::for_policy(&grants(false), &no_egress),
+            Expected::for_policy(&grants(true), &no_egress),
+        ] {
+            let sets = expected.kernel_sets();
+            for phase in 0..phase::COUNT as u32 {
+                let set = &sets[(expected_index(0, phase) % 2) as usize];
+                for nr in 0..EXPECTED_BITS {
+                    let bit = set[(nr / 64) as usize] & (1 << (nr % 64)) != 0;
+                    assert_eq!(bit, expected.allows(phase, nr), "{} in {phase}", name(nr));
+                }
+            }
+        }
+        assert_eq!(expected_index(3, phase::GUEST), 6);
+        assert_eq!(expected_index(3, phase::TEARDOWN), 7);
+        let key = tally_key(nr(Sysno::openat2), phase::HTTP_READ);
+        assert_ne!(key, 0);
+        assert_eq!(tally_pair(key), (nr(Sysno::openat2), phase::HTTP_READ));
+        assert!(tally_home(key) < sandgate_probes_common::TALLIES);
     }
 }

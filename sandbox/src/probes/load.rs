@@ -1,37 +1,26 @@
 //! Loading and attaching the eBPF programs: the embedded object, the
-//! uprobes on the marker functions and the `raw_syscalls` tracepoints, and
-//! the capability check that says precisely why they cannot run here.
+//! `raw_syscalls` tracepoints, the memory-mapped slots, and the capability
+//! check that says precisely why they cannot run here.
 //! [`Probes::start`](super::Probes::start) calls [`attach`].
 
 use std::{
     collections::HashMap,
-    num::NonZeroU32,
-    path::Path,
     sync::{Arc, Mutex, atomic::AtomicU64},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{PerCpuArray, RingBuf},
-    programs::{RawTracePoint, UProbe, uprobe::UProbeScope},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::RawTracePoint,
 };
-use sandgate_probes_common::{marker, names};
+use sandgate_probes_common::names;
 
-use super::consume::{Shared, consume};
+use super::consume::{ExpectedSets, Shared, consume};
+use super::slots::Slots;
 use crate::fetch::error_chain;
 
 /// The programs, built by `build.rs`; empty when built with `AYA_BUILD_SKIP`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sandgate-probes"));
-
-/// The uprobe programs and the marker symbols they attach to.
-pub(super) const UPROBES: [(&str, &str); 6] = [
-    (names::GUEST_ENTER, marker::GUEST_ENTER),
-    (names::GUEST_EXIT, marker::GUEST_EXIT),
-    (names::HOSTCALL_ENTER, marker::HOSTCALL_ENTER),
-    (names::HOSTCALL_EXIT, marker::HOSTCALL_EXIT),
-    (names::WASI_DENIED, marker::WASI_DENIED),
-    (names::INVOCATION_END, marker::INVOCATION_END),
-];
 
 /// The `raw_syscalls` tracepoints, attached raw (BPF_RAW_TRACEPOINT_OPEN: no
 /// perf buffer is filled per syscall, and no tracefs is needed).
@@ -40,8 +29,8 @@ pub(super) const TRACEPOINTS: [(&str, &str, &str); 2] = [
     (names::SYS_EXIT, "raw_syscalls", "sys_exit"),
 ];
 
-/// Loads the programs, attaches them and starts the consumer task; the
-/// error is the precise reason they cannot run here.
+/// Loads the programs, maps the slots, attaches the programs and starts
+/// the consumer task; the error is the precise reason they cannot run here.
 pub(super) fn attach() -> Result<Arc<Shared>, String> {
     if OBJECT.is_empty() {
         return Err("this sandgate binary was built without eBPF probes (AYA_BUILD_SKIP)".into());
@@ -49,28 +38,27 @@ pub(super) fn attach() -> Result<Arc<Shared>, String> {
     if let Some(missing) = missing_capabilities() {
         return Err(missing);
     }
-    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
-        return Err("the kernel has no uprobe support (CONFIG_UPROBE_EVENTS)".into());
-    }
     let pid = std::process::id();
-    let target = NonZeroU32::new(pid).ok_or("process id 0")?;
     let mut ebpf = EbpfLoader::new()
         .override_global(sandgate_probes_common::TARGET_TGID, &pid, true)
         .load(OBJECT)
         .map_err(|e| format!("loading the eBPF programs failed: {}", error_chain(&e)))?;
-    for (program, symbol) in UPROBES {
-        let uprobe: &mut UProbe = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("program {program} is missing from the eBPF object"))?
-            .try_into()
-            .map_err(|e| format!("program {program}: {}", error_chain(&e)))?;
-        uprobe
-            .load()
-            .map_err(|e| format!("loading uprobe {program}: {}", error_chain(&e)))?;
-        uprobe
-            .attach(symbol, "/proc/self/exe", UProbeScope::OneProcess(target))
-            .map_err(|e| format!("attaching a uprobe to {symbol}: {}", error_chain(&e)))?;
-    }
+    let take = |ebpf: &mut Ebpf, name: &str| {
+        ebpf.take_map(name)
+            .ok_or_else(|| format!("map {name} is missing from the eBPF object"))
+    };
+    let slots = match take(&mut ebpf, names::SLOTS)? {
+        aya::maps::Map::Array(data) => data,
+        _ => return Err(format!("map {} is not an array", names::SLOTS)),
+    };
+    let threads = take(&mut ebpf, names::THREADS)?;
+    let slots = Slots::map(slots, threads)?;
+    let expected = Array::try_from(take(&mut ebpf, names::EXPECTED)?)
+        .map_err(|e| format!("map {}: {}", names::EXPECTED, error_chain(&e)))?;
+    let ring = RingBuf::try_from(take(&mut ebpf, names::EVENTS)?)
+        .map_err(|e| format!("map {}: {}", names::EVENTS, error_chain(&e)))?;
+    let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?)
+        .map_err(|e| format!("map {}: {}", names::STATS, error_chain(&e)))?;
     for (program, category, name) in TRACEPOINTS {
         let tracepoint: &mut RawTracePoint = ebpf
             .program_mut(program)
@@ -87,22 +75,17 @@ pub(super) fn attach() -> Result<Arc<Shared>, String> {
             )
         })?;
     }
-    let take = |ebpf: &mut Ebpf, name: &str| {
-        ebpf.take_map(name)
-            .ok_or_else(|| format!("map {name} is missing from the eBPF object"))
-    };
-    let ring = RingBuf::try_from(take(&mut ebpf, names::EVENTS)?)
-        .map_err(|e| format!("map {}: {}", names::EVENTS, error_chain(&e)))?;
-    let stats = PerCpuArray::try_from(take(&mut ebpf, names::STATS)?)
-        .map_err(|e| format!("map {}: {}", names::STATS, error_chain(&e)))?;
     let shared = Arc::new(Shared {
-        accounts: Mutex::new(HashMap::new()),
+        accounts: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         stats,
+        slots,
+        expected: Mutex::new(ExpectedSets::new(expected)),
         received: AtomicU64::new(0),
         watched: AtomicU64::new(0),
         reported: AtomicU64::new(0),
         incomplete: AtomicU64::new(0),
         unexpected: AtomicU64::new(0),
+        untallied: AtomicU64::new(0),
         _ebpf: Mutex::new(ebpf),
     });
     tokio::spawn(consume(Arc::clone(&shared), ring));

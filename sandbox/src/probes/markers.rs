@@ -1,80 +1,43 @@
-//! The marker functions the eBPF uprobes attach to, and the future wrapper
-//! that calls them around every poll of an invocation.
+//! Marking the stretches of an invocation: the future wrapper that, around
+//! every poll of the future driving a guest, publishes the invocation in
+//! the polling thread's slot, and the phase changes inside it.
 //!
 //! On tokio an invocation moves between worker threads at every await, so
 //! "which invocation is this thread running" is only true for the length of
-//! one poll: [`Marked`] says so at the start and the end of each poll of the
-//! future that drives the guest (and of each host call it makes), and the
-//! programs charge the syscalls a thread makes in between to that
-//! invocation. Nothing is spawned on a guest's behalf: file operations run on
-//! the polling thread (WASI blocking is allowed on the current thread) and
-//! the HTTP bridge drives its connections inside the call, so every syscall
-//! a guest causes happens inside one of these polls.
+//! one poll: [`Marked`] says so at the start of each poll of the future that
+//! drives the guest, and at its end takes what the programs tallied in the
+//! thread's slot and adds it to the invocation's account. Nothing is spawned
+//! on a guest's behalf: file operations run on the polling thread (WASI
+//! blocking is allowed on the current thread) and the HTTP bridge drives its
+//! connections inside the call, so every syscall a guest causes happens
+//! inside one of these polls.
 //!
-//! Each marker is a real, distinct function: `#[no_mangle]` so the loader
-//! finds it by name, never inlined, and with a body that differs from the
-//! others so no two are merged into one address.
+//! Each mark is a plain store into memory the kernel's programs read: no
+//! system call, no uprobe.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::atomic::Ordering,
     task::{Context, Poll},
 };
 
-/// Defines the marker functions. On x86-64 each is a naked function whose
-/// first instruction is a 5-byte `nop`: the kernel (6.18 and later) turns a
-/// uprobe on such an instruction into a call to a trampoline, several times
-/// cheaper than the breakpoint trap it uses elsewhere. The byte after `ret`
-/// is never executed; it keeps the markers' bodies distinct.
-macro_rules! markers {
-    ($($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) = $tag:literal;)*) => {$(
-        $(#[$doc])*
-        #[cfg(target_arch = "x86_64")]
-        #[unsafe(naked)]
-        #[unsafe(no_mangle)]
-        pub extern "C" fn $name($($arg: $ty),*) {
-            core::arch::naked_asm!(
-                ".byte 0x0f, 0x1f, 0x44, 0x00, 0x00",
-                "ret",
-                concat!(".byte ", $tag),
-            )
-        }
-
-        $(#[$doc])*
-        #[cfg(not(target_arch = "x86_64"))]
-        #[unsafe(no_mangle)]
-        #[inline(never)]
-        pub extern "C" fn $name($($arg: $ty),*) {
-            std::hint::black_box(($($arg,)* $tag));
-        }
-    )*};
-}
-
-markers! {
-    /// This thread starts a stretch (one poll) of `invocation`.
-    sandgate_probe_guest_enter(invocation: u64) = 1;
-    /// The stretch ends.
-    sandgate_probe_guest_exit(invocation: u64) = 2;
-    /// Inside a stretch, the host starts work of `phase` for the guest.
-    sandgate_probe_hostcall_enter(invocation: u64, phase: u32) = 3;
-    /// That work ends.
-    sandgate_probe_hostcall_exit(invocation: u64, phase: u32) = 4;
-    /// A WASI call (index `call` in `wasi::PREVIEW1`) was refused.
-    sandgate_probe_wasi_denied(invocation: u64, call: u32) = 5;
-    /// The invocation is over.
-    sandgate_probe_invocation_end(invocation: u64) = 6;
-}
+use super::{ATTACHED, slots};
 
 /// The probe id of one invocation; `Probe::NONE` when probes are not
-/// attached, and then every marker call is skipped.
+/// attached, and then every mark is skipped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Probe(pub(crate) u64);
+pub struct Probe {
+    pub(crate) id: u64,
+    /// The policy's expected set in the kernel (`slots::UNCHECKED` if none).
+    pub(crate) policy: u32,
+}
 
 impl Probe {
-    pub const NONE: Probe = Probe(0);
+    pub const NONE: Probe = Probe { id: 0, policy: 0 };
 
     pub fn is_watched(self) -> bool {
-        self.0 != 0
+        self.id != 0
     }
 
     /// Runs `work` (synchronous host work for the guest) marked as `phase`.
@@ -82,32 +45,33 @@ impl Probe {
         if !self.is_watched() {
             return work();
         }
-        sandgate_probe_hostcall_enter(self.0, phase);
+        slots::set_phase(phase);
         let out = work();
-        sandgate_probe_hostcall_exit(self.0, phase);
+        slots::set_phase(super::phase::GUEST);
         out
     }
 
     /// Starts host work of `phase` that lasts until [`Probe::exit`] or the
-    /// end of the current poll, whichever is first (one marker call fewer
-    /// than [`Probe::phase`] when a phase spans two steps).
+    /// end of the current poll, whichever is first.
     pub fn enter(self, phase: u32) {
         if self.is_watched() {
-            sandgate_probe_hostcall_enter(self.0, phase);
+            slots::set_phase(phase);
         }
     }
 
     /// Ends the phase [`Probe::enter`] started: back to the guest's.
-    pub fn exit(self, phase: u32) {
+    pub fn exit(self, _phase: u32) {
         if self.is_watched() {
-            sandgate_probe_hostcall_exit(self.0, phase);
+            slots::set_phase(super::phase::GUEST);
         }
     }
 
     /// Notes a refused WASI call (its index in `wasi::PREVIEW1`).
     pub fn wasi_denied(self, call: usize) {
-        if self.is_watched() {
-            sandgate_probe_wasi_denied(self.0, call as u32);
+        if let Some(shared) = ATTACHED.get()
+            && let Some(account) = shared.lock_accounts(self.id).get_mut(&self.id)
+        {
+            account.wasi_denied.push(call as u32);
         }
     }
 
@@ -129,6 +93,34 @@ impl Probe {
             inner,
         }
     }
+
+    /// One poll of the guest's future, as a stretch of this invocation.
+    fn stretch<T>(self, poll: impl FnOnce() -> T) -> T {
+        let Some(stretch) = slots::Stretch::begin(self.id, self.policy) else {
+            let out = poll();
+            self.unslotted();
+            return out;
+        };
+        let out = poll();
+        if let Some(taken) = stretch.finish()
+            && let Some(shared) = ATTACHED.get()
+            && let Some(account) = shared.lock_accounts(self.id).get_mut(&self.id)
+        {
+            account.add(&taken);
+        }
+        out
+    }
+
+    /// This poll ran on a thread without a slot: its syscalls are unknown.
+    #[cold]
+    fn unslotted(self) {
+        if let Some(shared) = ATTACHED.get() {
+            shared.slots.unslotted.fetch_add(1, Ordering::Relaxed);
+            if let Some(account) = shared.lock_accounts(self.id).get_mut(&self.id) {
+                account.unslotted = true;
+            }
+        }
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -146,58 +138,13 @@ impl<F: Future> Future for Marked<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let id = this.probe.0;
-        if id == 0 {
+        let probe = *this.probe;
+        if !probe.is_watched() {
             return this.inner.poll(cx);
         }
         match *this.phase {
-            None => {
-                sandgate_probe_guest_enter(id);
-                let out = this.inner.poll(cx);
-                sandgate_probe_guest_exit(id);
-                out
-            }
-            Some(phase) => {
-                sandgate_probe_hostcall_enter(id, phase);
-                let out = this.inner.poll(cx);
-                sandgate_probe_hostcall_exit(id, phase);
-                out
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_marker_has_its_own_address() {
-        let addresses = [
-            sandgate_probe_guest_enter as *const () as usize,
-            sandgate_probe_guest_exit as *const () as usize,
-            sandgate_probe_hostcall_enter as *const () as usize,
-            sandgate_probe_hostcall_exit as *const () as usize,
-            sandgate_probe_wasi_denied as *const () as usize,
-            sandgate_probe_invocation_end as *const () as usize,
-        ];
-        let mut unique = addresses.to_vec();
-        unique.sort_unstable();
-        unique.dedup();
-        assert_eq!(unique.len(), addresses.len(), "{addresses:x?}");
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn every_marker_starts_with_the_nop_the_kernel_optimizes() {
-        for marker in [
-            sandgate_probe_guest_enter as *const u8,
-            sandgate_probe_hostcall_exit as *const u8,
-            sandgate_probe_invocation_end as *const u8,
-        ] {
-            // SAFETY: reads the first bytes of a function's machine code.
-            let code = unsafe { std::slice::from_raw_parts(marker, 6) };
-            assert_eq!(code, [0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3]);
+            None => probe.stretch(|| this.inner.poll(cx)),
+            Some(phase) => probe.phase(phase, || this.inner.poll(cx)),
         }
     }
 }

@@ -91,9 +91,11 @@ impl Default for Scope {
 
 /// What a sampled decision's spans share: the tracer, referenced once per
 /// decision rather than once per span, and the spans that have ended. Those
-/// that end before the decision's own span are queued for export with it, so
-/// the queue's lock is taken once per decision and the trace arrives whole;
-/// those that end after it (the kernel's view of the invocation) one by one.
+/// that end before the decision's own span (all of them, the probes'
+/// `kernel` span included: it is reported when the invocation ends, before
+/// the decision's span does) are queued for export with it, so the queue's
+/// lock is taken once per decision and the trace arrives whole; any that
+/// end after it are queued one by one.
 struct Trace {
     tracing: Tracing,
     ended: Mutex<Ended>,
