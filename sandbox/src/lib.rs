@@ -14,6 +14,7 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod fetch;
+pub mod language;
 pub mod policy;
 pub mod probes;
 pub mod server;

@@ -130,6 +130,9 @@ pub struct EvalOptions {
     pub parent: Parent,
     /// The daemon's tracer, when it exports traces.
     pub tracing: Option<Tracing>,
+    /// A Rego policy's Data API query (`data.a.b`), passed to the guest as
+    /// `context.query`; `None` evaluates the entrypoint.
+    pub query: Option<String>,
 }
 
 /// The result of one evaluation.
@@ -440,7 +443,7 @@ impl Policy {
         let mut egress_denied = 0;
         let mut http_calls = Vec::new();
         let mut guest_output_dropped = 0;
-        let outcome = match self.input_document(input, &subject) {
+        let outcome = match self.input_document(input, &subject, &options.query) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => {
                 let probe = probes::watch(|| Watch {
@@ -615,7 +618,12 @@ impl Policy {
 
     /// The input document of DESIGN §2, built around the caller's JSON without
     /// re-serialising it.
-    fn input_document(&self, input: &[u8], subject: &Subject) -> Result<Vec<u8>, String> {
+    fn input_document(
+        &self,
+        input: &[u8],
+        subject: &Subject,
+        query: &Option<String>,
+    ) -> Result<Vec<u8>, String> {
         let max = self.inner.spec.max_input_bytes;
         if input.len() as u64 > max {
             return Err(format!(
@@ -628,6 +636,7 @@ impl Policy {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         let context = GuestContext {
+            query: query.as_deref(),
             decision_id: &subject.decision_id,
             policy: &subject.policy,
             time: &now,
@@ -871,6 +880,11 @@ async fn obtain(
             }
             (bytes, digest, Fetched::File)
         }
+        ModuleSource::Builtin(language) => {
+            let bytes = language.module().to_vec();
+            let digest = Digest::of(&bytes);
+            (bytes, digest, Fetched::File)
+        }
         ModuleSource::Url(url) => {
             let Some(digest) = spec.sha256 else {
                 return Err(invalid(
@@ -938,6 +952,7 @@ async fn initialise(
                 })?
                 .0
         }
+        (None, ModuleSource::Builtin(language)) => language.module().to_vec(),
         (None, ModuleSource::File(path)) => {
             tokio::fs::read(path)
                 .await
@@ -1068,4 +1083,6 @@ struct GuestContext<'a> {
     time: &'a str,
     trace_id: Option<&'a str>,
     version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<&'a str>,
 }

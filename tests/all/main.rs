@@ -21,6 +21,7 @@ mod hostile_input;
 mod lifecycle;
 mod nginx;
 mod probes;
+mod rego;
 mod server;
 mod snapshot;
 mod tracing;

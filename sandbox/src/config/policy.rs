@@ -12,12 +12,15 @@ use serde::Deserialize;
 
 use super::{EgressSettings, defaults};
 use crate::decision::FailMode;
+use crate::language::{Language, LanguageSpec};
 
 /// Where a policy's module comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModuleSource {
     File(PathBuf),
     Url(String),
+    /// The guest built into sandgate for a policy language.
+    Builtin(Language),
 }
 
 impl fmt::Display for ModuleSource {
@@ -25,6 +28,7 @@ impl fmt::Display for ModuleSource {
         match self {
             ModuleSource::File(p) => write!(f, "{}", p.display()),
             ModuleSource::Url(u) => f.write_str(u),
+            ModuleSource::Builtin(l) => write!(f, "built-in {l} guest"),
         }
     }
 }
@@ -90,6 +94,8 @@ pub struct PolicySpec {
     pub fail_mode: FailMode,
     pub grants: Grants,
     pub egress: EgressSettings,
+    /// `engine = "rego"`: the language, files and entrypoint; `None` for a module.
+    pub language: Option<LanguageSpec>,
 }
 
 impl PolicySpec {
@@ -121,6 +127,7 @@ impl PolicySpec {
             fail_mode: FailMode::Closed,
             grants: Grants::default(),
             egress: EgressSettings::default(),
+            language: None,
         }
     }
 }
@@ -141,6 +148,7 @@ impl PolicySpec {
         let mut spec = self.clone();
         spec.module = module.clone();
         spec.sha256 = None;
+        spec.language = None;
         spec.versions = vec![VersionSpec {
             name: spec.version.clone(),
             module,

@@ -99,6 +99,10 @@ pub(super) struct RawPolicy {
     pub(super) fail_mode: Option<FailMode>,
     pub(super) wasi: Option<RawWasi>,
     pub(super) egress: Option<RawEgress>,
+    /// `engine = "rego"`: a policy language run by a built-in guest.
+    pub(super) engine: Option<Spanned<String>>,
+    pub(super) files: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(super) entrypoint: Option<Spanned<String>>,
 }
 
 /// The `version` key of a policy: a name, or an array of `[[policy.version]]`

@@ -12,6 +12,7 @@ use super::{Config, ConfigError, TelemetrySettings};
 
 mod egress;
 mod engine;
+mod language;
 mod policy;
 mod server;
 mod telemetry;

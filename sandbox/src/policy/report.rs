@@ -36,6 +36,19 @@ pub struct PolicyReport {
     pub fail_mode: FailMode,
     pub wasi: WasiReport,
     pub egress: EgressReport,
+    /// For a policy written in a language (`engine`): what runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<LanguageReport>,
+}
+
+/// A language policy: its engine and version, files and entrypoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct LanguageReport {
+    pub engine: String,
+    pub engine_version: String,
+    pub files: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
 }
 
 /// One loaded version: its summary and where its module came from.
@@ -179,6 +192,12 @@ impl PolicyReport {
             fail_mode: spec.fail_mode,
             wasi: WasiReport::of(spec, &facts.wasi_imports),
             egress: EgressReport::of(spec),
+            language: spec.language.as_ref().map(|l| LanguageReport {
+                engine: l.language.to_string(),
+                engine_version: l.language.engine_version(),
+                files: l.files.iter().map(|f| f.display().to_string()).collect(),
+                entrypoint: l.entrypoint.clone(),
+            }),
         }
     }
 
