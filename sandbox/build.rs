@@ -4,15 +4,31 @@
 //!
 //! `AYA_BUILD_SKIP=1` builds a daemon without probes: the object is then
 //! empty and the daemon says so wherever probes are reported.
+//!
+//! It also builds the language guests of `guests/` (Rego, Cedar) for
+//! `wasm32-wasip1` with the `guest` profile, in a target directory of its own
+//! under `OUT_DIR` (so the nested cargo never waits on the outer build's
+//! lock), and leaves `sandgate_rego.wasm` and `sandgate_cedar.wasm` in
+//! `OUT_DIR`, where `src/language.rs` embeds them.
 
-use std::{env, fs, path::PathBuf};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::Context as _;
 
 const OBJECT: &str = "sandgate-probes";
 
+/// The language guests: package, and the module it builds.
+const GUESTS: [(&str, &str); 1] = [("sandgate-rego", "sandgate_rego.wasm")];
+
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR is not set")?);
+    let workspace =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?).join("..");
+    build_guests(&workspace, &out_dir)?;
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if skip {
@@ -37,5 +53,67 @@ fn main() -> anyhow::Result<()> {
         out_dir.join(OBJECT).is_file(),
         "building ebpf-probes/ produced no {OBJECT} object"
     );
+    Ok(())
+}
+
+/// Builds the language guests with a nested cargo for `wasm32-wasip1`.
+fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    for watched in [
+        "guests",
+        "guest-sdk/src",
+        "guest-sdk/Cargo.toml",
+        "Cargo.lock",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            workspace.join(watched).display()
+        );
+    }
+    let target_dir = out_dir.join("guests");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--locked",
+            "--profile",
+            "guest",
+            "--target",
+            "wasm32-wasip1",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    for (package, _) in GUESTS {
+        command.args(["-p", package]);
+    }
+    // The outer build's compiler settings are for the host, not the guests.
+    for key in [
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        command.env_remove(key);
+    }
+    // Cargo reads a build script's stdout as instructions: keep the nested
+    // build's output on stderr.
+    let status = command
+        .stdout(std::io::stderr())
+        .status()
+        .context("cannot run cargo to build the language guests (guests/)")?;
+    anyhow::ensure!(
+        status.success(),
+        "building the language guests (guests/) for wasm32-wasip1 failed ({status}); \
+         the target is installed with `rustup target add wasm32-wasip1`"
+    );
+    let built = target_dir.join("wasm32-wasip1").join("guest");
+    for (package, module) in GUESTS {
+        fs::copy(built.join(module), out_dir.join(module))
+            .with_context(|| format!("building {package} produced no {module}"))?;
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod decision;
 pub mod engine;
 pub mod fetch;
 pub mod host;
+pub mod language;
 pub mod policy;
 pub mod preview1;
 pub mod probes;

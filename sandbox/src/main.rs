@@ -378,6 +378,17 @@ fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
                 v.compiled_from
             );
         }
+        if let Some(language) = &p.language {
+            out!(
+                "  engine        {} ({})",
+                language.engine,
+                language.engine_version
+            );
+            out!("  files         {}", listed(&language.files));
+            if let Some(entrypoint) = &language.entrypoint {
+                out!("  entrypoint    {entrypoint}");
+            }
+        }
         if versions.len() > 1 {
             out!(
                 "  routing       header {}, sticky {}",

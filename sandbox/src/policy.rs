@@ -140,6 +140,9 @@ pub struct EvalOptions {
     pub parent: Parent,
     /// The daemon's tracer, when it exports traces.
     pub tracing: Option<Tracing>,
+    /// A Rego policy's Data API query (`data.a.b`), passed to the guest as
+    /// `context.query`; `None` evaluates the entrypoint.
+    pub query: Option<String>,
 }
 
 /// The result of one evaluation.
@@ -468,7 +471,7 @@ impl Policy {
         let mut egress_denied = 0;
         let mut http_calls = Vec::new();
         let mut guest_output_dropped = 0;
-        let outcome = match self.prepare(input, &subject) {
+        let outcome = match self.prepare(input, &subject, &options.query) {
             Err(message) => Err((ErrorCode::InvalidInput, message)),
             Ok(document) => {
                 let probe = probes::watch(|| Watch {
@@ -643,9 +646,16 @@ impl Policy {
 
     /// What the guest is handed: the input document of ABI v1, or the
     /// request a proxy-wasm filter is fed.
-    fn prepare(&self, input: &[u8], subject: &Subject) -> Result<Prepared, String> {
+    fn prepare(
+        &self,
+        input: &[u8],
+        subject: &Subject,
+        query: &Option<String>,
+    ) -> Result<Prepared, String> {
         if !is_filter(&self.inner.spec.abi) {
-            return self.input_document(input, subject).map(Prepared::Document);
+            return self
+                .input_document(input, subject, query)
+                .map(Prepared::Document);
         }
         let max = self.inner.spec.max_input_bytes;
         if input.len() as u64 > max {
@@ -660,7 +670,12 @@ impl Policy {
 
     /// The input document of DESIGN §2, built around the caller's JSON without
     /// re-serialising it.
-    fn input_document(&self, input: &[u8], subject: &Subject) -> Result<Vec<u8>, String> {
+    fn input_document(
+        &self,
+        input: &[u8],
+        subject: &Subject,
+        query: &Option<String>,
+    ) -> Result<Vec<u8>, String> {
         let max = self.inner.spec.max_input_bytes;
         if input.len() as u64 > max {
             return Err(format!(
@@ -673,6 +688,7 @@ impl Policy {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         let context = GuestContext {
+            query: query.as_deref(),
             decision_id: &subject.decision_id,
             policy: &subject.policy,
             time: &now,
@@ -966,6 +982,11 @@ async fn obtain(
             }
             (bytes, digest, Fetched::File)
         }
+        ModuleSource::Builtin(language) => {
+            let bytes = language.module().to_vec();
+            let digest = Digest::of(&bytes);
+            (bytes, digest, Fetched::File)
+        }
         ModuleSource::Url(url) => {
             let Some(digest) = spec.sha256 else {
                 return Err(invalid(
@@ -1033,6 +1054,7 @@ async fn initialise(
                 })?
                 .0
         }
+        (None, ModuleSource::Builtin(language)) => language.module().to_vec(),
         (None, ModuleSource::File(path)) => {
             tokio::fs::read(path)
                 .await
@@ -1205,4 +1227,6 @@ struct GuestContext<'a> {
     time: &'a str,
     trace_id: Option<&'a str>,
     version: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    query: Option<&'a str>,
 }

@@ -22,6 +22,7 @@ mod lifecycle;
 mod nginx;
 mod probes;
 mod proxy_wasm;
+mod rego;
 mod server;
 mod snapshot;
 mod tracing;

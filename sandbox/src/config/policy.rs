@@ -12,12 +12,15 @@ use serde::Deserialize;
 
 use super::{EgressSettings, defaults};
 use crate::decision::FailMode;
+use crate::language::{Language, LanguageSpec};
 
 /// Where a policy's module comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ModuleSource {
     File(PathBuf),
     Url(String),
+    /// The guest built into sandgate for a policy language.
+    Builtin(Language),
 }
 
 impl fmt::Display for ModuleSource {
@@ -25,6 +28,7 @@ impl fmt::Display for ModuleSource {
         match self {
             ModuleSource::File(p) => write!(f, "{}", p.display()),
             ModuleSource::Url(u) => f.write_str(u),
+            ModuleSource::Builtin(l) => write!(f, "built-in {l} guest"),
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct PolicySpec {
     /// The ABI the module speaks, with what it needs (`abi`, `plugin_config`,
     /// `[policy.proxy_wasm.clusters]`).
     pub abi: Abi,
+    /// `engine = "rego"`: the language, files and entrypoint; `None` for a module.
+    pub language: Option<LanguageSpec>,
 }
 
 /// The ABI a policy's module speaks.
@@ -156,6 +162,7 @@ impl PolicySpec {
             grants: Grants::default(),
             egress: EgressSettings::default(),
             abi: Abi::default(),
+            language: None,
         }
     }
 }
@@ -176,6 +183,7 @@ impl PolicySpec {
         let mut spec = self.clone();
         spec.module = module.clone();
         spec.sha256 = None;
+        spec.language = None;
         spec.versions = vec![VersionSpec {
             name: spec.version.clone(),
             module,

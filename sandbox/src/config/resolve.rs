@@ -13,6 +13,7 @@ use super::{Config, ConfigError, TelemetrySettings};
 mod abi;
 mod egress;
 mod engine;
+mod language;
 mod policy;
 mod server;
 mod telemetry;

@@ -39,6 +39,9 @@ pub struct PolicyReport {
     /// What a proxy-wasm filter is configured with; absent for ABI v1.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_wasm: Option<ProxyWasmReport>,
+    /// For a policy written in a language (`engine`): what runs it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub language: Option<LanguageReport>,
 }
 
 /// A proxy-wasm filter's settings and the host calls it would be refused.
@@ -53,6 +56,16 @@ pub struct ProxyWasmReport {
     pub host_calls: Vec<String>,
     /// The module's proxy-wasm imports sandgate refuses (audited as `wasi_denied`).
     pub host_calls_refused: Vec<String>,
+}
+
+/// A language policy: its engine and version, files and entrypoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct LanguageReport {
+    pub engine: String,
+    pub engine_version: String,
+    pub files: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entrypoint: Option<String>,
 }
 
 /// One loaded version: its summary and where its module came from.
@@ -216,6 +229,12 @@ impl PolicyReport {
                 }),
                 crate::config::Abi::SandgateV1 => None,
             },
+            language: spec.language.as_ref().map(|l| LanguageReport {
+                engine: l.language.to_string(),
+                engine_version: l.language.engine_version(),
+                files: l.files.iter().map(|f| f.display().to_string()).collect(),
+                entrypoint: l.entrypoint.clone(),
+            }),
         }
     }
 

@@ -96,6 +96,22 @@ impl State {
         parent: Parent,
         headers: &dyn RequestHeaders,
     ) -> Answer {
+        self.evaluate_query(generation, name, input, parent, headers, None)
+            .await
+    }
+
+    /// [`evaluate`](Self::evaluate) of a Rego policy's Data API `query`
+    /// instead of its entrypoint (`None`: the entrypoint). A query's answer
+    /// is not kept in the decision cache, whose key is the input alone.
+    pub(crate) async fn evaluate_query(
+        &self,
+        generation: &Generation,
+        name: &str,
+        input: Bytes,
+        parent: Parent,
+        headers: &dyn RequestHeaders,
+        query: Option<String>,
+    ) -> Answer {
         let Some(slot) = generation.slots.get(name) else {
             return self.not_found(generation, name);
         };
@@ -147,14 +163,16 @@ impl State {
             }
         };
         let (policy, metrics) = (policy.clone(), metrics.clone());
-        let options = EvalOptions {
-            parent,
-            tracing: self.tracing.clone(),
-        };
         let cache_key = serving
             .cache
             .as_ref()
+            .filter(|_| query.is_none())
             .and_then(|_| DecisionCache::key(&policy.spec().version, &policy.digest(), &input));
+        let options = EvalOptions {
+            parent,
+            tracing: self.tracing.clone(),
+            query,
+        };
         if let (Some(cache), Some(key)) = (&serving.cache, &cache_key) {
             if let Some(decision) = cache.get(key).await {
                 metrics.cache_hit();

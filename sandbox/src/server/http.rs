@@ -22,6 +22,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde::Serialize;
 use serde::ser::SerializeMap;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tower::ServiceExt as _;
 
@@ -30,6 +31,7 @@ use super::connections::{Admitted, Limits, Listener};
 use super::registry::Generation;
 use super::{Answer, Outcome, State};
 use crate::decision::{Decision, ErrorCode, FailMode};
+use crate::language::{self, Language};
 use crate::policy::input;
 use crate::telemetry;
 use crate::telemetry::traces::Parent;
@@ -96,7 +98,7 @@ pub(super) async fn serve(
 fn router(state: Arc<State>) -> Router {
     Router::new()
         .route("/v1/policies/{name}/evaluate", post(evaluate))
-        .route("/v1/data/{name}", post(opa_data))
+        .route("/v1/data/{*path}", post(opa_data))
         .route("/v1/authz/{*rest}", any(forward_auth))
         .route("/v1/authz", any(forward_auth))
         .route("/v1/policies", get(policies))
@@ -135,27 +137,53 @@ async fn evaluate(
 /// `POST /v1/data/{name}`, OPA-compatible: body `{"input": …}` (an empty body
 /// or no `input` is input `null`), answer `{"result": <decision>, "decision_id": …}`;
 /// error answers also carry OPA's `code` and `message` (the DESIGN §3 code).
+///
+/// For a Rego policy the path is a document, `data.<path with / as .>`, of
+/// the policy its first segment names, answered exactly as OPA's Data API
+/// does: `{"result": <value>}`, `{}` when undefined (the decision id is in
+/// the `x-sandgate-decision-id` header).
 async fn opa_data(
     Shared(state): Shared_,
-    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let name = policy_name(name);
+    let path = policy_name(path);
+    let (name, rest) = path.split_once('/').unwrap_or((&path, ""));
     let trace = Parent::from_headers(&headers);
     let generation = state.current();
-    let answer = match read_input(&state, &generation, &name, &headers, body).await {
+    let rego = generation
+        .slots
+        .get(name)
+        .and_then(|slot| slot.spec.language.as_ref())
+        .is_some_and(|l| l.language == Language::Rego);
+    let query = match (rego, language::data_query(&path)) {
+        (true, Some(query)) => Ok(Some(query)),
+        (true, None) => Err(format!(
+            "`{path}` is not a path of Rego names (letters, digits and '_', not starting with a digit)"
+        )),
+        (false, _) if rest.trim_matches('/').is_empty() => Ok(None),
+        (false, _) => Err(format!(
+            "policy `{name}` is a module policy: /v1/data/{name} answers its decision; only a Rego policy answers a path under its name"
+        )),
+    };
+    let answer = match read_input(&state, &generation, name, &headers, body).await {
         Err(answer) => answer,
-        Ok(body) => match opa_input(&body) {
-            Ok(input) => {
+        Ok(body) => match (opa_input(&body), query) {
+            (Ok(input), Ok(query)) => {
                 state
-                    .evaluate(&generation, &name, input, trace, &headers)
+                    .evaluate_query(&generation, name, input, trace, &headers, query)
                     .await
             }
-            Err(message) => state.reject(&generation, &name, Outcome::BadRequest, message, trace),
+            (Err(message), _) | (_, Err(message)) => {
+                state.reject(&generation, name, Outcome::BadRequest, message, trace)
+            }
         },
     };
     let status = json_status(&answer);
+    if rego {
+        return rego_data_answer(status, &answer);
+    }
     let error = (status != StatusCode::OK)
         .then_some(answer.decision.error.as_ref())
         .flatten();
@@ -168,6 +196,37 @@ async fn opa_data(
         message: error.map(|e| e.message.as_str()),
     };
     json_answer(status, &answer, &body)
+}
+
+/// A Rego document as OPA's Data API gives it: `{"result": …}`, `{}` when
+/// undefined, and for an evaluation error (a conflict, a builtin's error) 500
+/// with OPA's `internal_error` code and the engine's message. A failed
+/// evaluation (deadline, memory, a trap, not loaded) is OPA's error shape
+/// with the DESIGN §3 code, 500 unless the failure has its own status.
+fn rego_data_answer(status: StatusCode, answer: &Answer) -> Response {
+    if let Some(error) = &answer.decision.error {
+        let body = json!({"code": error.code, "message": error.message});
+        let status = if status == StatusCode::OK {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            status
+        };
+        return json_answer(status, answer, &body);
+    }
+    let obligations = answer.decision.extra.get("obligations");
+    let obligation = |name: &str| obligations.and_then(|o| o.get(name));
+    if let Some(message) = obligation(language::REGO_ERROR) {
+        let body = json!({
+            "code": "internal_error",
+            "message": message.as_str().unwrap_or_default(),
+        });
+        return json_answer(StatusCode::INTERNAL_SERVER_ERROR, answer, &body);
+    }
+    let body = match obligation(language::REGO_RESULT) {
+        Some(result) => json!({ "result": result }),
+        None => json!({}),
+    };
+    json_answer(StatusCode::OK, answer, &body)
 }
 
 /// The `input` member of an OPA data request, as the caller wrote it (no

@@ -23,7 +23,11 @@ impl Resolver<'_> {
         let name = raw.name.get_ref().clone();
         self.check_name(&format!("policy[{index}].name"), &name, raw.name.span())?;
         let key = |k: &str| format!("policy[{index}].{k} (policy `{name}`)");
-        let versions = self.versions(&key, &raw, engine)?;
+        let language = self.language(&key, &raw)?;
+        let versions = match &language {
+            Some(language) => self.language_version(&key, &raw, language)?,
+            None => self.versions(&key, &raw, engine)?,
+        };
         let routing = self.routing(&key, &raw)?;
         let timeout_ms = match &raw.timeout_ms {
             Some(v) => self.ranged(&key("timeout_ms"), v, 1, MAX_TIMEOUT_MS)?,
@@ -46,7 +50,10 @@ impl Resolver<'_> {
             Some(v) => self.ranged(&key("max_in_flight"), &v.map_u64(), 1, 100_000)? as u32,
             None => defaults::MAX_IN_FLIGHT,
         };
-        let grants = self.grants(&key, raw.wasi)?;
+        let mut grants = self.grants(&key, raw.wasi)?;
+        if let Some(language) = &language {
+            self.mount_files(language, &mut grants);
+        }
         let egress = self.egress(&key, raw.egress)?;
         let abi = self.abi(&key, &raw.abi, &raw.plugin_config, raw.proxy_wasm, &egress)?;
         let decision_cache = self.decision_cache(
@@ -75,6 +82,7 @@ impl Resolver<'_> {
             grants,
             egress,
             abi,
+            language,
         })
     }
 
@@ -177,7 +185,7 @@ impl Resolver<'_> {
 
     /// A policy or version name: it appears in metrics, spans and the
     /// version header, so it is kept to a plain token.
-    fn check_name(
+    pub(super) fn check_name(
         &self,
         key: &str,
         name: &str,
