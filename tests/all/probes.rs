@@ -528,14 +528,18 @@ async fn an_unexpected_syscall_is_an_event_a_kernel_syscall_audit_line_and_count
     assert_eq!(kernel.attr("kernel.unexpected").as_deref(), Some("1"));
 
     // The kernel sent one event for it, and the daemon read it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let counters = loop {
-        let counters = settled_counters(&client, &daemon).await;
-        if counters["events_received"] == 1 || Instant::now() > deadline {
-            break counters;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let counters = eventually(
+        Duration::from_secs(10),
+        daemon.waiting_for("one probe event received"),
+        async || {
+            let counters = settled_counters(&client, &daemon).await;
+            match counters["events_received"] == 1 {
+                true => Ok(counters),
+                false => Err(counters.to_string()),
+            }
+        },
+    )
+    .await;
     assert_eq!(counters["events_sent"], 1, "{counters}");
     assert_eq!(counters["events_received"], 1, "{counters}");
     assert_eq!(counters["unexpected_syscalls"], 1, "{counters}");

@@ -8,13 +8,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::nginx::{Backend, start_nginx};
-use crate::server::{Daemon, client, daemon_config, json_body};
 use crate::support::*;
 
 /// The guest module is large (regorus): compiling it takes tens of seconds
@@ -46,21 +44,28 @@ fn shared_cache() -> PathBuf {
 async fn start(config: &Path, client: &reqwest::Client) -> (Daemon, u16, Value) {
     let cache = tokio::task::block_in_place(shared_cache);
     let daemon = Daemon::start(config, &cache);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if let Ok(response) = client.get(daemon.url("/readyz")).send().await {
+    let (status, body) = eventually(
+        Duration::from_secs(600),
+        daemon.waiting_for("every policy settled (loaded or failed)"),
+        async || {
+            let response = client
+                .get(daemon.url("/readyz"))
+                .send()
+                .await
+                .map_err(|e| e.to_string())?;
             let status = response.status().as_u16();
             let body = json_body(response).await;
             let settled = body["policies"]
                 .as_object()
                 .is_some_and(|p| p.values().all(|p| p["state"] != "loading"));
-            if settled {
-                return (daemon, status, body);
+            match settled {
+                true => Ok((status, body)),
+                false => Err(body.to_string()),
             }
-        }
-        assert!(Instant::now() < deadline, "not settled:\n{}", daemon.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        },
+    )
+    .await;
+    (daemon, status, body)
 }
 
 /// Inputs generated per policy.
@@ -476,11 +481,7 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
         data("/v1/data/p/say", json!({"input": {"n": 42}})).await.0,
         200
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon.logs().contains("deciding for 42") {
-        assert!(Instant::now() < deadline, "{}", daemon.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    daemon.logged("deciding for 42").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
