@@ -6,26 +6,34 @@
 //! request; [`DecisionCache`] is the optional cache in front of it.
 //! `Registry` holds loaded policies by name for embedders.
 //!
-//! Over 600 lines: loading, the store set-up, one evaluation and the
-//! classification of its failures still share this file; they are the next
-//! split of the module map in docs/architecture.md.
+//! Loading is in `load`, the store of one evaluation in `store`, the
+//! classification of failures in `failure`, the embedders' `Registry` in
+//! `registry`. Over 600 lines: `Policy`'s evaluation path (permits, the input
+//! document, the guest call, the decision's spans) reads best in one place.
 
 mod decision_cache;
+mod failure;
 mod init_cache;
 pub mod input;
+mod load;
+mod registry;
 mod report;
 mod route;
 pub mod snapshot;
+mod store;
 
 pub use decision_cache::DecisionCache;
+pub use registry::{Registry, needed_groups};
 pub use report::{
     CredentialReport, DecisionCacheReport, EgressReport, PolicyReport, PreopenReport,
     ProxyWasmReport, RoutingReport, VersionReport, VersionSummary, WasiReport,
 };
 pub use route::{RequestHeaders, RoutedBy, UnknownVersion, Versions};
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use failure::{classify, hand_off_output, timed_out};
+use load::{imports_of, initialise, link, obtain, validate};
+use store::new_store;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,21 +41,20 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
-use wasmtime::{InstancePre, Linker, Module, Store, Trap, UpdateDeadline};
+use wasmtime::{InstancePre, Store};
 
 use crate::abi::{self, AbiViolation};
 use crate::audit::{AuditLog, AuditRecord, Subject};
-use crate::bridge::{Bridge, CacheStats, EgressState, HttpCall};
-use crate::config::{Abi, Digest, ModuleSource, PolicySpec};
+use crate::bridge::{Bridge, CacheStats, HttpCall};
+use crate::config::{Abi, Digest, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
-use crate::engine::{CompiledFrom, Engine, MemoryLimiter};
-use crate::fetch::Fetched;
+use crate::engine::Engine;
 use crate::host::{self, Invocation};
 use crate::probes::{self, Expected, Probe, Watch};
 use crate::proxywasm;
-use crate::telemetry::log::{Escaped, GuestBatch};
+use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::{Parent, Scope, Tracing};
-use crate::wasi::{self, Denial, WasiDenied, WasiState};
+use crate::wasi::{self, Denial};
 
 /// Extra time the async deadline allows past `timeout_ms`, so the epoch
 /// deadline (which names the cause precisely) normally fires first.
@@ -766,456 +773,6 @@ enum Prepared {
 
 fn is_filter(abi: &Abi) -> bool {
     matches!(abi, Abi::ProxyWasm(_))
-}
-
-/// Checks a module against the ABI its policy declares.
-fn validate(abi: &Abi, module: &Module) -> Result<(), String> {
-    match abi {
-        Abi::SandgateV1 => abi::validate(module).map_err(|e| match proxywasm::abi_version(module) {
-            Some(version) => format!(
-                "{e}: it is a proxy-wasm {version} filter; configure it with abi = \"proxy-wasm\""
-            ),
-            None => e,
-        }),
-        Abi::ProxyWasm(_) => proxywasm::validate(module),
-    }
-}
-
-/// Maps a failed run to its contract code and a message for the operator.
-fn classify(error: &anyhow::Error, inv: &Invocation) -> (ErrorCode, String) {
-    if let Some(denied) = error.downcast_ref::<WasiDenied>() {
-        let group = wasi::group_of(denied.call).unwrap_or("an exact function name");
-        return (
-            ErrorCode::WasiDenied,
-            format!("{denied}; grant `{group}` in wasi.allow if the policy needs it"),
-        );
-    }
-    // The cap is the root cause of whatever failed after it refused a
-    // `memory.grow` (a trap, a bad pointer, a loop until the deadline).
-    if inv.limiter.refused() {
-        return (
-            ErrorCode::MemoryLimit,
-            format!(
-                "guest tried to grow its memory past memory_limit_mb, then failed: {}",
-                root_message(error)
-            ),
-        );
-    }
-    if let Some(violation) = error.downcast_ref::<AbiViolation>() {
-        return (ErrorCode::AbiViolation, violation.0.clone());
-    }
-    let trap = error.downcast_ref::<Trap>().copied();
-    if trap == Some(Trap::Interrupt) {
-        return (
-            ErrorCode::EvalTimeout,
-            "evaluation exceeded its deadline (timeout_ms)".into(),
-        );
-    }
-    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
-        return (
-            ErrorCode::GuestTrap,
-            format!("guest called proc_exit({})", exit.0),
-        );
-    }
-    if let Some(trap) = trap {
-        return (
-            ErrorCode::GuestTrap,
-            format!("guest trapped: {trap}{}", backtrace_hint(error)),
-        );
-    }
-    (ErrorCode::Internal, root_message(error))
-}
-
-fn root_message(error: &anyhow::Error) -> String {
-    format!("{error:#}")
-}
-
-fn backtrace_hint(error: &anyhow::Error) -> String {
-    match error.downcast_ref::<wasmtime::WasmBacktrace>() {
-        Some(bt) => {
-            let mut out = String::new();
-            if let Some(frame) = bt.frames().first() {
-                let _ = write!(out, " in {}", frame.func_name().unwrap_or("<unnamed>"));
-            }
-            out
-        }
-        None => String::new(),
-    }
-}
-
-/// The error of an evaluation stopped by the async deadline: `memory_limit`
-/// when the cap had refused the guest memory first, else `eval_timeout`.
-fn timed_out(timeout: Duration, inv: &Invocation) -> (ErrorCode, String) {
-    let ms = timeout.as_millis();
-    if inv.limiter.refused() {
-        return (
-            ErrorCode::MemoryLimit,
-            format!(
-                "guest tried to grow its memory past memory_limit_mb, then ran past timeout_ms = {ms}"
-            ),
-        );
-    }
-    (
-        ErrorCode::EvalTimeout,
-        format!("evaluation exceeded timeout_ms = {ms}"),
-    )
-}
-
-/// Hands the guest's bounded output to the log writer (never waits on it);
-/// returns how many lines the bound cut off.
-fn hand_off_output(inv: &Invocation, deadline: Instant) -> u64 {
-    let collected = inv.wasi.output.finish();
-    let dropped = collected.dropped_lines;
-    crate::telemetry::log::hand_off(GuestBatch {
-        policy: inv.subject.policy.clone(),
-        version: inv.subject.version.clone(),
-        decision_id: inv.subject.decision_id.clone(),
-        deadline,
-        lines: collected.lines,
-        dropped_lines: collected.dropped_lines,
-        dropped_bytes: collected.dropped_bytes,
-    });
-    dropped
-}
-
-/// A store for one instance of a policy: its WASI context, limits, deadline
-/// and host state. Evaluations and init (with its own grants) both use it.
-#[allow(clippy::too_many_arguments)]
-fn new_store(
-    engine: &Engine,
-    spec: &PolicySpec,
-    grants: Arc<crate::config::Grants>,
-    bridge: Arc<Bridge>,
-    subject: Subject,
-    audit: AuditLog,
-    trace: Scope,
-    probe: Probe,
-) -> anyhow::Result<Store<Invocation>> {
-    let output = wasi::GuestOutput::new();
-    // Instantiation starts with the WASI context (it opens the preopens)
-    // and ends when `run` has the instance.
-    probe.enter(probes::phase::INSTANTIATE);
-    let filter = match &spec.abi {
-        Abi::ProxyWasm(settings) => proxywasm::FilterState::new(
-            settings,
-            &spec.name,
-            &subject.decision_id,
-            spec.max_output_bytes,
-        ),
-        Abi::SandgateV1 => proxywasm::FilterState::default(),
-    };
-    let invocation = Invocation {
-        filter,
-        wasi: WasiState::new(grants, output)?,
-        egress: EgressState::new(bridge),
-        limiter: MemoryLimiter::new(spec.memory_limit_bytes),
-        audit,
-        subject,
-        log_calls: 0,
-        trace,
-        epochs: 0,
-        probe,
-    };
-    let mut store = Store::new(engine.wasmtime(), invocation);
-    store.limiter(|inv| &mut inv.limiter);
-    // Every epoch tick the guest yields to the executor, so a guest that
-    // computes for its whole `timeout_ms` shares the worker threads with
-    // every other evaluation instead of holding one; past its deadline
-    // the next tick interrupts it.
-    let deadline = Instant::now() + spec.timeout;
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |mut store| {
-        store.data_mut().epochs += 1;
-        if Instant::now() >= deadline {
-            Ok(UpdateDeadline::Interrupt)
-        } else {
-            Ok(UpdateDeadline::YieldCustom(
-                1,
-                Box::pin(tokio::task::yield_now()),
-            ))
-        }
-    });
-    Ok(store)
-}
-
-/// The compiled module of `spec`: a file is read (and checked against its pin
-/// when it has one), then compiled through the engine's caches; a URL's
-/// pinned digest is looked up in the compiled caches first, and the module
-/// is fetched (download cache, then network) only when they miss.
-async fn obtain(
-    engine: &Engine,
-    spec: &PolicySpec,
-    invalid: &(dyn Fn(String) -> LoadError + Sync),
-) -> Result<
-    (
-        Module,
-        Digest,
-        CompiledFrom,
-        Option<Fetched>,
-        Option<Vec<u8>>,
-    ),
-    LoadError,
-> {
-    let internal = |message: String| LoadError::Internal {
-        policy: spec.name.clone(),
-        message,
-    };
-    let (bytes, digest, fetched) = match &spec.module {
-        ModuleSource::File(path) => {
-            let bytes = tokio::fs::read(path)
-                .await
-                .map_err(|source| LoadError::Read {
-                    policy: spec.name.clone(),
-                    path: path.display().to_string(),
-                    source,
-                })?;
-            let digest = Digest::of(&bytes);
-            if let Some(expected) = spec.sha256
-                && expected != digest
-            {
-                return Err(LoadError::DigestMismatch {
-                    policy: spec.name.clone(),
-                    source_name: path.display().to_string(),
-                    expected,
-                    actual: digest,
-                });
-            }
-            (bytes, digest, Fetched::File)
-        }
-        ModuleSource::Builtin(language) => {
-            let bytes = language.module().to_vec();
-            let digest = Digest::of(&bytes);
-            (bytes, digest, Fetched::File)
-        }
-        ModuleSource::Url(url) => {
-            let Some(digest) = spec.sha256 else {
-                return Err(invalid(
-                    "a module fetched from a URL must be pinned with `sha256`".into(),
-                ));
-            };
-            let lookup = {
-                let engine = engine.clone();
-                tokio::task::spawn_blocking(move || engine.cached(&digest))
-            };
-            if let Some((module, from)) = lookup
-                .await
-                .map_err(|e| internal(format!("module cache task failed: {e}")))?
-            {
-                return Ok((module, digest, from, None, None));
-            }
-            let (bytes, fetched) = engine
-                .fetcher()
-                .fetch(url, digest)
-                .await
-                .map_err(|source| LoadError::Fetch {
-                    policy: spec.name.clone(),
-                    source,
-                })?;
-            (bytes, digest, fetched)
-        }
-    };
-    let compiled = {
-        let engine = engine.clone();
-        tokio::task::spawn_blocking(move || (engine.compile(&bytes, &digest), bytes))
-            .await
-            .map_err(|e| internal(format!("compile task failed: {e}")))?
-    };
-    let (module, from) = compiled.0.map_err(|e| invalid(e.to_string()))?;
-    Ok((module, digest, from, Some(fetched), Some(compiled.1)))
-}
-
-/// The initialised module of a policy whose module has state to keep
-/// (`_initialize`, `sandgate_init`), compiled through the engine's caches
-/// under its own digest, with what `check` reports about it. A module with
-/// nothing to initialise is evaluated as it is.
-async fn initialise(
-    engine: &Engine,
-    spec: &PolicySpec,
-    module: &Module,
-    digest: &Digest,
-    bytes: Option<Vec<u8>>,
-    audit: &AuditLog,
-    invalid: &(dyn Fn(String) -> LoadError + Sync),
-) -> Result<(Option<(Module, Digest)>, Option<SnapshotFacts>), LoadError> {
-    let snapshot::Plan::Snapshot { sandgate_init } = snapshot::Plan::of(module) else {
-        return Ok((None, None));
-    };
-    let bytes = match (bytes, &spec.module) {
-        (Some(bytes), _) => bytes,
-        // Compiled and cached, but the rewrite needs the module's bytes.
-        (None, ModuleSource::Url(url)) => {
-            engine
-                .fetcher()
-                .fetch(url, *digest)
-                .await
-                .map_err(|source| LoadError::Fetch {
-                    policy: spec.name.clone(),
-                    source,
-                })?
-                .0
-        }
-        (None, ModuleSource::Builtin(language)) => language.module().to_vec(),
-        (None, ModuleSource::File(path)) => {
-            tokio::fs::read(path)
-                .await
-                .map_err(|source| LoadError::Read {
-                    policy: spec.name.clone(),
-                    path: path.display().to_string(),
-                    source,
-                })?
-        }
-    };
-    let started = Instant::now();
-    let cache = engine.artifact_cache();
-    let material = init_cache::material(spec, digest);
-    let hit = cache.and_then(|cache| init_cache::lookup(cache, &material, &spec.name));
-    let cached = hit.is_some();
-    let initialised = match hit {
-        Some(hit) => snapshot::Initialised {
-            bytes: hit.bytes,
-            digest: hit.digest,
-            took: started.elapsed(),
-            reads: Vec::new(),
-            bridged: false,
-        },
-        None => {
-            let initialised = match snapshot::initialise(engine, spec, &bytes, digest, audit).await
-            {
-                Ok(initialised) => initialised,
-                Err(snapshot::InitError::Unsupported(why)) if !sandgate_init => {
-                    tracing::warn!(
-                        policy = %spec.name,
-                        version = %spec.version,
-                        "no snapshot ({why}); _initialize runs at every evaluation"
-                    );
-                    return Ok((None, None));
-                }
-                Err(snapshot::InitError::Unsupported(why)) => {
-                    return Err(invalid(format!(
-                        "it exports `{}`, but its state cannot be snapshotted: {why}",
-                        snapshot::INIT_EXPORT
-                    )));
-                }
-                Err(snapshot::InitError::Failed(why)) => return Err(invalid(why)),
-            };
-            if let Some(cache) = cache {
-                if initialised.bridged {
-                    tracing::info!(
-                        policy = %spec.name,
-                        version = %spec.version,
-                        "init made a bridged HTTP call: its snapshot is not cached"
-                    );
-                } else {
-                    init_cache::store(
-                        cache,
-                        &material,
-                        (&initialised.digest, &initialised.bytes),
-                        &initialised.reads,
-                        spec.grants.preopens.iter().map(|p| p.host.clone()),
-                    );
-                }
-            }
-            initialised
-        }
-    };
-    let snapshot_digest = initialised.digest;
-    let compiled = {
-        let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.compile(&initialised.bytes, &snapshot_digest))
-            .await
-            .map_err(|e| LoadError::Internal {
-                policy: spec.name.clone(),
-                message: format!("compile task failed: {e}"),
-            })?
-    };
-    let (snapshot_module, _) = compiled.map_err(|e| invalid(format!("initialised module: {e}")))?;
-    validate(&spec.abi, &snapshot_module)
-        .map_err(|e| invalid(format!("initialised module: {e}")))?;
-    tracing::info!(
-        policy = %spec.name,
-        version = %spec.version,
-        snapshot = %snapshot_digest,
-        sandgate_init,
-        init_ms = initialised.took.as_millis() as u64,
-        cached,
-        "policy initialised; evaluations start from its snapshot"
-    );
-    let facts = SnapshotFacts {
-        digest: snapshot_digest.to_string(),
-        sandgate_init,
-        init_ms: initialised.took.as_millis() as u64,
-        cached,
-    };
-    Ok((Some((snapshot_module, snapshot_digest)), Some(facts)))
-}
-
-fn imports_of(module: &Module, import_module: &str) -> Vec<String> {
-    module
-        .imports()
-        .filter(|i| i.module() == import_module)
-        .map(|i| i.name().to_owned())
-        .collect()
-}
-
-fn link(
-    engine: &Engine,
-    module: &Module,
-    grants: &crate::config::Grants,
-    abi: &Abi,
-) -> Result<InstancePre<Invocation>, String> {
-    let mut linker = Linker::new(engine.wasmtime());
-    match abi {
-        Abi::SandgateV1 => host::add_to_linker(&mut linker, module, grants)?,
-        Abi::ProxyWasm(_) => host::add_filter_to_linker(&mut linker, module, grants)?,
-    }
-    linker
-        .instantiate_pre(module)
-        .map_err(|e| format!("cannot link the module: {e:#}"))
-}
-
-/// The loaded policies, by name.
-#[derive(Clone, Default)]
-pub struct Registry {
-    policies: BTreeMap<String, Policy>,
-}
-
-impl Registry {
-    /// Loads every policy of the config; the first failure is returned.
-    pub async fn load(engine: &Engine, specs: &[PolicySpec]) -> Result<Registry, LoadError> {
-        let mut policies = BTreeMap::new();
-        for spec in specs {
-            let policy = Policy::load(engine, spec.clone()).await?;
-            policies.insert(spec.name.clone(), policy);
-        }
-        Ok(Registry { policies })
-    }
-
-    pub fn get(&self, name: &str) -> Option<&Policy> {
-        self.policies.get(name)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
-        self.policies.values()
-    }
-
-    pub fn len(&self) -> usize {
-        self.policies.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.policies.is_empty()
-    }
-}
-
-/// Which group grants a WASI function, for `inspect`.
-pub fn needed_groups(wasi_imports: &[String]) -> Vec<&'static str> {
-    let mut groups: Vec<&'static str> = wasi_imports
-        .iter()
-        .filter_map(|f| wasi::group_of(f))
-        .collect();
-    groups.sort_unstable();
-    groups.dedup();
-    groups
 }
 
 /// The `context` of a guest's input document (DESIGN §2), serialized

@@ -4,6 +4,9 @@
 //! stub that audits the call (`wasi_denied`) and returns `ERRNO_NOTCAPABLE`
 //! or traps, per `on_denied`. `path_open` is guarded even when granted: it
 //! refuses paths that leave their preopen and writes that are not granted.
+//!
+//! Just over 600 lines: the guarded `path_open` and the refusal stubs share
+//! the linker code and the denial record; the bounded output is in `output`.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
