@@ -576,21 +576,7 @@ async fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             };
             out!("    {m}::{n}{group}");
         }
-        out!(
-            "  wasi needs    {}",
-            if groups.is_empty() {
-                "nothing".to_owned()
-            } else {
-                format!(
-                    "allow = [{}]",
-                    groups
-                        .iter()
-                        .map(|g| format!("\"{g}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-        );
+        out!("  wasi needs    {}", wasi_needs(&groups));
     }
     Ok(if abi_result.is_ok() {
         ExitCode::SUCCESS
@@ -651,25 +637,21 @@ fn inspect_filter(
             listed(&refused)
         );
         out!("  wasi imports  {}", listed(wasi_imports));
-        out!(
-            "  wasi needs    {}",
-            if groups.is_empty() {
-                "nothing".to_owned()
-            } else {
-                format!(
-                    "allow = [{}]",
-                    groups
-                        .iter()
-                        .map(|g| format!("\"{g}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-        );
+        out!("  wasi needs    {}", wasi_needs(groups));
     }
     Ok(if valid.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// What `inspect` says a module's WASI imports need: `nothing`, or the
+/// `wasi.allow` line that grants them.
+fn wasi_needs(groups: &[&str]) -> String {
+    if groups.is_empty() {
+        return "nothing".to_owned();
+    }
+    let quoted: Vec<String> = groups.iter().map(|g| format!("\"{g}\"")).collect();
+    format!("allow = [{}]", quoted.join(", "))
 }

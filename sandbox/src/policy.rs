@@ -659,11 +659,17 @@ impl Policy {
         subject: &Subject,
         query: &Option<String>,
     ) -> Result<Prepared, String> {
+        self.check_input(input)?;
         if !is_filter(&self.inner.spec.abi) {
-            return self
-                .input_document(input, subject, query)
-                .map(Prepared::Document);
+            return Ok(Prepared::Document(
+                self.input_document(input, subject, query)?,
+            ));
         }
+        proxywasm::FilterRequest::from_input(input).map(Prepared::Request)
+    }
+
+    /// The caller's input within `max_input_bytes` and strictly valid JSON.
+    fn check_input(&self, input: &[u8]) -> Result<(), String> {
         let max = self.inner.spec.max_input_bytes;
         if input.len() as u64 > max {
             return Err(format!(
@@ -672,25 +678,17 @@ impl Policy {
             ));
         }
         input::validate(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
-        proxywasm::FilterRequest::from_input(input).map(Prepared::Request)
+        Ok(())
     }
 
-    /// The input document of DESIGN §2, built around the caller's JSON without
-    /// re-serialising it.
+    /// The input document of DESIGN §2, built around the caller's (checked)
+    /// JSON without re-serialising it.
     fn input_document(
         &self,
         input: &[u8],
         subject: &Subject,
         query: &Option<String>,
     ) -> Result<Vec<u8>, String> {
-        let max = self.inner.spec.max_input_bytes;
-        if input.len() as u64 > max {
-            return Err(format!(
-                "input is {} bytes; the policy accepts at most {max}",
-                input.len()
-            ));
-        }
-        input::validate(input).map_err(|e| format!("input is not valid JSON: {e}"))?;
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
