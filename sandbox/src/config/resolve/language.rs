@@ -8,7 +8,7 @@ use super::Resolver;
 use crate::config::raw::{RawPolicy, RawVersions};
 use crate::config::{Access, ConfigError, Grants, ModuleSource, Preopen, VersionSpec, defaults};
 use crate::language::{self, Language, LanguageSpec};
-use crate::wasi;
+use crate::preview1 as wasi;
 
 impl Resolver<'_> {
     /// The language of a policy with `engine`; `None` for a module policy,
