@@ -24,8 +24,9 @@ const INIT: ArtifactKind = ArtifactKind::new("init");
 const SNAPSHOT: ArtifactKind = ArtifactKind::new("snapshot");
 
 /// The digest of everything besides its files that init's result depends
-/// on: this daemon's version (the snapshot procedure), the module, and the
-/// grants, environment and limits init runs with.
+/// on: this daemon's version (the snapshot procedure), the module, the
+/// grants, environment and limits init runs with, and what the ABI hands init
+/// (a filter's `plugin_config`, a language policy's entrypoint).
 pub fn material(spec: &PolicySpec, module: &Digest) -> Digest {
     #[derive(Serialize)]
     struct Material<'a> {
@@ -38,6 +39,10 @@ pub fn material(spec: &PolicySpec, module: &Digest) -> Digest {
         preopens: Vec<(String, &'a str, String)>,
         timeout_ms: u128,
         memory_limit_bytes: u64,
+        /// The ABI and what init hands it (a proxy-wasm filter's
+        /// `plugin_config`), and a language policy's files and entrypoint.
+        abi: String,
+        language: String,
     }
     let grants = &spec.grants;
     let material = Material {
@@ -60,6 +65,8 @@ pub fn material(spec: &PolicySpec, module: &Digest) -> Digest {
             .collect(),
         timeout_ms: spec.timeout.as_millis(),
         memory_limit_bytes: spec.memory_limit_bytes,
+        abi: format!("{:?}", spec.abi),
+        language: format!("{:?}", spec.language),
     };
     Digest::of(&serde_json::to_vec(&material).unwrap_or_default())
 }
@@ -172,6 +179,24 @@ fn content_digest(path: &Path) -> Option<Digest> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Abi, ProxyWasmSettings};
+
+    #[test]
+    fn what_init_is_configured_with_is_part_of_the_key() {
+        let spec = PolicySpec::for_module(Path::new("filter.wasm"));
+        let module = Digest::of(b"filter");
+        let configured = |plugin_config: &str| {
+            let mut spec = spec.clone();
+            spec.abi = Abi::ProxyWasm(ProxyWasmSettings {
+                plugin_config: plugin_config.into(),
+                ..Default::default()
+            });
+            material(&spec, &module)
+        };
+        assert_ne!(configured("{}"), configured("not json"));
+        assert_ne!(material(&spec, &module), configured("{}"));
+        assert_eq!(configured("{}"), configured("{}"));
+    }
 
     #[test]
     fn a_file_or_a_listing_that_changes_changes_its_digest() {
