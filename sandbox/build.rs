@@ -5,11 +5,11 @@
 //! `AYA_BUILD_SKIP=1` builds a daemon without probes: the object is then
 //! empty and the daemon says so wherever probes are reported.
 //!
-//! It also builds the language guests of `guests/` (Rego, Cedar) for
-//! `wasm32-wasip1` with the `guest` profile, in a target directory of its own
-//! under `OUT_DIR` (so the nested cargo never waits on the outer build's
-//! lock), and leaves `sandgate_rego.wasm` and `sandgate_cedar.wasm` in
-//! `OUT_DIR`, where `src/language.rs` embeds them.
+//! It also builds the language guests of `guests/` (today the Rego guest)
+//! for `wasm32-wasip1` with the `guest` profile, in a target directory of its
+//! own under `OUT_DIR` (so the nested cargo never waits on the outer build's
+//! lock), and leaves `sandgate_rego.wasm` in `OUT_DIR`, where
+//! `src/language.rs` embeds it.
 
 use std::{
     env, fs,
@@ -70,8 +70,10 @@ fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
         );
     }
     let target_dir = out_dir.join("guests");
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
+    // The guests are built by the default toolchain (the one `scripts/setup`
+    // gives the `wasm32-wasip1` target), also when the outer build runs on
+    // another one, as the fuzz targets do on nightly.
+    let mut command = Command::new("cargo");
     command
         .current_dir(workspace)
         .args([
@@ -96,6 +98,7 @@ fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
         "CARGO_ENCODED_RUSTFLAGS",
         "CARGO_TARGET_DIR",
         "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
     ] {
         command.env_remove(key);
     }
