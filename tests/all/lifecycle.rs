@@ -68,16 +68,6 @@ async fn metrics(client: &reqwest::Client, daemon: &Daemon) -> String {
     daemon.metrics(client).await
 }
 
-async fn readyz(client: &reqwest::Client, daemon: &Daemon) -> (u16, Value) {
-    let response = client
-        .get(daemon.url("/readyz"))
-        .send()
-        .await
-        .expect("readyz");
-    let status = response.status().as_u16();
-    (status, json_body(response).await)
-}
-
 /// How one reload of the load test changes the files.
 enum Step {
     /// A good module, answering with this tag.
@@ -236,7 +226,7 @@ async fn reload_under_load_drops_no_request_and_failed_reloads_change_nothing() 
                 // The previous generation still answers.
                 assert_eq!(answer["version"], serving.0.as_str(), "step {i}: {answer}");
                 assert_eq!(answer["reason"], serving.1, "step {i}: {answer}");
-                let (ready_status, ready) = readyz(&client, &daemon).await;
+                let (ready_status, ready) = daemon.readyz(&client).await;
                 assert_eq!(ready_status, 200, "a failed reload keeps the daemon ready");
                 assert_eq!(ready["last_reload"]["result"], "failed", "{ready}");
                 assert!(
@@ -341,15 +331,11 @@ async fn changed_module_and_config_files_are_reloaded_without_a_signal() {
 
     // A broken module is refused; the last good one keeps answering.
     std::fs::write(&module, "not wasm any more").expect("break module");
-    let ready = eventually(
-        Duration::from_secs(20),
-        "a failed reload",
-        async || match readyz(&client, &daemon).await {
-            (_, ready) if ready["last_reload"]["result"] == "failed" => Ok(ready),
-            (_, ready) => Err(ready.to_string()),
-        },
-    )
-    .await;
+    let ready = daemon
+        .until_readyz(&client, "a failed reload", |_, ready| {
+            ready["last_reload"]["result"] == "failed"
+        })
+        .await;
     assert!(ready["last_reload"]["trigger"] == "file change", "{ready}");
     let (status, answer) = evaluate(&client, &daemon, "p").await;
     assert_eq!(status, 200);
@@ -413,7 +399,7 @@ async fn sighup_reloads_the_config_and_still_reopens_the_audit_log() {
     daemon.signal("HUP");
     let after = wait_for_answer(&client, &daemon, "SIGHUP reload", |a| a["version"] == "v2").await;
     assert_eq!(after["reason"], "two");
-    let (_, ready) = readyz(&client, &daemon).await;
+    let (_, ready) = daemon.readyz(&client).await;
     assert_eq!(ready["last_reload"]["trigger"], "sighup", "{ready}");
     assert_eq!(ready["generation"], 2);
     let audit = path.join("audit.jsonl");

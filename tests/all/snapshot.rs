@@ -177,32 +177,20 @@ async fn failed_init_shows_in_readyz_while_other_policies_serve() {
     let daemon = Daemon::start(&config, &path.join("cache"));
     let client = client();
     // Both loads ended: `bad` refused, `good` serving.
-    let ready = eventually(
-        Duration::from_secs(30),
-        "module_invalid for `bad` and ready `good` in /readyz",
-        async || {
-            let response = client
-                .get(daemon.url("/readyz"))
-                .send()
-                .await
-                .expect("readyz");
-            let status = response.status().as_u16();
-            let body = json_body(response).await;
-            if body.to_string().contains("module_invalid")
-                && body["policies"]["good"]["state"] == "ready"
-            {
-                Ok((status, body))
-            } else {
-                Err(body.to_string())
-            }
-        },
-    )
-    .await;
-    assert_eq!(ready.0, 503, "{}", ready.1);
+    let ready = daemon
+        .until_readyz(
+            &client,
+            "module_invalid for `bad` and ready `good` in /readyz",
+            |status, body| {
+                status == 503
+                    && body.to_string().contains("module_invalid")
+                    && body["policies"]["good"]["state"] == "ready"
+            },
+        )
+        .await;
     assert!(
-        ready.1.to_string().contains("sandgate_init returned 1"),
-        "{}",
-        ready.1
+        ready.to_string().contains("sandgate_init returned 1"),
+        "{ready}"
     );
     let answer = evaluate(&client, &daemon, "good").await;
     assert_eq!(answer["allow"], true, "{answer}");
@@ -367,20 +355,11 @@ async fn an_edited_data_file_reloads_the_snapshot_without_dropping_a_request() {
     // A broken table fails the reload; the last good snapshot keeps serving.
     std::fs::write(&staged, "{ not json").expect("stage broken table");
     std::fs::rename(&staged, &table).expect("replace table");
-    let ready = eventually(Duration::from_secs(30), "a failed reload", async || {
-        let response = client
-            .get(daemon.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let ready = json_body(response).await;
-        if ready["last_reload"]["result"] == "failed" {
-            Ok(ready)
-        } else {
-            Err(ready.to_string())
-        }
-    })
-    .await;
+    let ready = daemon
+        .until_readyz(&client, "a failed reload", |_, ready| {
+            ready["last_reload"]["result"] == "failed"
+        })
+        .await;
     let error = ready["last_reload"]["error"].as_str().unwrap_or("");
     assert!(
         error.contains("role table /data/roles.json is invalid"),

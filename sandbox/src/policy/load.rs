@@ -120,31 +120,6 @@ pub(super) async fn initialise(
     let snapshot::Plan::Snapshot { sandgate_init } = snapshot::Plan::of(module) else {
         return Ok((None, None));
     };
-    let bytes = match (bytes, &spec.module) {
-        (Some(bytes), _) => bytes,
-        // Compiled and cached, but the rewrite needs the module's bytes.
-        (None, ModuleSource::Url(url)) => {
-            engine
-                .fetcher()
-                .fetch(url, *digest)
-                .await
-                .map_err(|source| LoadError::Fetch {
-                    policy: spec.name.clone(),
-                    source,
-                })?
-                .0
-        }
-        (None, ModuleSource::Builtin(language)) => language.module().to_vec(),
-        (None, ModuleSource::File(path)) => {
-            tokio::fs::read(path)
-                .await
-                .map_err(|source| LoadError::Read {
-                    policy: spec.name.clone(),
-                    path: path.display().to_string(),
-                    source,
-                })?
-        }
-    };
     let started = Instant::now();
     let cache = engine.artifact_cache();
     let material = init_cache::material(spec, digest);
@@ -159,6 +134,7 @@ pub(super) async fn initialise(
             bridged: false,
         },
         None => {
+            let bytes = module_bytes(engine, spec, digest, bytes).await?;
             let initialised = match snapshot::initialise(engine, spec, &bytes, digest, audit).await
             {
                 Ok(initialised) => initialised,
@@ -227,6 +203,42 @@ pub(super) async fn initialise(
         cached,
     };
     Ok((Some((snapshot_module, snapshot_digest)), Some(facts)))
+}
+
+/// The module's bytes for the snapshot's rewrite: those the load read, or,
+/// when the compiled module came from the cache without them, read or fetched
+/// again. Only an init-cache miss needs them.
+async fn module_bytes(
+    engine: &Engine,
+    spec: &PolicySpec,
+    digest: &Digest,
+    bytes: Option<Vec<u8>>,
+) -> Result<Vec<u8>, LoadError> {
+    Ok(match (bytes, &spec.module) {
+        (Some(bytes), _) => bytes,
+        // Compiled and cached, but the rewrite needs the module's bytes.
+        (None, ModuleSource::Url(url)) => {
+            engine
+                .fetcher()
+                .fetch(url, *digest)
+                .await
+                .map_err(|source| LoadError::Fetch {
+                    policy: spec.name.clone(),
+                    source,
+                })?
+                .0
+        }
+        (None, ModuleSource::Builtin(language)) => language.module().to_vec(),
+        (None, ModuleSource::File(path)) => {
+            tokio::fs::read(path)
+                .await
+                .map_err(|source| LoadError::Read {
+                    policy: spec.name.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?
+        }
+    })
 }
 
 pub(super) fn imports_of(module: &Module, import_module: &str) -> Vec<String> {

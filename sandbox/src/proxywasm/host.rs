@@ -693,46 +693,29 @@ fn add_metrics<T: Send + 'static>(linker: &mut Linker<T>, host: Host<T>) -> wasm
         MODULE,
         "proxy_increment_metric",
         move |mut caller: Caller<'_, T>, id: i32, offset: i64| -> i32 {
-            match (host.view)(caller.data_mut())
-                .state
-                .metrics
-                .get_mut(id as u32 as usize)
-            {
-                Some((_, value)) => {
-                    *value = value.saturating_add(offset);
-                    OK
-                }
-                None => NOT_FOUND,
-            }
+            let state = &mut (host.view)(caller.data_mut()).state;
+            state.metric(id).map_or(NOT_FOUND, |value| {
+                *value = value.saturating_add(offset);
+                OK
+            })
         },
     )?;
     linker.func_wrap(
         MODULE,
         "proxy_record_metric",
         move |mut caller: Caller<'_, T>, id: i32, value: i64| -> i32 {
-            match (host.view)(caller.data_mut())
-                .state
-                .metrics
-                .get_mut(id as u32 as usize)
-            {
-                Some((_, slot)) => {
-                    *slot = value;
-                    OK
-                }
-                None => NOT_FOUND,
-            }
+            let state = &mut (host.view)(caller.data_mut()).state;
+            state.metric(id).map_or(NOT_FOUND, |slot| {
+                *slot = value;
+                OK
+            })
         },
     )?;
     linker.func_wrap(
         MODULE,
         "proxy_get_metric",
         move |mut caller: Caller<'_, T>, id: i32, ret: i32| -> wasmtime::Result<i32> {
-            let Some((_, value)) = (host.view)(caller.data_mut())
-                .state
-                .metrics
-                .get(id as u32 as usize)
-                .cloned()
-            else {
+            let Some(value) = (host.view)(caller.data_mut()).state.metric(id).copied() else {
                 return Ok(NOT_FOUND);
             };
             memory::write_guest(&mut caller, ret, &value.to_le_bytes())?;

@@ -230,6 +230,14 @@ pub struct FilterState {
 }
 
 impl FilterState {
+    /// The value of metric `id` (what `proxy_define_metric` handed the
+    /// filter), if the filter defined it in this decision.
+    pub fn metric(&mut self, id: i32) -> Option<&mut i64> {
+        self.metrics
+            .get_mut(id as u32 as usize)
+            .map(|(_, value)| value)
+    }
+
     /// The state of a store of a filter configured with `plugin_config`.
     pub fn new(
         settings: &crate::config::ProxyWasmSettings,

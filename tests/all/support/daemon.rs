@@ -218,7 +218,18 @@ impl Daemon {
         client: &reqwest::Client,
         done: impl Fn(u16, &Value) -> bool,
     ) -> Value {
-        eventually(STARTUP, self.waiting_for("daemon ready"), async || {
+        self.until_readyz(client, "daemon ready", done).await
+    }
+
+    /// Polls `/readyz` until `done(status, body)` holds and returns that
+    /// body; panics naming `what` and the last answer after the deadline.
+    pub async fn until_readyz(
+        &self,
+        client: &reqwest::Client,
+        what: &str,
+        done: impl Fn(u16, &Value) -> bool,
+    ) -> Value {
+        eventually(STARTUP, self.waiting_for(what), async || {
             let response = client
                 .get(self.url("/readyz"))
                 .send()
@@ -233,6 +244,16 @@ impl Daemon {
             }
         })
         .await
+    }
+
+    /// One answer of `/readyz`: its status and body.
+    pub async fn readyz(&self, client: &reqwest::Client) -> (u16, Value) {
+        let response = client
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        (response.status().as_u16(), json_body(response).await)
     }
 
     /// Sends a signal (`TERM`, `HUP`, …) to the daemon.

@@ -1,11 +1,12 @@
 //! The test harness every behaviour module borrows: the example guests built
 //! once, temporary configs and modules, the library loaded in process, and
 //! `eventually()`, the one way a test waits for something. The real processes
-//! and peers live in the submodules (daemon, nginx, OTLP receivers, ext_authz
-//! client, CLI runs, WAT guests).
+//! and peers live in the submodules (daemon, nginx, Caddy, OTLP receivers,
+//! ext_authz client, CLI runs, WAT guests).
 
 #![allow(dead_code)]
 
+pub mod caddy;
 pub mod cli;
 pub mod daemon;
 pub mod ext_authz;
@@ -19,6 +20,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub use caddy::{Caddy, start_caddy};
 pub use cli::{Eval, sandgate, stdout_json};
 pub use daemon::{ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
 pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request, response_headers};
