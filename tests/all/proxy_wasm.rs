@@ -3,10 +3,8 @@
 //! ones of `tests/proxy-wasm-hostile`) served by a real `sandgate serve`
 //! through the JSON API, nginx forward-auth and Envoy ext_authz gRPC.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -141,22 +139,16 @@ async fn api_key_filter_answers_envoy_ext_authz_over_grpc() {
     );
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     daemon.ready(&client()).await;
-    let grpc = daemon.grpc.expect("grpc address");
-    let mut ext_authz = AuthorizationClient::connect(format!("http://{grpc}"))
-        .await
-        .expect("connect");
-    let extensions = HashMap::from([("policy".to_owned(), "apikey".to_owned())]);
+    let mut ext_authz = ExtAuthzClient::connect(daemon.grpc.expect("grpc address")).await;
 
     let allow = ext_authz
-        .check(envoy_check_request(
-            extensions.clone(),
+        .check(check_request(
+            Some("apikey"),
             "GET",
             "/api/orders/7",
             &[("x-api-key", "k-alice")],
         ))
-        .await
-        .expect("check")
-        .into_inner();
+        .await;
     assert_eq!(allow.status.as_ref().map(|s| s.code), Some(0), "{allow:?}");
     assert!(
         matches!(allow.http_response, Some(HttpResponse::OkResponse(_))),
@@ -165,10 +157,8 @@ async fn api_key_filter_answers_envoy_ext_authz_over_grpc() {
     assert_eq!(response_headers(&allow)["x-user"], "alice");
 
     let deny = ext_authz
-        .check(envoy_check_request(extensions, "GET", "/api/orders/7", &[]))
-        .await
-        .expect("check")
-        .into_inner();
+        .check(check_request(Some("apikey"), "GET", "/api/orders/7", &[]))
+        .await;
     assert_eq!(deny.status.as_ref().map(|s| s.code), Some(7), "{deny:?}");
     let Some(HttpResponse::DeniedResponse(denied)) = &deny.http_response else {
         panic!("not denied: {deny:?}");
@@ -220,15 +210,20 @@ async fn auth_service() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Stri
     (addr, seen)
 }
 
+/// The auth-call filter's `[[policy]]`: it asks the auth service at `auth`
+/// (cluster `authsvc`) and may reach nothing else.
+fn authcall_policy(auth: SocketAddr) -> String {
+    format!(
+        "[[policy]]\nname = \"authcall\"\nmodule = \"{}\"\nabi = \"proxy-wasm\"\ntimeout_ms = 2000\nplugin_config = '{{\"cluster\": \"authsvc\", \"path\": \"/check\"}}'\n[policy.egress]\nallow = [\"http://{auth}/check\"]\n[policy.proxy_wasm.clusters]\nauthsvc = \"http://{auth}\"\n",
+        guest("proxy_wasm_authcall").display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_call_filter_asks_the_auth_service_through_the_audited_bridge() {
     let (auth, seen) = auth_service().await;
     let dir = tempdir();
-    let policy = format!(
-        "[[policy]]\nname = \"authcall\"\nmodule = \"{}\"\nabi = \"proxy-wasm\"\ntimeout_ms = 2000\nplugin_config = '{{\"cluster\": \"authsvc\", \"path\": \"/check\"}}'\n[policy.egress]\nallow = [\"http://{auth}/check\"]\n[policy.proxy_wasm.clusters]\nauthsvc = \"http://{auth}\"\n",
-        guest("proxy_wasm_authcall").display()
-    );
-    let config = daemon_config(dir.path(), "", &policy);
+    let config = daemon_config(dir.path(), "", &authcall_policy(auth));
     let daemon = Daemon::start(&config, &dir.path().join("cache"));
     let client = client();
     daemon.ready(&client).await;
@@ -273,6 +268,70 @@ async fn auth_call_filter_asks_the_auth_service_through_the_audited_bridge() {
         heads[0].contains("x-original-uri: /api/orders/7"),
         "{heads:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_call_filter_serves_nginx_forward_auth_and_envoy_ext_authz_over_grpc() {
+    let (auth, seen) = auth_service().await;
+    let dir = tempdir();
+    let config = daemon_config(
+        dir.path(),
+        "grpc_listen = \"127.0.0.1:0\"",
+        &authcall_policy(auth),
+    );
+    let daemon = Daemon::start(&config, &dir.path().join("cache"));
+    let client = client();
+    daemon.ready(&client).await;
+
+    // Behind nginx auth_request: the filter's call decides, x-user reaches
+    // the backend, a refused token never does.
+    let backend = Backend::start();
+    let nginx_dir = dir.path().join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
+    let nginx = start_nginx(&nginx_dir, daemon.http, "authcall", backend.addr);
+    let through_nginx = async |token: &str| {
+        client
+            .get(format!("http://{}/api/orders/7", nginx.addr))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+            .await
+            .expect("through nginx")
+            .status()
+    };
+    assert_eq!(through_nginx("good").await, 200, "{}", nginx.error_log());
+    assert_eq!(through_nginx("bad").await, 403, "{}", nginx.error_log());
+    let received = backend.received();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].header("x-user"), Some("carol"));
+
+    // The same filter as Envoy's ext_authz service.
+    let mut ext_authz = ExtAuthzClient::connect(daemon.grpc.expect("grpc address")).await;
+    let request = |token: &str| {
+        let authorization = format!("Bearer {token}");
+        check_request(
+            Some("authcall"),
+            "GET",
+            "/api/orders/7",
+            &[("authorization", &authorization)],
+        )
+    };
+    let allow = ext_authz.check(request("good")).await;
+    assert_eq!(allow.status.as_ref().map(|s| s.code), Some(0), "{allow:?}");
+    assert_eq!(response_headers(&allow)["x-user"], "carol");
+    let deny = ext_authz.check(request("bad")).await;
+    let Some(HttpResponse::DeniedResponse(denied)) = &deny.http_response else {
+        panic!("not denied: {deny:?}");
+    };
+    assert_eq!(
+        denied.status.as_ref().map(|s| s.code),
+        Some(403),
+        "{deny:?}"
+    );
+    assert_eq!(denied.body, "bad token");
+    assert_eq!(response_headers(&deny)["x-auth-status"], "401");
+
+    // Every decision asked the auth service once, through the bridge.
+    assert_eq!(seen.lock().expect("log").len(), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub use caddy::{Caddy, start_caddy};
+pub use caddy::start_caddy;
 pub use cli::{Eval, sandgate, stdout_json};
 pub use daemon::{ALICE_READS, Daemon, client, daemon_config, json_body, rbac_policy, wat_policy};
 pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request, response_headers};
