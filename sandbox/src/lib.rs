@@ -20,6 +20,7 @@ pub mod policy;
 pub mod preview1;
 pub mod probes;
 pub mod proxywasm;
+pub mod seccomp;
 pub mod server;
 pub mod telemetry;
 pub mod wasi;

@@ -292,6 +292,7 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
                     "idle_timeout_ms": config.server.idle_timeout.as_millis() as u64,
                     "max_connections": config.server.max_connections.limit,
                     "forward_auth_headers": config.server.forward_auth_headers.as_str(),
+                    "syscall_filter": config.server.syscall_filter.as_str(),
                 },
                 "module_cache": engine.cache_report(),
                 "policies": report,
@@ -335,6 +336,7 @@ fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
         "  forward_auth_headers {}",
         server.forward_auth_headers.as_str()
     );
+    out!("  syscall_filter {}", server.syscall_filter);
     let dir = cache.dir.as_deref().unwrap_or_default();
     match (cache.state, &cache.reason) {
         ("on", _) => out!("  module cache {dir}"),
@@ -481,15 +483,21 @@ fn listed(items: &[impl std::fmt::Display]) -> String {
         .join(", ")
 }
 
-/// Binds, prints the bound addresses on stderr (one parseable line each:
-/// `sandgate: http listening on ADDR`, `sandgate: grpc listening on ADDR`),
-/// then serves until SIGTERM/SIGINT.
+/// Binds, prints the syscall filter in force (`sandgate: syscall filter
+/// MODE (installed): …`) and the bound addresses on stderr (one parseable
+/// line each: `sandgate: http listening on ADDR`, `sandgate: grpc listening
+/// on ADDR`), then serves until SIGTERM/SIGINT.
 async fn serve(path: &Path) -> anyhow::Result<ExitCode> {
     let config = config::load(path)?;
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
     let server = sandgate::server::Server::bind(config).await?;
+    let seccomp = server.syscall_filter();
+    eprintln!("sandgate: syscall filter {seccomp}");
+    if seccomp.mode != sandgate::seccomp::Mode::Off && !seccomp.installed {
+        tracing::warn!("the seccomp allowlist is not installed: {}", seccomp.detail);
+    }
     if let Some(addr) = server.http_addr() {
         eprintln!("sandgate: http listening on {addr}");
     }

@@ -23,6 +23,7 @@ mod nginx;
 mod probes;
 mod proxy_wasm;
 mod rego;
+mod seccomp;
 mod server;
 mod snapshot;
 mod tracing;

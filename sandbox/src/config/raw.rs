@@ -40,6 +40,7 @@ pub(super) struct RawServer {
     pub(super) idle_timeout_ms: Option<Spanned<u64>>,
     pub(super) max_connections: Option<Spanned<u64>>,
     pub(super) forward_auth_headers: Option<ForwardAuthHeaders>,
+    pub(super) syscall_filter: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -81,6 +81,8 @@ pub struct ServerSettings {
     pub max_connections: MaxConnections,
     /// Which proxy headers forward-auth reads the original request from.
     pub forward_auth_headers: ForwardAuthHeaders,
+    /// The daemon-wide seccomp allowlist, installed once at start.
+    pub syscall_filter: crate::seccomp::Mode,
 }
 
 /// `server.max_connections`: set, or derived from the process's RLIMIT_NOFILE.

@@ -360,9 +360,22 @@ async fn readyz(Shared(state): Shared_) -> Response {
 }
 
 /// `GET /v1/probes`: whether the eBPF probes are attached (or why not),
-/// which programs, and the events seen and lost.
+/// which programs, the events seen and lost, and what the kernel enforces
+/// (`enforcement.seccomp`).
 async fn probes(Shared(state): Shared_) -> Response {
-    json_response(StatusCode::OK, &state.probes().report())
+    #[derive(serde::Serialize)]
+    struct Probes {
+        #[serde(flatten)]
+        probes: crate::probes::ProbeReport,
+        enforcement: super::status::Enforcement,
+    }
+    json_response(
+        StatusCode::OK,
+        &Probes {
+            probes: state.probes().report(),
+            enforcement: state.enforcement(),
+        },
+    )
 }
 
 /// `GET /metrics`: Prometheus / OpenMetrics text.

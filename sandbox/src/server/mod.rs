@@ -51,6 +51,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Probes(#[from] crate::probes::ProbesRequired),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
         what: &'static str,
@@ -80,6 +82,10 @@ impl Server {
     /// Opens the audit log, starts the engine and binds the listeners of
     /// `config`. Policies are loaded by [`Server::run`], so the addresses are
     /// known (and `/readyz` answers) before the modules are compiled.
+    ///
+    /// Last, it installs the seccomp allowlist of `server.syscall_filter` on
+    /// every thread of the process (unless `off`): an embedder's process is
+    /// confined from then on as the daemon is.
     pub async fn bind(config: Config) -> Result<Server, ServeError> {
         let audit = AuditLog::open(&config.audit.target).map_err(|source| ServeError::Audit {
             target: match &config.audit.target {
@@ -110,6 +116,10 @@ impl Server {
             .ok()
             .map(|text| Digest::of(&text));
         let probes = Probes::start(config.ebpf)?;
+        // After everything above that needs more (binding, loading the
+        // probes, starting the runtime's and exporters' threads); threads
+        // started later inherit the filter.
+        let seccomp = crate::seccomp::Filter::install(config.server.syscall_filter)?;
         let server_settings = config.server.clone();
         let state = Arc::new(State::new(
             config,
@@ -118,6 +128,7 @@ impl Server {
             tracing,
             engine,
             probes,
+            seccomp,
         ));
         let connection_metrics = state.metrics.connections();
         connection_metrics.listening("http");
@@ -139,6 +150,11 @@ impl Server {
     /// The address the HTTP API listens on (the real port when the config said `:0`).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.local_addr().ok()
+    }
+
+    /// Whether the seccomp allowlist is installed, in which mode, or why not.
+    pub fn syscall_filter(&self) -> crate::seccomp::Status {
+        self.state.seccomp.status()
     }
 
     /// The address the ext_authz gRPC service listens on, when configured.

@@ -33,6 +33,8 @@ pub(crate) struct State {
     pub(super) reloads: reload::Reloads,
     /// The eBPF probes, attached or off with the reason why.
     pub(super) probes: Probes,
+    /// The daemon-wide seccomp allowlist, installed or why not.
+    pub(super) seccomp: crate::seccomp::Filter,
 }
 
 /// One config and the policies loaded from it. A request takes the
@@ -170,6 +172,7 @@ impl State {
         tracing: Option<Tracing>,
         engine: Engine,
         probes: Probes,
+        seccomp: crate::seccomp::Filter,
     ) -> State {
         let metrics = Metrics::new(&audit, tracing.as_ref(), &probes);
         let slots: HashMap<String, Arc<Slot>> = config
@@ -196,6 +199,7 @@ impl State {
             engine,
             reloads: reload::Reloads::default(),
             probes,
+            seccomp,
         }
     }
 

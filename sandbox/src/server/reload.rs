@@ -345,6 +345,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
             show(new.server.grpc_listen)
         ));
     }
+    if old.server.syscall_filter != new.server.syscall_filter {
+        changed.push(format!(
+            "server.syscall_filter ({} -> {})",
+            old.server.syscall_filter, new.server.syscall_filter
+        ));
+    }
     let (o, n) = (&old.server, &new.server);
     if (o.header_read_timeout, o.idle_timeout, o.max_connections)
         != (n.header_read_timeout, n.idle_timeout, n.max_connections)

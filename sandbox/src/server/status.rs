@@ -104,6 +104,7 @@ impl State {
                 generation: generation.number,
                 last_reload: self.reloads.last(),
                 probes: self.probes.report(),
+                enforcement: self.enforcement(),
                 module_cache: self.engine.cache_report(),
                 policies,
             },
@@ -146,6 +147,21 @@ enum PolicyDetail {
     },
 }
 
+/// `enforcement` of `/readyz` and `GET /v1/probes` (DESIGN §9).
+#[derive(Serialize)]
+pub(crate) struct Enforcement {
+    /// The daemon-wide syscall allowlist (`server.syscall_filter`).
+    seccomp: crate::seccomp::Status,
+}
+
+impl State {
+    pub(crate) fn enforcement(&self) -> Enforcement {
+        Enforcement {
+            seccomp: self.seccomp.status(),
+        }
+    }
+}
+
 /// The body of `GET /readyz`.
 #[derive(Serialize)]
 pub(crate) struct Readiness {
@@ -161,6 +177,8 @@ pub(crate) struct Readiness {
     /// Whether the eBPF probes are attached, or why not (never affects
     /// readiness: with `mode = "auto"` the daemon serves without them).
     probes: ProbeReport,
+    /// What the kernel enforces on the daemon (DESIGN §9).
+    enforcement: Enforcement,
     /// Whether compiled modules are cached on disk, or why the cache
     /// directory was refused (never affects readiness: modules compile).
     module_cache: CacheReport,

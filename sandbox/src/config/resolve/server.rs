@@ -11,6 +11,7 @@ use crate::config::{
     AuditSettings, AuditTarget, ConfigError, MaxConnections, ReloadSettings, ServerSettings,
     defaults,
 };
+use crate::seccomp::Mode;
 
 impl Resolver<'_> {
     pub(super) fn audit(&self, raw: Option<RawAudit>) -> Result<AuditSettings, ConfigError> {
@@ -92,6 +93,22 @@ impl Resolver<'_> {
             },
             None => MaxConnections::derived(open_files_limit()),
         };
+        let syscall_filter = match &raw.syscall_filter {
+            Some(v) => match Mode::parse(v.get_ref()) {
+                Some(mode) => mode,
+                None => {
+                    return self.error(
+                        Some(v.span()),
+                        format!(
+                            "server.syscall_filter: `{}` is not one of {}",
+                            v.get_ref(),
+                            Mode::NAMES
+                        ),
+                    );
+                }
+            },
+            None => Mode::default(),
+        };
         Ok(ServerSettings {
             listen,
             grpc_listen,
@@ -100,6 +117,7 @@ impl Resolver<'_> {
             idle_timeout,
             max_connections,
             forward_auth_headers: raw.forward_auth_headers.unwrap_or_default(),
+            syscall_filter,
         })
     }
 }
@@ -165,6 +183,12 @@ mod tests {
                 Some(2),
                 "server.max_connections",
                 "out of range (allowed 1..=10000000)",
+            ),
+            (
+                "[server]\n\nsyscall_filter = \"strict\"\n",
+                Some(3),
+                "server.syscall_filter",
+                "`strict` is not one of \"enforce\", \"log\" or \"off\"",
             ),
         ]);
     }
