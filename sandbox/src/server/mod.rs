@@ -109,7 +109,7 @@ impl Server {
             .await
             .ok()
             .map(|text| Digest::of(&text));
-        let probes = Probes::start(config.ebpf)?;
+        let probes = Probes::start(config.ebpf, config.ebpf_enforce, &audit)?;
         let server_settings = config.server.clone();
         let state = Arc::new(State::new(
             config,
