@@ -246,7 +246,7 @@ mod tests {
         // struct qstr's name follows its hash and length.
         assert_eq!(
             o.dentry_d_name_name,
-            btf.offset("dentry", "d_name").unwrap() + 8
+            btf.offset("dentry", "d_name").expect("dentry.d_name") + 8
         );
         assert_ne!(o.file_f_inode, o.file_f_mode);
         assert_ne!(o.dentry_d_parent, o.dentry_d_inode);
@@ -255,7 +255,7 @@ mod tests {
 
     #[test]
     fn bad_btf_is_refused_with_a_reason() {
-        let err = Btf::parse(b"not btf").err().unwrap();
+        let err = Btf::parse(b"not btf").err().expect("refused");
         assert!(err.contains("magic"), "{err}");
     }
 }

@@ -65,9 +65,20 @@ pub(super) fn attach(ebpf: &mut Ebpf) -> Result<Lsm, String> {
             .ok_or_else(|| format!("program {hook} is missing from the eBPF object"))?
             .try_into()
             .map_err(|e| format!("program {hook}: {}", error_chain(&e)))?;
-        program
-            .load(hook, &btf)
-            .map_err(|e| format!("loading LSM program {hook}: {}", error_chain(&e)))?;
+        program.load(hook, &btf).map_err(|e| {
+            let chain = error_chain(&e);
+            if chain.contains("Operation not permitted") {
+                // The capabilities were checked above: something else says no.
+                format!(
+                    "the kernel refused to load BPF LSM program {hook} (EPERM) although this \
+                     process has the capabilities it needs: a security policy on \
+                     this machine (another LSM, or a BPF LSM program of its own) forbids loading \
+                     BTF-attached programs ({chain})"
+                )
+            } else {
+                format!("loading LSM program {hook}: {chain}")
+            }
+        })?;
         program
             .attach()
             .map_err(|e| format!("attaching LSM program {hook}: {}", error_chain(&e)))?;
