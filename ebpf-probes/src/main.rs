@@ -1,9 +1,12 @@
-//! sandgate's eBPF programs (see `programs`). Built for `bpfel-unknown-none`
+//! sandgate's eBPF programs (see `programs`; the BPF LSM programs of
+//! `[ebpf] enforce` are in `enforce`). Built for `bpfel-unknown-none`
 //! by the sandgate crate's build script; on any other target this is an
 //! empty program, so workspace-wide builds and lints work everywhere.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod enforce;
 #[cfg(target_arch = "bpf")]
 mod programs;
 

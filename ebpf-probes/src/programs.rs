@@ -28,11 +28,11 @@ static TARGET_TGID: u32 = 0;
 
 /// One slot per registered daemon thread, memory-mapped by the daemon.
 #[map]
-static SLOTS: Array<Slot> = Array::with_max_entries(MAX_SLOTS, BPF_F_MMAPABLE);
+pub(crate) static SLOTS: Array<Slot> = Array::with_max_entries(MAX_SLOTS, BPF_F_MMAPABLE);
 
 /// Thread id → its index in `SLOTS`; written by the daemon once per thread.
 #[map]
-static THREADS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SLOTS, 0);
+pub(crate) static THREADS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_SLOTS, 0);
 
 /// The expected syscalls of each policy, two sets per policy index.
 #[map]
@@ -55,7 +55,7 @@ fn daemon_thread() -> Option<u32> {
 
 /// The slot of the calling daemon thread, if it registered one.
 #[inline(always)]
-fn slot() -> Option<(u32, *mut Slot)> {
+pub(crate) fn slot() -> Option<(u32, *mut Slot)> {
     let tid = daemon_thread()?;
     // SAFETY: the value is a plain integer the daemon wrote.
     let index = unsafe { *THREADS.get(tid)? };

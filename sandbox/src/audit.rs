@@ -51,6 +51,13 @@ pub enum AuditRecord {
         syscall: String,
         count: u64,
     },
+    /// An operation the kernel (BPF LSM) refused on a thread inside the
+    /// invocation: `file_open`, `socket_connect`, `exec`, `ptrace`, `mount`
+    /// or `bpf`, with the path or address.
+    KernelDenied {
+        operation: String,
+        detail: String,
+    },
 }
 
 /// Who an audit line is about: one evaluation of one policy version.

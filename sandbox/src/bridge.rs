@@ -160,6 +160,15 @@ impl Bridge {
         })
     }
 
+    /// Makes the bridge permit, for BPF LSM enforcement, the addresses its
+    /// connections go to in `confinement` before connecting.
+    pub fn confined(mut self, confinement: Arc<crate::probes::Confinement>) -> Bridge {
+        if let Some(transport) = &mut self.transport {
+            transport.confinement = Some(confinement);
+        }
+        self
+    }
+
     pub fn cache_stats(&self) -> &CacheStats {
         &self.stats
     }

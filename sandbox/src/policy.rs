@@ -50,7 +50,7 @@ use crate::config::{Abi, Digest, PolicySpec};
 use crate::decision::{Decision, ErrorCode};
 use crate::engine::Engine;
 use crate::host::{self, Invocation};
-use crate::probes::{self, Expected, Probe, Watch};
+use crate::probes::{self, Confinement, Expected, Probe, Watch};
 use crate::proxywasm;
 use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::{Parent, Scope, Tracing};
@@ -213,6 +213,8 @@ struct Loaded {
     facts: ModuleFacts,
     /// The syscalls the eBPF probes expect of this policy's invocations.
     expected: Arc<Expected>,
+    /// Its grants as the BPF LSM programs see them (`[ebpf] enforce`).
+    confinement: Arc<Confinement>,
     /// `policy`, `version` and `digest` of every `sandgate.evaluate` span,
     /// shared by reference so a traced decision copies none of them.
     span_attributes: Vec<KeyValue>,
@@ -292,10 +294,15 @@ impl Policy {
             has_initialize: module.get_export(snapshot::INITIALIZE_EXPORT).is_some(),
             snapshot: snapshot_facts,
         };
-        let bridge = Arc::new(Bridge::new(&spec.egress).map_err(|e| LoadError::Internal {
-            policy: spec.name.clone(),
-            message: e.to_string(),
-        })?);
+        let confinement = Arc::new(Confinement::for_policy(&spec.grants, &spec.egress));
+        let bridge = Arc::new(
+            Bridge::new(&spec.egress)
+                .map_err(|e| LoadError::Internal {
+                    policy: spec.name.clone(),
+                    message: e.to_string(),
+                })?
+                .confined(Arc::clone(&confinement)),
+        );
         let span_attributes = vec![
             KeyValue::new("policy", Arc::<str>::from(spec.name.as_str())),
             KeyValue::new("version", Arc::<str>::from(spec.version.as_str())),
@@ -305,6 +312,7 @@ impl Policy {
             inner: Arc::new(Loaded {
                 span_attributes,
                 expected: Arc::new(Expected::for_policy(&spec.grants, &spec.egress)),
+                confinement,
                 grants: Arc::new(spec.grants.clone()),
                 bridge,
                 spec,
@@ -486,6 +494,7 @@ impl Policy {
                     audit: audit.clone(),
                     trace: trace.clone(),
                     expected: Arc::clone(&self.inner.expected),
+                    confinement: Arc::clone(&self.inner.confinement),
                     deadline: spec.timeout + DEADLINE_MARGIN,
                 });
                 // Every poll of this future is a stretch of the invocation

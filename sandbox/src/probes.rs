@@ -27,7 +27,9 @@
 //! `/v1/probes` and the metrics.
 
 mod account;
+mod btf;
 mod consume;
+mod enforce;
 mod expected;
 mod load;
 pub mod markers;
@@ -49,6 +51,7 @@ use prometheus_client::{
 };
 use serde::Serialize;
 
+pub use enforce::Confinement;
 pub use expected::Expected;
 pub use markers::Probe;
 pub use sandgate_probes_common::phase;
@@ -77,45 +80,130 @@ pub struct Probes {
     mode: EbpfMode,
     shared: Option<Arc<Shared>>,
     reason: Option<String>,
+    enforcement: Arc<EnforcementReport>,
 }
 
-/// Why probes could not be attached when `mode = "required"`.
+/// Why probes (or, with `[ebpf] enforce`, the BPF LSM and its drill) could
+/// not be set up when `mode = "required"`.
 #[derive(Debug, thiserror::Error)]
-#[error("eBPF probes are required ([ebpf] mode = \"required\") but cannot be attached: {0}")]
-pub struct ProbesRequired(pub String);
+pub enum ProbesRequired {
+    #[error("eBPF probes are required ([ebpf] mode = \"required\") but cannot be attached: {0}")]
+    Probes(String),
+    #[error(
+        "BPF LSM enforcement is required ([ebpf] mode = \"required\", enforce = true) but \
+         cannot be attached: {0}"
+    )]
+    Lsm(String),
+    #[error(
+        "BPF LSM enforcement is required ([ebpf] mode = \"required\", enforce = true) but its \
+         start-up drill failed: {0}"
+    )]
+    Selftest(String),
+}
+
+/// `enforcement` in `GET /v1/probes` and `/readyz` (DESIGN §9).
+#[derive(Clone, Debug, Serialize)]
+pub struct EnforcementReport {
+    /// `attached`, or why not.
+    pub lsm: String,
+    /// `passed`, `failed: why`, or why it did not run.
+    pub selftest: String,
+}
+
+impl EnforcementReport {
+    fn new(lsm: impl Into<String>, selftest: impl Into<String>) -> Arc<EnforcementReport> {
+        Arc::new(EnforcementReport {
+            lsm: lsm.into(),
+            selftest: selftest.into(),
+        })
+    }
+}
 
 impl Probes {
-    /// Attaches the probes per `mode`. With `auto`, a failure is logged with
-    /// its precise reason and the daemon runs without them; with `required`
-    /// it is an error. Needs a Tokio runtime (the event consumer is a task).
-    pub fn start(mode: EbpfMode) -> Result<Probes, ProbesRequired> {
+    /// Attaches the probes per `mode`, and with `enforce` the BPF LSM
+    /// programs, then runs the drill that proves they refuse (its
+    /// `kernel_denied` lines go to `audit`). With `auto`, a failure is
+    /// logged with its precise reason and the daemon runs without what
+    /// failed; with `required` it is an error. Needs a Tokio runtime (the
+    /// event consumer is a task).
+    pub fn start(
+        mode: EbpfMode,
+        enforce: bool,
+        audit: &AuditLog,
+    ) -> Result<Probes, ProbesRequired> {
+        let not_enforcing = "not enabled: [ebpf] enforce = false";
         if mode == EbpfMode::Off {
+            let why = "not attached: [ebpf] mode = \"off\"";
             return Ok(Probes {
                 mode,
                 shared: None,
                 reason: Some("disabled by [ebpf] mode = \"off\"".into()),
+                enforcement: EnforcementReport::new(
+                    if enforce { why } else { not_enforcing },
+                    "not run",
+                ),
             });
         }
-        match attach() {
-            Ok(shared) => {
+        let required = mode == EbpfMode::Required;
+        match attach(enforce) {
+            Ok((shared, lsm_error)) => {
                 let shared = ATTACHED.get_or_init(|| shared);
                 tracing::info!(
                     programs = TRACEPOINTS.len(),
                     "eBPF probes attached: guest invocations and their syscalls are traced"
                 );
+                let enforcement = match (enforce, lsm_error) {
+                    (false, _) => EnforcementReport::new(not_enforcing, "not run"),
+                    (true, Some(reason)) if required => return Err(ProbesRequired::Lsm(reason)),
+                    (true, Some(reason)) => {
+                        tracing::warn!("BPF LSM enforcement is off: {reason}");
+                        EnforcementReport::new(format!("not attached: {reason}"), "not run")
+                    }
+                    (true, None) => {
+                        tracing::info!(
+                            programs = sandgate_probes_common::names::LSM.len(),
+                            "BPF LSM programs attached: invocations are refused what their \
+                             grants do not explain"
+                        );
+                        match enforce::drill(audit) {
+                            Ok(()) => {
+                                tracing::info!(
+                                    "BPF LSM drill passed: the kernel refused the drill's open \
+                                     and connect"
+                                );
+                                EnforcementReport::new("attached", "passed")
+                            }
+                            Err(why) if required => return Err(ProbesRequired::Selftest(why)),
+                            Err(why) => {
+                                tracing::warn!("BPF LSM drill failed: {why}");
+                                EnforcementReport::new("attached", format!("failed: {why}"))
+                            }
+                        }
+                    }
+                };
                 Ok(Probes {
                     mode,
                     shared: Some(Arc::clone(shared)),
                     reason: None,
+                    enforcement,
                 })
             }
-            Err(reason) if mode == EbpfMode::Required => Err(ProbesRequired(reason)),
+            Err(reason) if required => Err(ProbesRequired::Probes(reason)),
             Err(reason) => {
                 tracing::warn!("eBPF probes are off: {reason}");
+                let enforcement = if enforce {
+                    EnforcementReport::new(
+                        format!("not attached: the eBPF probes are off: {reason}"),
+                        "not run",
+                    )
+                } else {
+                    EnforcementReport::new(not_enforcing, "not run")
+                };
                 Ok(Probes {
                     mode,
                     shared: None,
                     reason: Some(reason),
+                    enforcement,
                 })
             }
         }
@@ -127,7 +215,13 @@ impl Probes {
             mode: EbpfMode::Off,
             shared: None,
             reason: Some(reason.to_owned()),
+            enforcement: EnforcementReport::new(format!("not attached: {reason}"), "not run"),
         }
+    }
+
+    /// Whether the BPF LSM programs are attached.
+    pub fn is_enforcing(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.lsm.is_some())
     }
 
     pub fn is_attached(&self) -> bool {
@@ -142,7 +236,16 @@ impl Probes {
             EbpfMode::Off => "off",
         };
         let mut programs = Vec::new();
-        if self.shared.is_some() {
+        if let Some(shared) = &self.shared {
+            if shared.lsm.is_some() {
+                programs.extend(sandgate_probes_common::names::LSM.iter().map(|hook| {
+                    ProgramReport {
+                        name: hook,
+                        kind: "lsm",
+                        target: (*hook).to_owned(),
+                    }
+                }));
+            }
             programs.extend(
                 TRACEPOINTS
                     .iter()
@@ -160,6 +263,7 @@ impl Probes {
             kernel_btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             programs,
             counters: self.shared.as_ref().map(|s| s.counters()),
+            enforcement: (*self.enforcement).clone(),
         }
     }
 }
@@ -195,6 +299,10 @@ pub struct ProbeReport {
     pub programs: Vec<ProgramReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
+    /// Reported by the server beside the seccomp filter's status, as
+    /// `enforcement` (DESIGN §9).
+    #[serde(skip)]
+    pub enforcement: EnforcementReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -232,6 +340,9 @@ pub struct Counters {
     /// Distinct syscalls outside the expected set, per invocation (each
     /// also an audit line).
     pub unexpected_syscalls: u64,
+    /// Operations the kernel refused inside invocations (BPF LSM; each an
+    /// audit line).
+    pub kernel_denied: u64,
 }
 
 /// What one evaluation hands over to be watched.
@@ -240,6 +351,8 @@ pub struct Watch {
     pub audit: AuditLog,
     pub trace: Scope,
     pub expected: Arc<Expected>,
+    /// The policy's grants as the BPF LSM programs see them.
+    pub confinement: Arc<Confinement>,
     /// The policy's `timeout_ms` (plus margin): the invocation ends by then.
     pub deadline: Duration,
 }
@@ -253,11 +366,12 @@ pub fn watch(make: impl FnOnce() -> Watch) -> Probe {
     let id = NEXT_INVOCATION.fetch_add(1, Ordering::Relaxed);
     let watch = make();
     let policy = shared.expected_index(&watch.expected);
+    let grants = watch.confinement.index();
     let expires = Instant::now() + watch.deadline + END_GRACE;
     let account = Account::new(watch, expires);
     shared.lock_accounts(id).insert(id, account);
     shared.watched.fetch_add(1, Ordering::Relaxed);
-    Probe { id, policy }
+    Probe { id, policy, grants }
 }
 
 /// Says the invocation is over and reports its account: every stretch of
@@ -338,6 +452,11 @@ impl Collector for ProbeMetrics {
                     "sandgate_kernel_unexpected_syscalls",
                     "Syscalls seen during invocations outside what the policies' grants explain",
                     c.unexpected_syscalls,
+                ),
+                (
+                    "sandgate_kernel_denied",
+                    "Operations the kernel (BPF LSM) refused inside invocations",
+                    c.kernel_denied,
                 ),
             ],
         )

@@ -13,6 +13,7 @@ mod cli;
 mod config;
 mod connections;
 mod deploy;
+mod enforcement;
 mod engine;
 mod examples;
 mod forward_auth;

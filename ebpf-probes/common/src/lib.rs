@@ -78,7 +78,9 @@ pub struct Slot {
     pub policy: u32,
     /// The syscall in progress, or [`NO_SYSCALL`].
     pub nr: u32,
-    pub _pad: u32,
+    /// The policy's grants in the enforcement maps (`FILES`, `ADDRESSES`),
+    /// or [`NO_GRANTS`]: read by the LSM programs.
+    pub grants: u32,
     /// When that syscall began.
     pub started_ns: u64,
     /// Syscalls made in stretches since the last fold, and their time.
@@ -87,6 +89,137 @@ pub struct Slot {
     /// Of those, syscalls no tally entry was free for.
     pub overflow: u64,
     pub tallies: [Tally; TALLIES],
+    /// Operations the LSM programs refused since the last fold; the first
+    /// [`MAX_DENIALS`] are described in `denials`.
+    pub denied: u32,
+    pub _pad: u32,
+    pub denials: [Denial; MAX_DENIALS],
+}
+
+/// Refusals one slot describes between two folds; more are only counted.
+pub const MAX_DENIALS: usize = 4;
+/// Bytes of a refused file's name (its last path component) kept.
+pub const DENIAL_NAME: usize = 64;
+
+/// One operation the LSM programs refused (`Slot::denials`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// One of [`operation`].
+    pub operation: u32,
+    /// For a connect: the address family (`AF_INET`, `AF_INET6`, …) and the
+    /// port (network byte order).
+    pub family: u16,
+    pub port: u16,
+    /// For a file: the kernel's device number (`MAJOR << 20 | MINOR`) and
+    /// inode; whether it was opened for writing.
+    pub dev: u32,
+    pub write: u32,
+    pub ino: u64,
+    /// For a connect: the address, as in [`AddressKey`].
+    pub addr: [u64; 2],
+    /// For a file: its name; for an exec: the path asked for. NUL-ended
+    /// unless it fills the array.
+    pub name: [u8; DENIAL_NAME],
+}
+
+impl Default for Denial {
+    fn default() -> Denial {
+        Denial {
+            operation: 0,
+            family: 0,
+            port: 0,
+            dev: 0,
+            write: 0,
+            ino: 0,
+            addr: [0; 2],
+            name: [0; DENIAL_NAME],
+        }
+    }
+}
+
+/// What an LSM program refused.
+pub mod operation {
+    pub const FILE_OPEN: u32 = 1;
+    pub const SOCKET_CONNECT: u32 = 2;
+    pub const EXEC: u32 = 3;
+    pub const PTRACE: u32 = 4;
+    pub const MOUNT: u32 = 5;
+    pub const BPF: u32 = 6;
+
+    /// The name the audit line and span event use (DESIGN §7).
+    pub const fn name(operation: u32) -> &'static str {
+        match operation {
+            FILE_OPEN => "file_open",
+            SOCKET_CONNECT => "socket_connect",
+            EXEC => "exec",
+            PTRACE => "ptrace",
+            MOUNT => "mount",
+            BPF => "bpf",
+            _ => "unknown",
+        }
+    }
+}
+
+/// `Slot::grants` when the thread's policy has no entry in the enforcement
+/// maps: everything a policy could be granted is refused.
+pub const NO_GRANTS: u32 = u32::MAX;
+
+/// Key of `FILES`: a directory or file a policy's preopens grant.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub grants: u32,
+    /// The kernel's device number (`MAJOR << 20 | MINOR`).
+    pub dev: u32,
+    pub ino: u64,
+}
+
+/// Values of `FILES`: what the preopen allows beneath that directory.
+pub mod access {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+}
+
+/// Key of `ADDRESSES`: an address a policy's egress resolved to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddressKey {
+    pub grants: u32,
+    pub family: u16,
+    /// Network byte order, as in the `sockaddr`.
+    pub port: u16,
+    /// The address's bytes as in the `sockaddr`, read as two native
+    /// `u64`s: IPv4 in the low 4 bytes of the first (the rest 0), IPv6 in
+    /// both. (Scalars, not a byte array: the programs build the key without
+    /// a `memset`, which BPF cannot call.)
+    pub addr: [u64; 2],
+}
+
+/// How many policies' grants the enforcement maps hold at once.
+pub const MAX_GRANTS: u32 = 1024;
+/// Entries of `FILES` and of `ADDRESSES`.
+pub const MAX_FILES: u32 = 16384;
+pub const MAX_ADDRESSES: u32 = 16384;
+/// How many directories above an opened file `file_open` looks at for a
+/// preopened one.
+pub const MAX_DEPTH: u32 = 32;
+
+/// Byte offsets of the kernel structure fields the LSM programs read,
+/// found in the running kernel's BTF by the loader (global `OFFSETS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Offsets {
+    pub file_f_path_dentry: u32,
+    pub file_f_inode: u32,
+    pub file_f_mode: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub super_block_s_dev: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_inode: u32,
+    pub dentry_d_name_name: u32,
+    pub linux_binprm_filename: u32,
 }
 
 impl Default for Slot {
@@ -96,12 +229,15 @@ impl Default for Slot {
             phase: 0,
             policy: NO_POLICY,
             nr: NO_SYSCALL,
-            _pad: 0,
+            grants: NO_GRANTS,
             started_ns: 0,
             total: 0,
             total_ns: 0,
             overflow: 0,
             tallies: [Tally::default(); TALLIES],
+            denied: 0,
+            _pad: 0,
+            denials: [Denial::default(); MAX_DENIALS],
         }
     }
 }
@@ -160,6 +296,8 @@ pub mod stat {
 
 /// The daemon's process id (thread group id), set when the programs load.
 pub const TARGET_TGID: &str = "TARGET_TGID";
+/// The kernel structure offsets ([`Offsets`]), set when the programs load.
+pub const OFFSETS: &str = "OFFSETS";
 
 /// Names of the maps and programs in the object file.
 pub mod names {
@@ -170,6 +308,17 @@ pub mod names {
     pub const EXPECTED: &str = "EXPECTED";
     pub const SYS_ENTER: &str = "sys_enter";
     pub const SYS_EXIT: &str = "sys_exit";
+    pub const FILES: &str = "FILES";
+    pub const ADDRESSES: &str = "ADDRESSES";
+    /// The LSM programs, each named after its hook.
+    pub const LSM: [&str; 6] = [
+        "file_open",
+        "socket_connect",
+        "bprm_check_security",
+        "ptrace_access_check",
+        "sb_mount",
+        "bpf",
+    ];
 }
 
 #[cfg(feature = "user")]
@@ -179,4 +328,10 @@ mod user {
     unsafe impl aya::Pod for super::Slot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AddressKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Offsets {}
 }

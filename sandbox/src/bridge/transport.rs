@@ -31,6 +31,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use url::{Host, Position, Url};
 
+use crate::probes::Confinement;
+
 /// Idle connections kept per origin (scheme, host and port); one returned
 /// beyond that is closed. Only origins under `egress.allow` are ever
 /// reached, so the allowlist bounds the pool.
@@ -192,6 +194,9 @@ struct Idle {
 pub struct Transport {
     tls: TlsConnector,
     idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+    /// The policy's grants for BPF LSM enforcement: the addresses a
+    /// connection goes to are permitted there before it connects.
+    pub(super) confinement: Option<Arc<Confinement>>,
 }
 
 impl Transport {
@@ -210,6 +215,7 @@ impl Transport {
         Ok(Transport {
             tls: TlsConnector::from(Arc::new(config)),
             idle: Mutex::new(HashMap::new()),
+            confinement: None,
         })
     }
 
@@ -301,20 +307,23 @@ impl Transport {
             origin: origin.clone(),
             source,
         };
-        let tcp = match &origin.host {
-            Host::Ipv4(ip) => connect_to([SocketAddr::new(IpAddr::V4(*ip), origin.port)]).await,
-            Host::Ipv6(ip) => connect_to([SocketAddr::new(IpAddr::V6(*ip), origin.port)]).await,
-            Host::Domain(name) => {
-                let addrs = tokio::net::lookup_host((name.as_str(), origin.port))
-                    .await
-                    .map_err(|source| Error::Resolve {
-                        origin: origin.clone(),
-                        source,
-                    })?;
-                connect_to(addrs).await
-            }
+        let addrs: Vec<SocketAddr> = match &origin.host {
+            Host::Ipv4(ip) => vec![SocketAddr::new(IpAddr::V4(*ip), origin.port)],
+            Host::Ipv6(ip) => vec![SocketAddr::new(IpAddr::V6(*ip), origin.port)],
+            Host::Domain(name) => tokio::net::lookup_host((name.as_str(), origin.port))
+                .await
+                .map_err(|source| Error::Resolve {
+                    origin: origin.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        // What the policy's egress resolved to is what its invocation may
+        // connect to (BPF LSM enforcement).
+        if let Some(confinement) = &self.confinement {
+            confinement.permit_connect(&addrs);
         }
-        .map_err(connect_error)?;
+        let tcp = connect_to(addrs).await.map_err(connect_error)?;
         configure(&tcp).map_err(connect_error)?;
         let stream: Box<dyn Stream> = if origin.tls {
             let tls_error = |source| Error::Tls {

@@ -65,6 +65,7 @@ pub(super) struct RawTelemetry {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEbpf {
     pub(super) mode: Option<EbpfMode>,
+    pub(super) enforce: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_spanned::Spanned;
 
 use super::raw::RawConfig;
-use super::{Config, ConfigError, TelemetrySettings};
+use super::{Config, ConfigError, EbpfMode, TelemetrySettings};
 
 mod abi;
 mod egress;
@@ -97,7 +97,17 @@ impl Resolver<'_> {
             None => TelemetrySettings::default(),
             Some(t) => self.telemetry(t)?,
         };
-        let ebpf = raw.ebpf.and_then(|e| e.mode).unwrap_or_default();
+        let ebpf = raw.ebpf.as_ref().and_then(|e| e.mode).unwrap_or_default();
+        let enforce = raw.ebpf.as_ref().and_then(|e| e.enforce.clone());
+        let ebpf_enforce = enforce.as_ref().is_some_and(|e| *e.get_ref());
+        if ebpf_enforce && ebpf == EbpfMode::Off {
+            return self.error(
+                enforce.map(|e| e.span()),
+                "ebpf.enforce: true needs the eBPF probes, but [ebpf] mode = \"off\" attaches \
+                 none; set mode = \"auto\" or \"required\", or enforce = false"
+                    .into(),
+            );
+        }
         let engine = self.engine(raw.engine)?;
         let reload = self.reload(raw.reload)?;
 
@@ -121,6 +131,7 @@ impl Resolver<'_> {
             audit,
             telemetry,
             ebpf,
+            ebpf_enforce,
             engine,
             reload,
             policies,

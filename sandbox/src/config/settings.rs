@@ -21,6 +21,9 @@ pub struct Config {
     pub audit: AuditSettings,
     pub telemetry: TelemetrySettings,
     pub ebpf: EbpfMode,
+    /// `[ebpf] enforce`: BPF LSM programs refuse, on a thread inside an
+    /// invocation, what the policy's grants do not explain (DESIGN §9).
+    pub ebpf_enforce: bool,
     pub engine: EngineSettings,
     pub reload: ReloadSettings,
     pub policies: Vec<PolicySpec>,

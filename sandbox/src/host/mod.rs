@@ -19,6 +19,8 @@ use crate::telemetry::log::Escaped;
 use crate::telemetry::traces::Scope;
 use crate::wasi::{self, Denial, WasiState};
 
+#[cfg(feature = "escape-drill")]
+pub mod escape;
 pub mod log;
 
 /// The host state of one evaluation: the state of each concern, and the
@@ -158,5 +160,7 @@ pub const FILTER_STATE: fn(&mut Invocation) -> &mut FilterState = Invocation::fi
 /// Adds the `sandgate` import module: `log`, and the HTTP functions from `bridge`.
 fn add_sandgate_to_linker(linker: &mut Linker<Invocation>) -> wasmtime::Result<()> {
     log::add_to_linker(linker, MODULE, Invocation::log)?;
+    #[cfg(feature = "escape-drill")]
+    escape::add_to_linker(linker)?;
     bridge::add_to_linker(linker, MODULE, Invocation::egress)
 }

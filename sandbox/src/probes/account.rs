@@ -13,7 +13,7 @@ use std::{
 
 use opentelemetry::{Key, KeyValue, trace::SpanKind};
 
-use super::{Watch, expected, phase, slots::Taken};
+use super::{Watch, enforce::Refusal, expected, phase, slots::Taken};
 use crate::{audit::AuditRecord, preview1 as wasi};
 
 const PHASES: [&str; phase::COUNT] = [
@@ -42,6 +42,8 @@ pub(super) struct Account {
     /// A stretch ran on a thread without a slot: syscalls went unseen.
     pub(super) unslotted: bool,
     pub(super) wasi_denied: Vec<u32>,
+    /// What the kernel refused (BPF LSM), in order.
+    pub(super) refusals: Vec<Refusal>,
 }
 
 /// An account folded for reporting.
@@ -77,6 +79,7 @@ impl Account {
             untallied: 0,
             unslotted: false,
             wasi_denied: Vec::new(),
+            refusals: Vec::new(),
         }
     }
 
@@ -85,6 +88,15 @@ impl Account {
         self.total += taken.total;
         self.total_ns += taken.total_ns;
         self.untallied += taken.overflow;
+        if taken.denied != 0 {
+            let described = taken.denials();
+            self.refusals
+                .extend(described.iter().map(Refusal::from_denial));
+            let more = u64::from(taken.denied) - described.len() as u64;
+            if more > 0 {
+                self.refusals.push(Refusal::undescribed(more));
+            }
+        }
         for (nr, phase, count, ns) in taken.tallies() {
             let entry = self.syscalls.entry((nr, phase)).or_default();
             entry.0 += count;
@@ -191,6 +203,28 @@ impl Summary {
     /// line per unexpected syscall.
     pub(super) fn emit(&self, account: &Account, complete: bool) {
         let watch = &account.watch;
+        for refusal in &account.refusals {
+            tracing::warn!(
+                policy = %watch.subject.policy,
+                decision_id = %watch.subject.decision_id,
+                operation = refusal.operation,
+                detail = ?refusal.detail,
+                "the kernel refused an operation the policy's grants do not explain"
+            );
+            watch.audit.record(
+                &watch.subject,
+                &AuditRecord::KernelDenied {
+                    operation: refusal.operation.to_owned(),
+                    detail: refusal.detail.clone(),
+                },
+            );
+            watch.trace.event("kernel_denied", || {
+                vec![
+                    KeyValue::new("operation", refusal.operation),
+                    KeyValue::new("detail", refusal.detail.clone()),
+                ]
+            });
+        }
         for (syscall, count) in &self.unexpected {
             tracing::warn!(
                 policy = %watch.subject.policy,
@@ -262,6 +296,7 @@ mod tests {
                 audit,
                 trace: Scope::default(),
                 expected: Arc::new(Expected::for_policy(grants, &Default::default())),
+                confinement: Arc::new(crate::probes::Confinement::nothing()),
                 deadline: Duration::from_millis(50),
             },
             Instant::now(),

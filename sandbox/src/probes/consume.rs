@@ -48,6 +48,10 @@ pub(super) struct Shared {
     /// Syscalls counted in an invocation's totals but not by name: its
     /// slot's tallies were full.
     pub(super) untallied: AtomicU64,
+    /// Operations the LSM programs refused, over all invocations.
+    pub(super) denied: AtomicU64,
+    /// The LSM programs' maps, when `[ebpf] enforce` attached them.
+    pub(super) lsm: Option<super::enforce::Lsm>,
     /// Keeps the programs loaded and attached.
     pub(super) _ebpf: Mutex<Ebpf>,
 }
@@ -90,6 +94,7 @@ impl Shared {
             invocations_incomplete: self.incomplete.load(Ordering::Relaxed),
             invocations_open: open,
             unexpected_syscalls: self.unexpected.load(Ordering::Relaxed),
+            kernel_denied: self.denied.load(Ordering::Relaxed),
         }
     }
 
@@ -167,6 +172,8 @@ impl Shared {
         let summary = account.summarise();
         self.unexpected
             .fetch_add(summary.unexpected.len() as u64, Ordering::Relaxed);
+        self.denied
+            .fetch_add(account.refusals.len() as u64, Ordering::Relaxed);
         summary.emit(&account, complete);
     }
 }

@@ -13,9 +13,11 @@ use aya::{
     maps::{Array, PerCpuArray, RingBuf},
     programs::RawTracePoint,
 };
-use sandgate_probes_common::names;
+use sandgate_probes_common::{Offsets, names};
 
+use super::btf::Btf;
 use super::consume::{ExpectedSets, Shared, consume};
+use super::enforce;
 use super::slots::Slots;
 use crate::fetch::error_chain;
 
@@ -31,7 +33,9 @@ pub(super) const TRACEPOINTS: [(&str, &str, &str); 2] = [
 
 /// Loads the programs, maps the slots, attaches the programs and starts
 /// the consumer task; the error is the precise reason they cannot run here.
-pub(super) fn attach() -> Result<Arc<Shared>, String> {
+/// With `enforce`, also attaches the LSM programs; the second value is then
+/// why they could not be, if they could not (the probes still run).
+pub(super) fn attach(enforce: bool) -> Result<(Arc<Shared>, Option<String>), String> {
     if OBJECT.is_empty() {
         return Err("this sandgate binary was built without eBPF probes (AYA_BUILD_SKIP)".into());
     }
@@ -39,8 +43,19 @@ pub(super) fn attach() -> Result<Arc<Shared>, String> {
         return Err(missing);
     }
     let pid = std::process::id();
+    // The LSM programs read kernel structures at offsets from the kernel's
+    // BTF; without enforcement they are never loaded and need none.
+    let (offsets, mut lsm_error) = if enforce {
+        match Btf::from_sys_fs().and_then(|btf| btf.offsets()) {
+            Ok(offsets) => (offsets, None),
+            Err(reason) => (Offsets::default(), Some(reason)),
+        }
+    } else {
+        (Offsets::default(), None)
+    };
     let mut ebpf = EbpfLoader::new()
         .override_global(sandgate_probes_common::TARGET_TGID, &pid, true)
+        .override_global(sandgate_probes_common::OFFSETS, &offsets, true)
         .load(OBJECT)
         .map_err(|e| format!("loading the eBPF programs failed: {}", error_chain(&e)))?;
     let take = |ebpf: &mut Ebpf, name: &str| {
@@ -75,6 +90,17 @@ pub(super) fn attach() -> Result<Arc<Shared>, String> {
             )
         })?;
     }
+    let lsm = if enforce && lsm_error.is_none() {
+        match enforce::attach(&mut ebpf) {
+            Ok(lsm) => Some(lsm),
+            Err(reason) => {
+                lsm_error = Some(reason);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let shared = Arc::new(Shared {
         accounts: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         stats,
@@ -86,10 +112,12 @@ pub(super) fn attach() -> Result<Arc<Shared>, String> {
         incomplete: AtomicU64::new(0),
         unexpected: AtomicU64::new(0),
         untallied: AtomicU64::new(0),
+        denied: AtomicU64::new(0),
+        lsm,
         _ebpf: Mutex::new(ebpf),
     });
     tokio::spawn(consume(Arc::clone(&shared), ring));
-    Ok(shared)
+    Ok((shared, lsm_error))
 }
 
 /// Why this process may not load and attach the programs, if it may not:

@@ -31,10 +31,16 @@ pub struct Probe {
     pub(crate) id: u64,
     /// The policy's expected set in the kernel (`slots::UNCHECKED` if none).
     pub(crate) policy: u32,
+    /// The policy's grants in the enforcement maps (`NO_GRANTS` if none).
+    pub(crate) grants: u32,
 }
 
 impl Probe {
-    pub const NONE: Probe = Probe { id: 0, policy: 0 };
+    pub const NONE: Probe = Probe {
+        id: 0,
+        policy: 0,
+        grants: 0,
+    };
 
     pub fn is_watched(self) -> bool {
         self.id != 0
@@ -94,9 +100,22 @@ impl Probe {
         }
     }
 
+    /// Operations the kernel refused this invocation so far.
+    pub(super) fn denied_count(self) -> usize {
+        ATTACHED
+            .get()
+            .and_then(|shared| {
+                shared
+                    .lock_accounts(self.id)
+                    .get(&self.id)
+                    .map(|account| account.refusals.len())
+            })
+            .unwrap_or(0)
+    }
+
     /// One poll of the guest's future, as a stretch of this invocation.
-    fn stretch<T>(self, poll: impl FnOnce() -> T) -> T {
-        let Some(stretch) = slots::Stretch::begin(self.id, self.policy) else {
+    pub(super) fn stretch<T>(self, poll: impl FnOnce() -> T) -> T {
+        let Some(stretch) = slots::Stretch::begin(self.id, self.policy, self.grants) else {
             let out = poll();
             self.unslotted();
             return out;

@@ -23,7 +23,9 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use sandgate_probes_common::{MAX_SLOTS, NO_POLICY, Slot, TALLIES, Tally, phase, tally_pair};
+use sandgate_probes_common::{
+    Denial, MAX_DENIALS, MAX_SLOTS, NO_POLICY, Slot, TALLIES, Tally, phase, tally_pair,
+};
 
 use super::ATTACHED;
 use crate::fetch::error_chain;
@@ -226,14 +228,16 @@ pub(super) struct Stretch {
 
 impl Stretch {
     /// Publishes `invocation` (of the policy whose expected set is at
-    /// `policy`) in this thread's slot; `None` when the thread has no slot.
-    pub(super) fn begin(invocation: u64, policy: u32) -> Option<Stretch> {
+    /// `policy`, and whose grants are at `grants` in the enforcement maps)
+    /// in this thread's slot; `None` when the thread has no slot.
+    pub(super) fn begin(invocation: u64, policy: u32, grants: u32) -> Option<Stretch> {
         let slot = current()?;
         // SAFETY: the slot is this thread's; the programs only write it in
         // this thread's syscalls, and none is in progress.
         unsafe {
             addr_of_mut!((*slot).phase).write_volatile(phase::GUEST);
             addr_of_mut!((*slot).policy).write_volatile(policy);
+            addr_of_mut!((*slot).grants).write_volatile(grants);
             compiler_fence(Ordering::SeqCst);
             addr_of_mut!((*slot).invocation).write_volatile(invocation);
         }
@@ -270,7 +274,8 @@ unsafe fn end(slot: *mut Slot) -> Option<Taken> {
         addr_of_mut!((*slot).invocation).write_volatile(0);
         compiler_fence(Ordering::SeqCst);
         let total = addr_of!((*slot).total).read_volatile();
-        if total == 0 {
+        let denied = addr_of!((*slot).denied).read_volatile();
+        if total == 0 && denied == 0 {
             return None;
         }
         let taken = Taken {
@@ -278,7 +283,16 @@ unsafe fn end(slot: *mut Slot) -> Option<Taken> {
             total_ns: addr_of!((*slot).total_ns).read_volatile(),
             overflow: addr_of!((*slot).overflow).read_volatile(),
             tallies: addr_of!((*slot).tallies).read_volatile(),
+            denied,
+            denials: if denied == 0 {
+                [Denial::default(); MAX_DENIALS]
+            } else {
+                addr_of!((*slot).denials).read_volatile()
+            },
         };
+        if denied != 0 {
+            addr_of_mut!((*slot).denied).write_volatile(0);
+        }
         addr_of_mut!((*slot).total).write_volatile(0);
         addr_of_mut!((*slot).total_ns).write_volatile(0);
         addr_of_mut!((*slot).overflow).write_volatile(0);
@@ -289,6 +303,34 @@ unsafe fn end(slot: *mut Slot) -> Option<Taken> {
         }
         Some(taken)
     }
+}
+
+/// Runs `work` (the daemon's own bookkeeping, such as a map update) with
+/// this thread's slot showing no invocation, so that the programs neither
+/// charge nor refuse what it does; the invocation is restored after.
+pub(super) fn outside<T>(work: impl FnOnce() -> T) -> T {
+    let slot = HELD
+        .try_with(|held| match &*held.borrow() {
+            Held::Holding(registration) => Some(registration.slot),
+            _ => None,
+        })
+        .ok()
+        .flatten();
+    let Some(slot) = slot else {
+        return work();
+    };
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: this thread's slot; no syscall in progress.
+    let invocation = unsafe { addr_of!((*slot).invocation).read_volatile() };
+    // SAFETY: as above.
+    unsafe { addr_of_mut!((*slot).invocation).write_volatile(0) };
+    compiler_fence(Ordering::SeqCst);
+    let out = work();
+    compiler_fence(Ordering::SeqCst);
+    // SAFETY: as above.
+    unsafe { addr_of_mut!((*slot).invocation).write_volatile(invocation) };
+    compiler_fence(Ordering::SeqCst);
+    out
 }
 
 /// Sets the phase this thread's current stretch is in, if it has a slot.
@@ -312,6 +354,9 @@ pub(super) struct Taken {
     /// Syscalls counted in `total` but in no tally (the table was full).
     pub(super) overflow: u64,
     tallies: [Tally; TALLIES],
+    /// Operations the LSM programs refused; the first few described.
+    pub(super) denied: u32,
+    denials: [Denial; MAX_DENIALS],
 }
 
 impl Taken {
@@ -321,6 +366,11 @@ impl Taken {
             let (nr, phase) = tally_pair(t.key);
             (nr, phase, u64::from(t.count), t.ns)
         })
+    }
+
+    /// The refusals described, in order.
+    pub(super) fn denials(&self) -> &[Denial] {
+        &self.denials[..(self.denied as usize).min(MAX_DENIALS)]
     }
 }
 

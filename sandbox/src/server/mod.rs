@@ -115,7 +115,7 @@ impl Server {
             .await
             .ok()
             .map(|text| Digest::of(&text));
-        let probes = Probes::start(config.ebpf)?;
+        let probes = Probes::start(config.ebpf, config.ebpf_enforce, &audit)?;
         // After everything above that needs more (binding, loading the
         // probes, starting the runtime's and exporters' threads); threads
         // started later inherit the filter.

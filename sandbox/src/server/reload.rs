@@ -364,7 +364,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.telemetry != new.telemetry {
         changed.push("[telemetry]".to_owned());
     }
-    if old.ebpf != new.ebpf {
+    if old.ebpf != new.ebpf || old.ebpf_enforce != new.ebpf_enforce {
         changed.push("[ebpf]".to_owned());
     }
     if old.engine != new.engine {

@@ -147,17 +147,26 @@ enum PolicyDetail {
     },
 }
 
-/// `enforcement` of `/readyz` and `GET /v1/probes` (DESIGN §9).
+/// `enforcement` of `/readyz` and `GET /v1/probes` (DESIGN §9): the BPF
+/// LSM layer and its start-up drill, which the probes own, and the
+/// daemon-wide syscall allowlist.
 #[derive(Serialize)]
 pub(crate) struct Enforcement {
+    /// `attached`, or why not.
+    lsm: String,
     /// The daemon-wide syscall allowlist (`server.syscall_filter`).
     seccomp: crate::seccomp::Status,
+    /// `passed`, `failed: why`, or why it did not run.
+    selftest: String,
 }
 
 impl State {
     pub(crate) fn enforcement(&self) -> Enforcement {
+        let lsm = self.probes.report().enforcement;
         Enforcement {
+            lsm: lsm.lsm,
             seccomp: self.seccomp.status(),
+            selftest: lsm.selftest,
         }
     }
 }
