@@ -167,7 +167,7 @@ impl Shared {
         let summary = account.summarise();
         self.unexpected
             .fetch_add(summary.unexpected.len() as u64, Ordering::Relaxed);
-        summary.emit(&account, complete);
+        summary.emit(account, complete);
     }
 }
 
