@@ -13,7 +13,13 @@ use std::{
 
 use opentelemetry::{Key, KeyValue, trace::SpanKind};
 
+<<<<<<< HEAD
 use super::{Watch, enforce::Refusal, expected, phase, slots::Taken};
+=======
+use crate::telemetry::traces::attribute_size;
+
+use super::{Watch, expected, phase, slots::Taken};
+>>>>>>> a/t28
 use crate::{audit::AuditRecord, preview1 as wasi};
 
 const PHASES: [&str; phase::COUNT] = [
@@ -136,30 +142,41 @@ impl Account {
 
     /// Each syscall's count and time in each phase, by syscall name then
     /// phase: what a sampled decision's `kernel` span lists.
+    #[cfg(test)]
     fn rows(&self) -> Vec<Row> {
-        let mut rows: Vec<Row> = self
-            .syscalls
-            .iter()
-            .map(|(&(nr, phase), &(count, ns))| Row {
-                nr,
-                phase,
-                name: expected::name(nr),
-                count,
-                ns,
-            })
-            .collect();
-        rows.sort_by(|a, b| {
-            a.name
-                .cmp(&b.name)
-                .then(phase_name(a.phase).cmp(phase_name(b.phase)))
-        });
-        rows
+        rows(&self.syscalls)
     }
+}
+
+/// Each syscall's count and time in each phase of `syscalls`, by syscall
+/// name then phase.
+fn rows(syscalls: &BTreeMap<(u32, u32), (u64, u64)>) -> Vec<Row> {
+    let mut rows: Vec<Row> = syscalls
+        .iter()
+        .map(|(&(nr, phase), &(count, ns))| Row {
+            nr,
+            phase,
+            name: expected::name(nr),
+            count,
+            ns,
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        a.name
+            .cmp(&b.name)
+            .then(phase_name(a.phase).cmp(phase_name(b.phase)))
+    });
+    rows
 }
 
 fn phase_name(phase: u32) -> &'static str {
     PHASES.get(phase as usize).copied().unwrap_or("unknown")
 }
+
+/// The most a row's two attributes take encoded: syscall names are at most
+/// 23 characters (`set_mempolicy_home_node`; `syscall_<nr>` at most 18),
+/// phases 11.
+const MAX_ROW_SIZE: usize = 2 * (12 + "syscall.".len() + 32 + 1 + 11 + ".time_ns".len() + 11);
 
 /// At most this many (syscall, phase) pairs get their attribute keys made
 /// once and kept; past that (never, with the kernel's few hundred syscalls
@@ -201,7 +218,7 @@ fn push_syscall_attributes(rows: &[Row], attributes: &mut Vec<KeyValue>) {
 impl Summary {
     /// The `kernel` span under the decision's span, and an audit
     /// line per unexpected syscall.
-    pub(super) fn emit(&self, account: &Account, complete: bool) {
+    pub(super) fn emit(&self, mut account: Account, complete: bool) {
         let watch = &account.watch;
         for refusal in &account.refusals {
             tracing::warn!(
@@ -247,21 +264,34 @@ impl Summary {
         // Per-syscall counts and times are attributes, not an event per
         // syscall: an event costs the export about ten allocations and the
         // receiver a message of its own, and attributes can be searched on.
-        let span = watch
-            .trace
-            .child_at("kernel", SpanKind::Internal, account.started, || {
-                let rows = account.rows();
-                let mut attributes = Vec::with_capacity(5 + 2 * rows.len());
-                attributes.extend([
-                    KeyValue::new("kernel.syscalls.count", self.total as i64),
-                    KeyValue::new("kernel.syscalls.time_ns", self.total_ns as i64),
-                    KeyValue::new("kernel.complete", complete),
-                    KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
-                    KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
-                ]);
-                push_syscall_attributes(&rows, &mut attributes);
-                attributes
-            });
+        // They are made on the exporting thread from the account's counters,
+        // moved there as they are: the request worker that ends the
+        // invocation only hands them over.
+        let totals = [
+            KeyValue::new("kernel.syscalls.count", self.total as i64),
+            KeyValue::new("kernel.syscalls.time_ns", self.total_ns as i64),
+            KeyValue::new("kernel.complete", complete),
+            KeyValue::new("kernel.unexpected", self.unexpected.len() as i64),
+            KeyValue::new("kernel.wasi_denied", self.wasi_denied.len() as i64),
+        ];
+        let syscalls = std::mem::take(&mut account.syscalls);
+        let size = totals
+            .iter()
+            .map(|kv| attribute_size(kv.key.as_str(), &kv.value))
+            .sum::<usize>()
+            + syscalls.len() * MAX_ROW_SIZE;
+        let span = watch.trace.child_deferred(
+            "kernel",
+            SpanKind::Internal,
+            account.started,
+            size,
+            move |attributes| {
+                let rows = rows(&syscalls);
+                attributes.reserve(totals.len() + 2 * rows.len());
+                attributes.extend(totals);
+                push_syscall_attributes(&rows, attributes);
+            },
+        );
         for (syscall, count) in &self.unexpected {
             span.event("kernel_syscall", || {
                 vec![
@@ -307,6 +337,25 @@ mod tests {
         account.syscalls.insert((nr, phase), (count, ns));
         account.total += count;
         account.total_ns += ns;
+    }
+
+    #[test]
+    fn a_rows_attributes_fit_the_size_the_queue_counts_for_them() {
+        for nr in 0..1024 {
+            let name = expected::name(nr);
+            for phase in 0..phase::COUNT as u32 {
+                let prefix = format!("syscall.{name}.{}", phase_name(phase));
+                let made = [
+                    KeyValue::new(format!("{prefix}.count"), i64::MAX),
+                    KeyValue::new(format!("{prefix}.time_ns"), i64::MAX),
+                ];
+                let size: usize = made
+                    .iter()
+                    .map(|kv| attribute_size(kv.key.as_str(), &kv.value))
+                    .sum();
+                assert!(size <= MAX_ROW_SIZE, "{prefix}: {size}");
+            }
+        }
     }
 
     #[test]
@@ -398,7 +447,7 @@ mod tests {
             10,
         );
         insert(&mut account, Sysno::futex.id() as u32, phase::GUEST, 5, 10);
-        account.summarise().emit(&account, true);
+        account.summarise().emit(account, true);
         audit.flush();
         let text = std::fs::read_to_string(&path).expect("audit text");
         let lines: Vec<serde_json::Value> = text

@@ -174,7 +174,7 @@ impl Shared {
             .fetch_add(summary.unexpected.len() as u64, Ordering::Relaxed);
         self.denied
             .fetch_add(account.refusals.len() as u64, Ordering::Relaxed);
-        summary.emit(&account, complete);
+        summary.emit(account, complete);
     }
 }
 

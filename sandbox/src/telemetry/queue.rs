@@ -25,17 +25,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::Duration;
 
-use opentelemetry::trace::Status;
-use opentelemetry::{Array, KeyValue, Value};
+use opentelemetry::InstrumentationScope;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tokio::sync::{Notify, Semaphore, mpsc as async_mpsc};
 
+use super::traces::record::Finished;
 use super::traces::{ExportStats, Throttle};
 
 /// Spans per export request.
 pub const BATCH: usize = 1024;
-/// Bytes per export request, at most (as far as [`encoded_size`] tells),
+/// Bytes per export request, at most (as far as
+/// [`SpanRecord::encoded_size`](super::traces::record::SpanRecord::encoded_size) tells),
 /// unless one decision's spans alone are larger (they travel together):
 /// half the 4 MiB a gRPC receiver takes by default (tonic's, the
 /// OpenTelemetry Collector's and Jaeger's limit). Decisions' spans are a
@@ -58,14 +59,12 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Queues finished spans for the export task; see the module comment.
-#[derive(Debug)]
 pub struct SpanQueue {
     shared: Arc<Shared>,
     /// Asks the export task to stop; it answers on the sender it is given.
     shutdown: async_mpsc::UnboundedSender<mpsc::Sender<OTelSdkResult>>,
 }
 
-#[derive(Debug)]
 struct Shared {
     queue: Mutex<Queue>,
     batch_filled: Notify,
@@ -73,11 +72,11 @@ struct Shared {
 }
 
 /// The spans waiting, as they were pushed: a decision's together, each
-/// list with its [`encoded_size`]. The lists are queued as they are, so a
+/// list with its encoded size. The lists are queued as they are, so a
 /// request worker writes nothing into memory the export task last read.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Queue {
-    lists: VecDeque<(Vec<SpanData>, usize)>,
+    lists: VecDeque<(Finished, usize)>,
     /// Spans in `lists`.
     spans: usize,
     /// Their sizes, summed.
@@ -86,7 +85,7 @@ struct Queue {
 
 impl Queue {
     /// Queues `list`, whose spans' sizes sum to `size`.
-    fn add(&mut self, list: Vec<SpanData>, size: usize) {
+    fn add(&mut self, list: Finished, size: usize) {
         self.spans += list.len();
         self.bytes += size;
         self.lists.push_back((list, size));
@@ -95,7 +94,7 @@ impl Queue {
     /// Takes the oldest lists for one export request: at most [`BATCH`]
     /// spans and [`MAX_REQUEST_BYTES`], and at least one list (a
     /// decision's spans travel together).
-    fn take_batch(&mut self) -> Vec<Vec<SpanData>> {
+    fn take_batch(&mut self) -> Vec<Finished> {
         let (mut spans, mut bytes) = (0, 0);
         let mut lists = Vec::new();
         while let Some((list, size)) = self.lists.front() {
@@ -118,6 +117,7 @@ impl SpanQueue {
     /// resource: the task owns it from here on.
     pub fn start<E: SpanExporter + 'static>(
         exporter: E,
+        scope: InstrumentationScope,
         endpoint: &str,
         stats: &Arc<ExportStats>,
         runtime: &tokio::runtime::Handle,
@@ -131,6 +131,7 @@ impl SpanQueue {
         let task = ExportTask {
             shared: Arc::clone(&shared),
             exporter: Arc::new(exporter),
+            scope,
             endpoint: Arc::from(endpoint),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             drops_reported: 0,
@@ -141,22 +142,22 @@ impl SpanQueue {
     }
 
     /// Queues finished spans; what does not fit a full queue is dropped and counted.
-    pub fn push(&self, mut ended: Vec<SpanData>) {
+    pub fn push(&self, mut ended: Finished) {
         if ended.is_empty() {
             return;
         }
-        let all = list_size(&ended);
+        let all = ended.sizes().sum();
         let mut queue = lock(&self.shared.queue);
         let (spans, bytes) = (queue.spans, queue.bytes);
         let mut fits = ended.len().min(MAX_QUEUE.saturating_sub(spans));
         let mut added = if fits == ended.len() {
             all
         } else {
-            list_size(&ended[..fits])
+            ended.sizes().take(fits).sum()
         };
         while bytes + added > MAX_QUEUE_BYTES {
             fits -= 1;
-            added -= encoded_size(&ended[fits]);
+            added -= ended.spans[fits].encoded_size();
         }
         let dropped = ended.len() - fits;
         ended.truncate(fits);
@@ -198,6 +199,8 @@ impl SpanQueue {
 struct ExportTask<E> {
     shared: Arc<Shared>,
     exporter: Arc<E>,
+    /// `sandgate` and its version, the scope every span is reported under.
+    scope: InstrumentationScope,
     endpoint: Arc<str>,
     in_flight: Arc<Semaphore>,
     drops_reported: u64,
@@ -246,9 +249,13 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
             if lists.is_empty() {
                 return;
             }
-            // Flattened outside the lock: request workers never wait on it.
-            let mut batch = Vec::with_capacity(lists.iter().map(Vec::len).sum());
-            lists.into_iter().for_each(|list| batch.extend(list));
+            // Made into the SDK's spans outside the lock, in one pass: request
+            // workers never wait on it.
+            let mut batch: Vec<SpanData> =
+                Vec::with_capacity(lists.iter().map(Finished::len).sum());
+            for list in lists {
+                list.export_into(&self.scope, &mut batch);
+            }
             let exporter = Arc::clone(&self.exporter);
             let stats = Arc::clone(&self.shared.stats);
             let endpoint = Arc::clone(&self.endpoint);
@@ -286,55 +293,6 @@ impl<E: SpanExporter + 'static> ExportTask<E> {
     }
 }
 
-/// The [`encoded_size`] of `spans`, summed: what a list adds to the queue.
-fn list_size(spans: &[SpanData]) -> usize {
-    spans.iter().map(encoded_size).sum()
-}
-
-/// About the bytes `span` takes in an OTLP export request: its strings, plus
-/// a share for ids, times and protobuf framing. Errs high rather than low.
-fn encoded_size(span: &SpanData) -> usize {
-    const SPAN: usize = 96;
-    const EVENT: usize = 24;
-    let message = match &span.status {
-        Status::Error { description } => description.len(),
-        _ => 0,
-    };
-    SPAN + span.name.len()
-        + message
-        + attributes_size(&span.attributes)
-        + span
-            .events
-            .iter()
-            .map(|e| EVENT + e.name.len() + attributes_size(&e.attributes))
-            .sum::<usize>()
-        + span
-            .links
-            .iter()
-            .map(|l| SPAN + attributes_size(&l.attributes))
-            .sum::<usize>()
-}
-
-fn attributes_size(attributes: &[KeyValue]) -> usize {
-    const ATTRIBUTE: usize = 12;
-    attributes
-        .iter()
-        .map(|kv| {
-            let value = match &kv.value {
-                Value::String(s) => s.as_str().len(),
-                Value::Array(Array::String(list)) => {
-                    list.iter().map(|s| s.as_str().len() + 4).sum()
-                }
-                Value::Array(Array::Bool(list)) => 2 * list.len(),
-                Value::Array(Array::I64(list)) => 11 * list.len(),
-                Value::Array(Array::F64(list)) => 9 * list.len(),
-                _ => 11,
-            };
-            ATTRIBUTE + kv.key.as_str().len() + value
-        })
-        .sum()
-}
-
 /// Locks `mutex`, also after a panic elsewhere left it poisoned: the span
 /// data it guards stays usable.
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -346,15 +304,16 @@ mod tests {
     use std::borrow::Cow;
     use std::time::SystemTime;
 
-    use opentelemetry::InstrumentationScope;
-    use opentelemetry::trace::{Event, SpanContext, SpanId, SpanKind};
-    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use opentelemetry::KeyValue;
+    use opentelemetry::trace::{Event, SpanId, SpanKind, Status, TraceFlags, TraceId};
+    use opentelemetry_sdk::trace::SpanEvents;
     use prost::Message as _;
 
     use super::*;
+    use crate::telemetry::traces::record::{SpanRecord, attribute_size};
 
     /// A decision's span with `events` guest log events of `message` bytes.
-    fn span(events: usize, message: usize) -> SpanData {
+    fn span(events: usize, message: usize) -> SpanRecord {
         let mut logged = SpanEvents::default();
         logged.events = (0..events)
             .map(|_| {
@@ -365,34 +324,50 @@ mod tests {
                 Event::new("guest.log", SystemTime::now(), attributes, 0)
             })
             .collect();
-        SpanData {
-            span_context: SpanContext::empty_context(),
+        SpanRecord {
+            span_id: SpanId::from(9),
             parent_span_id: SpanId::from(7),
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Internal,
+            parent_is_remote: false,
+            kind: SpanKind::Internal,
             name: Cow::Borrowed("evaluate"),
-            start_time: SystemTime::now(),
-            end_time: SystemTime::now(),
+            start: SystemTime::now(),
+            end: Some(SystemTime::now()),
             attributes: vec![
                 KeyValue::new("policy", "rbac"),
                 KeyValue::new("digest", "sha256:".to_owned() + &"0".repeat(64)),
                 KeyValue::new("duration_us", 41_i64),
                 KeyValue::new("decision.allow", true),
             ],
-            dropped_attributes_count: 0,
+            deferred: None,
             events: logged,
-            links: SpanLinks::default(),
             status: Status::error("internal: a message"),
-            instrumentation_scope: InstrumentationScope::builder("sandgate").build(),
         }
+    }
+
+    fn finished(spans: Vec<SpanRecord>) -> Finished {
+        Finished {
+            trace_id: TraceId::from(5),
+            flags: TraceFlags::SAMPLED,
+            trace_state: Default::default(),
+            spans,
+        }
+    }
+
+    /// What `span` is encoded into, in the OTLP request.
+    fn encoded_len(span: SpanRecord) -> usize {
+        let mut batch = Vec::new();
+        let scope = InstrumentationScope::builder("sandgate").build();
+        finished(vec![span]).export_into(&scope, &mut batch);
+        let span = batch.pop().expect("one span");
+        opentelemetry_proto::tonic::trace::v1::Span::from(span).encoded_len()
     }
 
     #[test]
     fn the_size_estimate_is_never_below_the_encoded_size() {
         for (events, message) in [(0, 0), (1, 10), (128, 16 * 1024), (3, 200_000)] {
-            let data = span(events, message);
-            let estimate = encoded_size(&data);
-            let encoded = opentelemetry_proto::tonic::trace::v1::Span::from(data).encoded_len();
+            let record = span(events, message);
+            let estimate = record.encoded_size();
+            let encoded = encoded_len(record);
             assert!(
                 estimate >= encoded && estimate < encoded + encoded / 2 + 256,
                 "{events} events of {message} bytes: estimate {estimate}, encoded {encoded}"
@@ -400,17 +375,49 @@ mod tests {
         }
     }
 
+    #[test]
+    fn deferred_attributes_are_made_at_export_and_counted_in_the_estimate() {
+        let made = [
+            KeyValue::new("syscall.openat.guest.count", 3_i64),
+            KeyValue::new("syscall.openat.guest.time_ns", 4_100_i64),
+        ];
+        let size: usize = made
+            .iter()
+            .map(|kv| attribute_size(kv.key.as_str(), &kv.value))
+            .sum();
+        let mut record = span(0, 0);
+        let plain = record.encoded_size();
+        let moved = made.to_vec();
+        record.deferred = Some((Box::new(move |out| out.extend(moved)), size));
+        assert_eq!(record.encoded_size(), plain + size);
+        let estimate = record.encoded_size();
+        let mut batch = Vec::new();
+        let scope = InstrumentationScope::builder("sandgate").build();
+        finished(vec![record]).export_into(&scope, &mut batch);
+        let data = batch.pop().expect("one span");
+        assert_eq!(&data.attributes[4..], &made);
+        assert_eq!(data.span_context.trace_id(), TraceId::from(5));
+        assert_eq!(data.span_context.span_id(), SpanId::from(9));
+        assert_eq!(data.parent_span_id, SpanId::from(7));
+        let encoded = opentelemetry_proto::tonic::trace::v1::Span::from(data).encoded_len();
+        assert!(
+            estimate >= encoded,
+            "estimate {estimate}, encoded {encoded}"
+        );
+    }
+
     /// A queue of `lists`, sized as `push` sizes them.
-    fn queue(lists: Vec<Vec<SpanData>>) -> Queue {
+    fn queue(lists: Vec<Vec<SpanRecord>>) -> Queue {
         let mut queue = Queue::default();
         for list in lists {
-            let size = list_size(&list);
+            let list = finished(list);
+            let size = list.sizes().sum();
             queue.add(list, size);
         }
         queue
     }
 
-    fn decision() -> Vec<SpanData> {
+    fn decision() -> Vec<SpanRecord> {
         vec![span(0, 0), span(0, 0), span(0, 0)]
     }
 
@@ -424,7 +431,7 @@ mod tests {
             "whole decisions, at most {BATCH} spans"
         );
         assert_eq!(small.spans, 3 * (1000 - BATCH / 3));
-        assert_eq!(small.bytes, small.spans * encoded_size(&span(0, 0)));
+        assert_eq!(small.bytes, small.spans * span(0, 0).encoded_size());
         while !small.take_batch().is_empty() {}
         assert_eq!((small.spans, small.bytes), (0, 0));
 

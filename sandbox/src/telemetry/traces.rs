@@ -17,6 +17,7 @@
 //! metrics are still one file, with their tests; to be split by job.
 
 mod metrics;
+pub(super) mod record;
 mod scope;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ use opentelemetry_sdk::trace::{RandomIdGenerator, Sampler, SpanExporter};
 use super::queue::{EXPORT_TIMEOUT, SpanQueue, lock};
 use crate::config::{OtlpProtocol, TelemetrySettings};
 pub use metrics::OtlpMetrics;
+pub use record::attribute_size;
 pub use scope::{Parent, Scope};
 
 /// How often a failing exporter, or a full span queue, may say so in the log.
@@ -57,8 +59,6 @@ struct Inner {
     /// Parent-based ratio sampling, decided once per decision.
     sampler: Sampler,
     ids: RandomIdGenerator,
-    /// `sandgate` and its version, the scope every span is reported under.
-    scope: InstrumentationScope,
     /// The metrics exported over OTLP beside Prometheus, when configured.
     metrics: Option<OtlpMetrics>,
     /// Guest `log` calls at or above this level (0 trace … 4 error) become span events.
@@ -158,6 +158,10 @@ impl Tracing {
         // The tonic exporter makes its channel in the runtime it will use.
         let exporting = handle.enter();
         let resource = resource(&settings.service_name);
+        // `sandgate` and its version, the scope every span is reported under.
+        let scope = InstrumentationScope::builder("sandgate")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
         let queue = match settings.otlp_protocol {
             OtlpProtocol::Grpc => {
                 let mut exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -166,7 +170,7 @@ impl Tracing {
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
                 exporter.set_resource(&resource);
-                SpanQueue::start(exporter, endpoint, &stats, &handle)
+                SpanQueue::start(exporter, scope, endpoint, &stats, &handle)
             }
             OtlpProtocol::HttpProtobuf => {
                 let url = http_traces_url(endpoint);
@@ -179,15 +183,12 @@ impl Tracing {
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()?;
                 exporter.set_resource(&resource);
-                SpanQueue::start(exporter, &url, &stats, &handle)
+                SpanQueue::start(exporter, scope, &url, &stats, &handle)
             }
         };
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             settings.sampling_ratio,
         )));
-        let scope = InstrumentationScope::builder("sandgate")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build();
         let metrics = match settings.otlp_metrics_interval {
             None => None,
             Some(interval) => Some(OtlpMetrics::start(settings, endpoint, interval, resource)?),
@@ -204,7 +205,6 @@ impl Tracing {
                 queue,
                 sampler,
                 ids: RandomIdGenerator::default(),
-                scope,
                 metrics,
                 guest_log_level: settings.guest_log_level,
                 stats,

@@ -1,7 +1,7 @@
 //! The spans of one decision: the caller's W3C context ([`Parent`]) and the
-//! [`Scope`] the evaluation path carries, which records spans straight into
-//! the SDK's span data and queues a decision's spans together when its own
-//! span ends. `policy`, `abi`, `bridge`, `probes` and `server` open spans here.
+//! [`Scope`] the evaluation path carries, which records a decision's spans
+//! as plain data and queues them together when its own span ends. `policy`,
+//! `abi`, `bridge`, `probes` and `server` open spans here.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -10,16 +10,15 @@ use std::time::SystemTime;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    Event, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags,
+    Event, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    IdGenerator, SamplingDecision, ShouldSample, SpanData, SpanEvents, SpanLinks,
-};
+use opentelemetry_sdk::trace::{IdGenerator, SamplingDecision, ShouldSample, SpanEvents};
 
 use super::Tracing;
+use super::record::{Deferred, Finished, SpanRecord};
 use crate::telemetry::queue::lock;
 
 /// The caller's W3C trace context (`traceparent`, `tracestate`), if it sent a valid one.
@@ -61,12 +60,14 @@ const MAX_EVENTS_PER_SPAN: usize = 128;
 /// The span an evaluation is in now. Cheap to clone; every method is a no-op
 /// on spans that are not recorded (no tracer, or not sampled).
 ///
-/// Spans are recorded straight into the SDK's [`SpanData`], which the OTLP
-/// exporter takes as it is: a decision's spans share one reference to the
-/// tracer, and the shared queue is locked once per decision. (Through the
-/// SDK's tracer each span start and end updates reference counts all request
-/// workers share, and two workers tracing at once keep taking those cache
-/// lines from each other.)
+/// A sampled decision's spans are recorded as plain data in one list the
+/// decision owns ([`record`](super::record)), under one lock taken only by
+/// the threads working on that decision; the SDK's [`SpanData`] is made from
+/// it on the exporting thread. (Through the SDK's tracer each span start and
+/// end updates reference counts all request workers share, and two workers
+/// tracing at once keep taking those cache lines from each other.)
+///
+/// [`SpanData`]: opentelemetry_sdk::trace::SpanData
 #[derive(Clone)]
 pub struct Scope {
     /// The context of this scope's span: what children descend from and
@@ -74,9 +75,9 @@ pub struct Scope {
     cx: SpanContext,
     /// The trace's recorder, when its spans are exported.
     trace: Option<Arc<Trace>>,
-    /// This scope's own span, while recording; `None` for the caller's
-    /// remote span and for spans not sampled.
-    span: Option<Arc<OpenSpan>>,
+    /// This scope's own span, its place in the trace's list; `None` for the
+    /// caller's remote span and for spans not sampled.
+    span: Option<usize>,
 }
 
 impl Default for Scope {
@@ -90,62 +91,107 @@ impl Default for Scope {
 }
 
 /// What a sampled decision's spans share: the tracer, referenced once per
-/// decision rather than once per span, and the spans that have ended. Those
-/// that end before the decision's own span (all of them, the probes'
-/// `kernel` span included: it is reported when the invocation ends, before
-/// the decision's span does) are queued for export with it, so the queue's
-/// lock is taken once per decision and the trace arrives whole; any that
-/// end after it are queued one by one.
+/// decision rather than once per span, and the spans themselves. Those that
+/// end before the decision's own span (all of them, the probes' `kernel`
+/// span included: it is reported when the invocation ends, before the
+/// decision's span does) are queued for export with it, so the queue's lock
+/// is taken once per decision and the trace arrives whole; any that end
+/// after it are queued one by one. A span still open when the last scope of
+/// its trace is dropped ends then.
 struct Trace {
     tracing: Tracing,
-    ended: Mutex<Ended>,
+    trace_id: TraceId,
+    flags: TraceFlags,
+    trace_state: TraceState,
+    record: Mutex<Record>,
 }
 
-struct Ended {
-    spans: Vec<SpanData>,
-    /// Whether the `sandgate.evaluate` span has ended.
-    decision: bool,
+struct Record {
+    /// The trace's spans, by the place their scopes know them by; `None`
+    /// once queued.
+    spans: Vec<Option<SpanRecord>>,
+    /// Whether the decision's own span (the first) has ended.
+    decision_ended: bool,
 }
 
 impl Trace {
-    fn ended(&self, span: SpanData, decision: bool) {
-        let mut ended = lock(&self.ended);
-        ended.spans.push(span);
-        ended.decision |= decision;
-        if ended.decision {
-            let spans = std::mem::take(&mut ended.spans);
-            drop(ended);
-            self.tracing.inner.queue.push(spans);
+    /// Runs `f` on span `index` while it is open.
+    fn with<R>(&self, index: usize, f: impl FnOnce(&mut SpanRecord) -> R) -> Option<R> {
+        let mut record = lock(&self.record);
+        match record.spans.get_mut(index) {
+            Some(Some(span)) if span.end.is_none() => Some(f(span)),
+            _ => None,
         }
     }
-}
 
-/// A span being recorded; it ends at the latest when its last scope is
-/// dropped.
-struct OpenSpan {
-    data: Mutex<Option<SpanData>>,
-    trace: Arc<Trace>,
-    /// Whether this is the decision's own span, the root of its trace here.
-    decision: bool,
-}
-
-impl OpenSpan {
-    fn with<R>(&self, f: impl FnOnce(&mut SpanData) -> R) -> Option<R> {
-        lock(&self.data).as_mut().map(f)
+    /// Opens a span; its place in the list.
+    fn open(&self, span: SpanRecord) -> usize {
+        let mut record = lock(&self.record);
+        record.spans.push(Some(span));
+        record.spans.len() - 1
     }
 
-    fn end(&self, at: SystemTime) {
-        let data = lock(&self.data).take();
-        if let Some(mut data) = data {
-            data.end_time = at;
-            self.trace.ended(data, self.decision);
+    fn end(&self, index: usize, at: SystemTime) {
+        let mut record = lock(&self.record);
+        let Some(Some(span)) = record.spans.get_mut(index) else {
+            return;
+        };
+        if span.end.is_some() {
+            return;
+        }
+        span.end = Some(at);
+        let spans = if index == 0 {
+            record.decision_ended = true;
+            take_ended(&mut record.spans)
+        } else if record.decision_ended {
+            record.spans[index].take().into_iter().collect()
+        } else {
+            return;
+        };
+        drop(record);
+        self.queue(spans);
+    }
+
+    fn queue(&self, spans: Vec<SpanRecord>) {
+        self.tracing.inner.queue.push(Finished {
+            trace_id: self.trace_id,
+            flags: self.flags,
+            trace_state: self.trace_state.clone(),
+            spans,
+        });
+    }
+}
+
+/// Takes the spans that have ended out of `spans`.
+fn take_ended(spans: &mut [Option<SpanRecord>]) -> Vec<SpanRecord> {
+    let mut ended = Vec::with_capacity(spans.len());
+    for place in spans {
+        if place.as_ref().is_some_and(|span| span.end.is_some()) {
+            ended.extend(place.take());
         }
     }
+    ended
 }
 
-impl Drop for OpenSpan {
+impl Drop for Trace {
     fn drop(&mut self) {
-        self.end(SystemTime::now());
+        let record = self
+            .record
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = SystemTime::now();
+        let spans: Vec<SpanRecord> = record
+            .spans
+            .drain(..)
+            .flatten()
+            .map(|mut span| {
+                span.end.get_or_insert(now);
+                span
+            })
+            .collect();
+        if !spans.is_empty() {
+            self.queue(spans);
+        }
     }
 }
 
@@ -181,10 +227,11 @@ impl Scope {
             &[],
         );
         let sampled = sampling.decision == SamplingDecision::RecordAndSample;
+        let flags = TraceFlags::default().with_sampled(sampled);
         let cx = SpanContext::new(
             trace_id,
             inner.ids.new_span_id(),
-            TraceFlags::default().with_sampled(sampled),
+            flags,
             false,
             sampling.trace_state,
         );
@@ -195,27 +242,31 @@ impl Scope {
                 span: None,
             };
         }
-        let trace = Arc::new(Trace {
-            tracing: tracing.clone(),
-            // The decision's own span and its instantiate and evaluate children.
-            ended: Mutex::new(Ended {
-                spans: Vec::with_capacity(3),
-                decision: false,
-            }),
-        });
-        let span = open(
-            &trace,
+        // The decision's own span, its instantiate and evaluate children and
+        // the probes' `kernel` span.
+        let mut spans = Vec::with_capacity(4);
+        spans.push(Some(record(
             &cx,
             parent.0.as_ref(),
             name.into(),
             SpanKind::Server,
             SystemTime::now(),
             attributes(),
-        );
+        )));
+        let trace = Arc::new(Trace {
+            tracing: tracing.clone(),
+            trace_id,
+            flags,
+            trace_state: cx.trace_state().clone(),
+            record: Mutex::new(Record {
+                spans,
+                decision_ended: false,
+            }),
+        });
         Scope {
             cx,
             trace: Some(trace),
-            span: Some(span),
+            span: Some(0),
         }
     }
 
@@ -226,19 +277,27 @@ impl Scope {
         kind: SpanKind,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Scope {
-        self.start_child(name.into(), kind, SystemTime::now(), attributes)
+        self.start_child(name.into(), kind, SystemTime::now(), attributes, None)
     }
 
-    /// Opens a child span that started at `start` (for work observed after
-    /// the fact, such as the kernel's view of an invocation).
-    pub fn child_at(
+    /// Opens a child span that started at `start`, for work observed after
+    /// the fact (such as the kernel's view of an invocation), whose
+    /// attributes `deferred` makes on the exporting thread from the data it
+    /// holds; `size` is at least their encoded size (what
+    /// [`attribute_size`](super::record::attribute_size) says of each).
+    pub fn child_deferred(
         &self,
         name: &'static str,
         kind: SpanKind,
         start: SystemTime,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
+        size: usize,
+        deferred: impl FnOnce(&mut Vec<KeyValue>) + Send + 'static,
     ) -> Scope {
-        self.start_child(name.into(), kind, start, attributes)
+        if self.trace.is_none() {
+            return self.clone();
+        }
+        let deferred: Deferred = Box::new(deferred);
+        self.start_child(name.into(), kind, start, Vec::new, Some((deferred, size)))
     }
 
     /// A child of a sampled span is sampled: the parent-based sampler's
@@ -249,6 +308,7 @@ impl Scope {
         kind: SpanKind,
         start: SystemTime,
         attributes: impl FnOnce() -> Vec<KeyValue>,
+        deferred: Option<(Deferred, usize)>,
     ) -> Scope {
         let Some(trace) = &self.trace else {
             return self.clone();
@@ -260,11 +320,13 @@ impl Scope {
             false,
             self.cx.trace_state().clone(),
         );
-        let span = open(trace, &cx, Some(&self.cx), name, kind, start, attributes());
+        let mut span = record(&cx, Some(&self.cx), name, kind, start, attributes());
+        span.deferred = deferred;
+        let index = trace.open(span);
         Scope {
             cx,
             trace: Some(Arc::clone(trace)),
-            span: Some(span),
+            span: Some(index),
         }
     }
 
@@ -280,16 +342,20 @@ impl Scope {
         self.trace.is_some()
     }
 
+    /// Runs `f` on this scope's own span while it is open.
+    fn with(&self, f: impl FnOnce(&mut SpanRecord)) {
+        if let (Some(trace), Some(index)) = (&self.trace, self.span) {
+            trace.with(index, f);
+        }
+    }
+
     pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        let Some(span) = &self.span else {
-            return;
-        };
-        span.with(|data| {
-            if data.events.events.len() < MAX_EVENTS_PER_SPAN {
+        self.with(|span| {
+            if span.events.events.len() < MAX_EVENTS_PER_SPAN {
                 let event = Event::new(name, SystemTime::now(), attributes(), 0);
-                data.events.events.push(event);
+                span.events.events.push(event);
             } else {
-                data.events.dropped_count += 1;
+                span.events.dropped_count += 1;
             }
         });
     }
@@ -318,26 +384,22 @@ impl Scope {
     }
 
     pub fn set_attributes(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
-        if let Some(span) = &self.span {
-            span.with(|data| data.attributes.extend(attributes()));
-        }
+        self.with(|span| span.attributes.extend(attributes()));
     }
 
     /// Marks the span failed with a DESIGN §3 error code.
     pub fn fail(&self, code: &str, message: &str) {
-        if let Some(span) = &self.span {
-            span.with(|data| {
-                data.attributes
-                    .push(KeyValue::new("error.code", code.to_owned()));
-                data.status = Status::error(format!("{code}: {message}"));
-            });
-        }
+        self.with(|span| {
+            span.attributes
+                .push(KeyValue::new("error.code", code.to_owned()));
+            span.status = Status::error(format!("{code}: {message}"));
+        });
     }
 
     /// Ends this scope's own span at `end` (work observed after the fact).
     pub fn end_at(&self, end: SystemTime) {
-        if let Some(span) = &self.span {
-            span.end(end);
+        if let (Some(trace), Some(index)) = (&self.trace, self.span) {
+            trace.end(index, end);
         }
     }
 
@@ -356,39 +418,29 @@ impl Scope {
     }
 }
 
-/// Starts recording the span `cx` under `parent` (the caller's remote span,
-/// a span of this process, or none).
-fn open(
-    trace: &Arc<Trace>,
+/// The record of the span `cx` under `parent` (the caller's remote span, a
+/// span of this process, or none), open from `start`.
+fn record(
     cx: &SpanContext,
     parent: Option<&SpanContext>,
     name: Cow<'static, str>,
-    span_kind: SpanKind,
-    start_time: SystemTime,
+    kind: SpanKind,
+    start: SystemTime,
     attributes: Vec<KeyValue>,
-) -> Arc<OpenSpan> {
-    let parent_span_is_remote = parent.is_some_and(SpanContext::is_remote);
-    let data = SpanData {
-        span_context: cx.clone(),
+) -> SpanRecord {
+    SpanRecord {
+        span_id: cx.span_id(),
         parent_span_id: parent.map_or(SpanId::INVALID, SpanContext::span_id),
-        parent_span_is_remote,
-        span_kind,
+        parent_is_remote: parent.is_some_and(SpanContext::is_remote),
         name,
-        start_time,
-        end_time: start_time,
+        kind,
+        start,
+        end: None,
         attributes,
-        dropped_attributes_count: 0,
+        deferred: None,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
         status: Status::Unset,
-        instrumentation_scope: trace.tracing.inner.scope.clone(),
-    };
-    Arc::new(OpenSpan {
-        data: Mutex::new(Some(data)),
-        trace: Arc::clone(trace),
-        // Only the decision's span has no parent in this process.
-        decision: parent.is_none() || parent_span_is_remote,
-    })
+    }
 }
 
 #[cfg(test)]
