@@ -13,13 +13,9 @@ use std::{
 
 use opentelemetry::{Key, KeyValue, trace::SpanKind};
 
-<<<<<<< HEAD
-use super::{Watch, enforce::Refusal, expected, phase, slots::Taken};
-=======
 use crate::telemetry::traces::attribute_size;
 
-use super::{Watch, expected, phase, slots::Taken};
->>>>>>> a/t28
+use super::{Watch, enforce::Refusal, expected, phase, slots::Taken};
 use crate::{audit::AuditRecord, preview1 as wasi};
 
 const PHASES: [&str; phase::COUNT] = [
