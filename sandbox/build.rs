@@ -5,10 +5,10 @@
 //! `AYA_BUILD_SKIP=1` builds a daemon without probes: the object is then
 //! empty and the daemon says so wherever probes are reported.
 //!
-//! It also builds the language guests of `guests/` (today the Rego guest)
+//! It also builds the language guests of `guests/` (Rego and Cedar)
 //! for `wasm32-wasip1` with the `guest` profile, in a target directory of its
 //! own under `OUT_DIR` (so the nested cargo never waits on the outer build's
-//! lock), and leaves `sandgate_rego.wasm` in `OUT_DIR`, where
+//! lock), and leaves `sandgate_rego.wasm` and `sandgate_cedar.wasm` in `OUT_DIR`, where
 //! `src/language.rs` embeds it.
 
 use std::{
@@ -22,7 +22,10 @@ use anyhow::Context as _;
 const OBJECT: &str = "sandgate-probes";
 
 /// The language guests: package, and the module it builds.
-const GUESTS: [(&str, &str); 1] = [("sandgate-rego", "sandgate_rego.wasm")];
+const GUESTS: [(&str, &str); 2] = [
+    ("sandgate-rego", "sandgate_rego.wasm"),
+    ("sandgate-cedar", "sandgate_cedar.wasm"),
+];
 
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR is not set")?);

@@ -1,14 +1,17 @@
-//! Policy languages run by the guests built into sandgate (`engine = "rego"`):
-//! the embedded guest modules, and how a policy's `files` are handed to them
-//! (read-only preopens and two variables sandgate composes). Used by `config`
-//! when it resolves such a policy, by `policy` when it loads the module, and
-//! by `server` for the Data API's query.
+//! Policy languages run by the guests built into sandgate (`engine = "rego"`,
+//! `engine = "cedar"`): the embedded guest modules, and how a policy's `files`
+//! are handed to them (read-only preopens and variables sandgate composes).
+//! Used by `config` when it resolves such a policy, by `policy` when it loads
+//! the module, and by `server` for the Data API's query.
 
 use std::fmt;
 use std::path::PathBuf;
 
 /// The Rego guest (`guests/rego`), built by `build.rs` for `wasm32-wasip1`.
 static REGO_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sandgate_rego.wasm"));
+
+/// The Cedar guest (`guests/cedar`), built by `build.rs` for `wasm32-wasip1`.
+static CEDAR_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sandgate_cedar.wasm"));
 
 /// Where the guest finds the `n`-th entry of `files`: `/policy/<n>`.
 pub const FILES_ROOT: &str = "/policy";
@@ -24,11 +27,25 @@ pub const REGO_RESULT: &str = "sandgate.rego.result";
 pub const REGO_ERROR: &str = "sandgate.rego.error";
 /// The regorus release the Rego guest is built with.
 pub const REGORUS_VERSION: &str = "0.14.1";
+/// One line per entry of `files`, as for Rego.
+pub const CEDAR_FILES_VAR: &str = "SANDGATE_CEDAR_FILES";
+/// The header whose value is an HTTP request's principal (`principal_header`).
+pub const CEDAR_PRINCIPAL_HEADER_VAR: &str = "SANDGATE_CEDAR_PRINCIPAL_HEADER";
+/// The obligation in which the Cedar guest lists the determining policy ids;
+/// for the query [`CEDAR_DESCRIBE`], every loaded policy id.
+pub const CEDAR_POLICIES: &str = "sandgate.cedar.policies";
+/// The `context.query` asking the Cedar guest for its loaded policy ids.
+pub const CEDAR_DESCRIBE: &str = "sandgate.cedar.describe";
+/// The principal of an HTTP request without the principal header (docs/config.md).
+pub const CEDAR_ANONYMOUS: &str = r#"Anonymous::"anonymous""#;
+/// The cedar-policy release the Cedar guest is built with.
+pub const CEDAR_VERSION: &str = "4.14.1";
 
 /// A language with a guest built into sandgate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Language {
     Rego,
+    Cedar,
 }
 
 impl Language {
@@ -36,6 +53,7 @@ impl Language {
     pub fn parse(name: &str) -> Option<Language> {
         match name {
             "rego" => Some(Language::Rego),
+            "cedar" => Some(Language::Cedar),
             _ => None,
         }
     }
@@ -44,6 +62,19 @@ impl Language {
     pub fn module(self) -> &'static [u8] {
         match self {
             Language::Rego => REGO_GUEST,
+            Language::Cedar => CEDAR_GUEST,
+        }
+    }
+
+    /// Whether the guest's init may read `random_get` (answered by the
+    /// host's CSPRNG): the Cedar guest's std hash tables draw their keys from
+    /// it once, at init, and keep them in the snapshot. The guest is
+    /// sandgate's own code and Cedar has no randomness a policy could read;
+    /// a user module never gets this (DESIGN §2).
+    pub fn seeds_hash_tables_at_init(self) -> bool {
+        match self {
+            Language::Rego => false,
+            Language::Cedar => true,
         }
     }
 
@@ -51,6 +82,7 @@ impl Language {
     pub fn engine_version(self) -> String {
         match self {
             Language::Rego => format!("regorus {REGORUS_VERSION}"),
+            Language::Cedar => format!("cedar-policy {CEDAR_VERSION}"),
         }
     }
 }
@@ -59,6 +91,7 @@ impl fmt::Display for Language {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Language::Rego => "rego",
+            Language::Cedar => "cedar",
         })
     }
 }
@@ -71,6 +104,8 @@ pub struct LanguageSpec {
     pub files: Vec<PathBuf>,
     /// Rego: the rule whose value is the decision, e.g. `data.httpapi.authz`.
     pub entrypoint: Option<String>,
+    /// Cedar: the header naming an HTTP request's principal, lower-case.
+    pub principal_header: Option<String>,
 }
 
 /// The Rego query of `POST /v1/data/{path}`: `data.` and the path's segments
@@ -115,7 +150,8 @@ mod tests {
     }
 
     #[test]
-    fn the_rego_guest_is_embedded() {
+    fn the_language_guests_are_embedded() {
         assert!(Language::Rego.module().starts_with(b"\0asm"));
+        assert!(Language::Cedar.module().starts_with(b"\0asm"));
     }
 }

@@ -276,7 +276,15 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         )
         .await
         {
-            Ok(versions) => report.push(PolicyReport::of(&versions)),
+            Ok(versions) => {
+                let mut policy_report = PolicyReport::of(&versions);
+                if let Some(language) = &mut policy_report.language
+                    && let Some((policy, _)) = versions.iter().next()
+                {
+                    language.policy_ids = policy_ids(policy).await;
+                }
+                report.push(policy_report);
+            }
             Err(e) => failures.push(e.to_string()),
         }
     }
@@ -313,6 +321,32 @@ async fn check(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         )));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ids of a Cedar policy's loaded policies, as its guest lists them;
+/// `None` for other languages.
+async fn policy_ids(policy: &Policy) -> Option<Vec<String>> {
+    let language = policy.spec().language.as_ref()?;
+    if language.language != sandgate::language::Language::Cedar {
+        return None;
+    }
+    let options = EvalOptions {
+        query: Some(sandgate::language::CEDAR_DESCRIBE.to_owned()),
+        ..EvalOptions::default()
+    };
+    let answer = policy
+        .evaluate(b"null", &options, &AuditLog::disabled())
+        .await;
+    let ids = answer
+        .decision
+        .extra
+        .get("obligations")?
+        .get(sandgate::language::CEDAR_POLICIES)?
+        .as_array()?
+        .iter()
+        .filter_map(|id| id.as_str().map(str::to_owned))
+        .collect();
+    Some(ids)
 }
 
 fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
@@ -393,6 +427,15 @@ fn print_check(config: &Config, report: &[PolicyReport], cache: &CacheReport) {
             out!("  files         {}", listed(&language.files));
             if let Some(entrypoint) = &language.entrypoint {
                 out!("  entrypoint    {entrypoint}");
+            }
+            if let Some(ids) = &language.policy_ids {
+                out!("  policy ids    {}", listed(ids));
+            }
+            if let Some(header) = &language.principal_header {
+                out!(
+                    "  principal     User::\"<{header} header>\" (else {})",
+                    sandgate::language::CEDAR_ANONYMOUS
+                );
             }
         }
         if versions.len() > 1 {

@@ -9,6 +9,7 @@ mod abi;
 mod bridge;
 mod bridge_examples;
 mod cache;
+mod cedar;
 mod cli;
 mod config;
 mod connections;

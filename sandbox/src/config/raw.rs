@@ -107,10 +107,12 @@ pub(super) struct RawPolicy {
     pub(super) plugin_config: Option<Spanned<String>>,
     /// `[policy.proxy_wasm]`: the clusters of `dispatch_http_call`.
     pub(super) proxy_wasm: Option<Spanned<RawProxyWasm>>,
-    /// `engine = "rego"`: a policy language run by a built-in guest.
+    /// `engine = "rego"` or `"cedar"`: a policy language run by a built-in guest.
     pub(super) engine: Option<Spanned<String>>,
     pub(super) files: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) entrypoint: Option<Spanned<String>>,
+    /// Cedar: the header whose value is an HTTP request's principal.
+    pub(super) principal_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -66,6 +66,13 @@ pub struct LanguageReport {
     pub files: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entrypoint: Option<String>,
+    /// Cedar: the ids of the loaded policies, as the guest lists them
+    /// (filled by `sandgate check`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_ids: Option<Vec<String>>,
+    /// Cedar: the header naming an HTTP request's principal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal_header: Option<String>,
 }
 
 /// One loaded version: its summary and where its module came from.
@@ -234,6 +241,8 @@ impl PolicyReport {
                 engine_version: l.language.engine_version(),
                 files: l.files.iter().map(|f| f.display().to_string()).collect(),
                 entrypoint: l.entrypoint.clone(),
+                policy_ids: None,
+                principal_header: l.principal_header.clone(),
             }),
         }
     }

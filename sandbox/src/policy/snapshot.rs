@@ -16,7 +16,7 @@ use super::{DEADLINE_MARGIN, classify, hand_off_output, link, new_store};
 use crate::abi;
 use crate::audit::{AuditLog, Subject};
 use crate::bridge::Bridge;
-use crate::config::{Digest, Grants, PolicySpec};
+use crate::config::{Digest, Grants, ModuleSource, PolicySpec};
 use crate::engine::Engine;
 use crate::host::Invocation;
 use crate::probes::Probe;
@@ -78,11 +78,21 @@ pub struct Initialised {
 }
 
 /// The grants init runs with: the policy's, without clocks and randomness.
-pub fn init_grants(grants: &Grants) -> Grants {
-    let mut grants = grants.clone();
+/// The one exception is a built-in guest whose std hash tables draw their
+/// keys at init ([`crate::language::Language::seeds_hash_tables_at_init`]): it gets
+/// `random_get`, answered by the host's CSPRNG, for this init only.
+pub fn init_grants(spec: &PolicySpec) -> Grants {
+    let mut grants = spec.grants.clone();
+    let seeds = matches!(&spec.module, ModuleSource::Builtin(l) if l.seeds_hash_tables_at_init());
     grants.functions.retain(|f| !REFUSED_AT_INIT.contains(f));
+    if seeds {
+        grants.functions.insert(RANDOM_GET);
+    }
     grants
 }
+
+/// The WASI function a built-in guest may call at init to seed its hash tables.
+const RANDOM_GET: &str = "random_get";
 
 /// Runs `_initialize` and (when exported) `sandgate_init` of `wasm` once,
 /// with the grants of `spec` minus [`REFUSED_AT_INIT`], and returns the
@@ -114,7 +124,7 @@ pub async fn initialise(
             .map_err(|e| failed(e.to_string()))?
             .0
     };
-    let grants = Arc::new(init_grants(&spec.grants));
+    let grants = Arc::new(init_grants(spec));
     let pre = link(engine, &module, &grants, &spec.abi).map_err(failed)?;
     let bridge = Arc::new(Bridge::new(&spec.egress).map_err(|e| failed(e.to_string()))?);
     let subject = Subject::new(

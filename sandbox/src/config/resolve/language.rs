@@ -1,6 +1,6 @@
-//! Resolves `engine`, `files` and `entrypoint`: a policy written in a
-//! language run by a built-in guest, its files checked and mounted read-only,
-//! and the two variables that tell the guest where they are.
+//! Resolves `engine`, `files`, `entrypoint` and `principal_header`: a policy
+//! written in a language run by a built-in guest, its files checked and
+//! mounted read-only, and the variables that tell the guest where they are.
 
 use serde_spanned::Spanned;
 
@@ -19,14 +19,27 @@ impl Resolver<'_> {
         raw: &RawPolicy,
     ) -> Result<Option<LanguageSpec>, ConfigError> {
         let Some(engine) = &raw.engine else {
-            for (given, k) in [
-                (raw.files.as_ref().map(Spanned::span), "files"),
-                (raw.entrypoint.as_ref().map(Spanned::span), "entrypoint"),
+            for (given, k, engines) in [
+                (
+                    raw.files.as_ref().map(Spanned::span),
+                    "files",
+                    "`engine = \"rego\"` or `\"cedar\"`",
+                ),
+                (
+                    raw.entrypoint.as_ref().map(Spanned::span),
+                    "entrypoint",
+                    "`engine = \"rego\"`",
+                ),
+                (
+                    raw.principal_header.as_ref().map(Spanned::span),
+                    "principal_header",
+                    "`engine = \"cedar\"`",
+                ),
             ] {
                 if let Some(span) = given {
                     return self.error(
                         Some(span),
-                        format!("{}: only a policy with `engine = \"rego\"` has {k}", key(k)),
+                        format!("{}: only a policy with {engines} has {k}", key(k)),
                     );
                 }
             }
@@ -36,7 +49,7 @@ impl Resolver<'_> {
             return self.error(
                 Some(engine.span()),
                 format!(
-                    "{}: `{}` is not a policy language sandgate runs; use \"rego\", or `module` for a WebAssembly policy",
+                    "{}: `{}` is not a policy language sandgate runs; use \"rego\" or \"cedar\", or `module` for a WebAssembly policy",
                     key("engine"),
                     engine.get_ref()
                 ),
@@ -65,8 +78,12 @@ impl Resolver<'_> {
             return self.error(
                 Some(engine.span()),
                 format!(
-                    "{}: missing; list the policy's .rego and data files or directories",
-                    key("files")
+                    "{}: missing; list the policy's {} files or directories",
+                    key("files"),
+                    match lang {
+                        Language::Rego => ".rego and data",
+                        Language::Cedar => ".cedar, entities .json and .cedarschema",
+                    }
                 ),
             );
         };
@@ -118,11 +135,47 @@ impl Resolver<'_> {
                 }
                 Some(text.clone())
             }
+            (Language::Cedar, Some(entry)) => {
+                return self.error(
+                    Some(entry.span()),
+                    format!(
+                        "{}: a Cedar policy has no entrypoint: its decision is the authorizer's answer",
+                        key("entrypoint")
+                    ),
+                );
+            }
+            (Language::Cedar, None) => None,
+        };
+        let principal_header = match (lang, &raw.principal_header) {
+            (_, None) => None,
+            (Language::Rego, Some(header)) => {
+                return self.error(
+                    Some(header.span()),
+                    format!(
+                        "{}: only a policy with `engine = \"cedar\"` has principal_header; a Rego policy reads the headers from input.request.headers",
+                        key("principal_header")
+                    ),
+                );
+            }
+            (Language::Cedar, Some(header)) => {
+                let name = header.get_ref();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return self.error(
+                        Some(header.span()),
+                        format!(
+                            "{}: `{name}` is not an HTTP header name",
+                            key("principal_header")
+                        ),
+                    );
+                }
+                Some(name.to_ascii_lowercase())
+            }
         };
         Ok(Some(LanguageSpec {
             language: lang,
             files: paths,
             entrypoint,
+            principal_header,
         }))
     }
 
@@ -191,6 +244,17 @@ impl Resolver<'_> {
                         .insert(language::REGO_ENTRYPOINT_VAR.to_owned(), entrypoint.clone());
                 }
             }
+            Language::Cedar => {
+                grants
+                    .env
+                    .insert(language::CEDAR_FILES_VAR.to_owned(), listing);
+                if let Some(header) = &language.principal_header {
+                    grants.env.insert(
+                        language::CEDAR_PRINCIPAL_HEADER_VAR.to_owned(),
+                        header.clone(),
+                    );
+                }
+            }
         }
     }
 
@@ -217,6 +281,10 @@ mod tests {
 
     fn rego(extra: &str) -> String {
         format!("[[policy]]\nname = \"a\"\nengine = \"rego\"\n{extra}")
+    }
+
+    fn cedar(extra: &str) -> String {
+        format!("[[policy]]\nname = \"a\"\nengine = \"cedar\"\n{extra}")
     }
 
     #[test]
@@ -274,13 +342,45 @@ mod tests {
                 &format!("{POLICY}files = [\"x.rego\"]\n"),
                 Some(4),
                 "policy[0].files (policy `a`)",
-                "only a policy with `engine = \"rego\"` has files",
+                "only a policy with `engine = \"rego\"` or `\"cedar\"` has files",
             ),
             (
                 &format!("{POLICY}entrypoint = \"data.a.b\"\n"),
                 Some(4),
                 "policy[0].entrypoint (policy `a`)",
                 "only a policy with `engine = \"rego\"` has entrypoint",
+            ),
+            (
+                &format!("{POLICY}principal_header = \"x-user\"\n"),
+                Some(4),
+                "policy[0].principal_header (policy `a`)",
+                "only a policy with `engine = \"cedar\"` has principal_header",
+            ),
+            (
+                &cedar("files = [\".\"]\nentrypoint = \"data.a.b\"\n"),
+                Some(5),
+                "policy[0].entrypoint (policy `a`)",
+                "a Cedar policy has no entrypoint",
+            ),
+            (
+                &cedar("files = [\".\"]\nprincipal_header = \"x user\"\n"),
+                Some(5),
+                "policy[0].principal_header (policy `a`)",
+                "`x user` is not an HTTP header name",
+            ),
+            (
+                &rego(
+                    "files = [\".\"]\nentrypoint = \"data.a.b\"\nprincipal_header = \"x-user\"\n",
+                ),
+                Some(6),
+                "policy[0].principal_header (policy `a`)",
+                "only a policy with `engine = \"cedar\"` has principal_header",
+            ),
+            (
+                &cedar(""),
+                Some(3),
+                "policy[0].files (policy `a`)",
+                "missing; list the policy's .cedar, entities .json and .cedarschema files",
             ),
         ]);
     }
