@@ -73,6 +73,24 @@ fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
         );
     }
     let target_dir = out_dir.join("guests");
+    // One cargo run per guest: built together, the guests would share one
+    // set of features per dependency, and cedar-policy's (serde_json's
+    // `preserve_order`, an IndexMap seeded by std's RandomState) would make
+    // the Rego guest draw random numbers at evaluation, which its grants
+    // refuse.
+    for (package, _) in GUESTS {
+        build_guest(workspace, &target_dir, package)?;
+    }
+    let built = target_dir.join("wasm32-wasip1").join("guest");
+    for (package, module) in GUESTS {
+        fs::copy(built.join(module), out_dir.join(module))
+            .with_context(|| format!("building {package} produced no {module}"))?;
+    }
+    Ok(())
+}
+
+/// Builds one language guest for `wasm32-wasip1` into `target_dir`.
+fn build_guest(workspace: &Path, target_dir: &Path, package: &str) -> anyhow::Result<()> {
     // The guests are built by the default toolchain (the one `scripts/setup`
     // gives the `wasm32-wasip1` target), also when the outer build runs on
     // another one, as the fuzz targets do on nightly.
@@ -88,10 +106,8 @@ fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
             "wasm32-wasip1",
         ])
         .arg("--target-dir")
-        .arg(&target_dir);
-    for (package, _) in GUESTS {
-        command.args(["-p", package]);
-    }
+        .arg(target_dir)
+        .args(["-p", package]);
     // The outer build's compiler settings are for the host, not the guests.
     for key in [
         "RUSTC",
@@ -113,13 +129,8 @@ fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
         .context("cannot run cargo to build the language guests (guests/)")?;
     anyhow::ensure!(
         status.success(),
-        "building the language guests (guests/) for wasm32-wasip1 failed ({status}); \
+        "building the language guest {package} (guests/) for wasm32-wasip1 failed ({status}); \
          the target is installed with `rustup target add wasm32-wasip1`"
     );
-    let built = target_dir.join("wasm32-wasip1").join("guest");
-    for (package, module) in GUESTS {
-        fs::copy(built.join(module), out_dir.join(module))
-            .with_context(|| format!("building {package} produced no {module}"))?;
-    }
     Ok(())
 }
