@@ -376,7 +376,7 @@ impl Policy {
         audit: AuditLog,
         trace: Scope,
         probe: Probe,
-    ) -> anyhow::Result<Store<Invocation>> {
+    ) -> Store<Invocation> {
         let loaded = &self.inner;
         new_store(
             &loaded.engine,
@@ -400,7 +400,7 @@ impl Policy {
             String::new(),
         );
         let _slot = self.instance_slot().await?;
-        let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)?;
+        let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE);
         self.inner.pre.instantiate_async(&mut store).await?;
         Ok(())
     }
@@ -451,8 +451,12 @@ impl Policy {
             .instance_slot()
             .await
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
-        let mut store = self
-            .store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE)
+        let mut store = self.store(subject, AuditLog::disabled(), Scope::default(), Probe::NONE);
+        // At load the preopens must open now, so the load says why not.
+        store
+            .data_mut()
+            .wasi
+            .open()
             .map_err(|e| format!("cannot prepare an instance: {e:#}"))?;
         let instance = self
             .inner
@@ -502,15 +506,7 @@ impl Policy {
                 let invocation = probe.guest(async {
                     let _slot = self.evaluation_slot().await?;
                     let mut store =
-                        match self.store(subject.clone(), audit.clone(), trace.clone(), probe) {
-                            Ok(store) => store,
-                            Err(e) => {
-                                return Err((
-                                    ErrorCode::Internal,
-                                    format!("cannot prepare an instance: {e:#}"),
-                                ));
-                            }
-                        };
+                        self.store(subject.clone(), audit.clone(), trace.clone(), probe);
                     let run = self.run(&mut store, &document, &mut instantiate, &trace);
                     let result =
                         match tokio::time::timeout(spec.timeout + DEADLINE_MARGIN, run).await {
@@ -518,6 +514,12 @@ impl Policy {
                             Err(_) => Err(timed_out(spec.timeout, store.data())),
                         };
                     let inv = probe.phase(probes::phase::TEARDOWN, || store.into_data());
+                    // Whatever the guest answered, it answered without the
+                    // files its grants promise.
+                    let result = match inv.wasi.unavailable() {
+                        Some(why) => Err((ErrorCode::Internal, why.to_owned())),
+                        None => result,
+                    };
                     guest_output_dropped =
                         hand_off_output(&inv, started + spec.timeout + DEADLINE_MARGIN);
                     epochs = inv.epochs;

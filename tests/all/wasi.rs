@@ -188,6 +188,46 @@ async fn reading_a_file_in_a_read_only_preopen_works() {
     assert!(denials(&audit).is_empty(), "{audit:?}");
 }
 
+/// The WASI context (and with it the preopened directories) is opened on
+/// the guest's first WASI call. A directory gone by then fails that
+/// evaluation closed with `internal` naming it, never an answer computed
+/// without the files; once it is back, evaluations answer again.
+#[tokio::test]
+async fn a_preopen_gone_at_evaluation_fails_it_closed_naming_the_directory() {
+    let dir = tempdir();
+    let data = preopen_fixture(dir.path());
+    let wat = open_guest("keep.txt", 0, 2, |open| format!("(i32.eqz {open})"));
+    let module = write(dir.path(), "m.wat", &wat);
+    let (_, config) = config(dir.path(), &preopen_toml(&module, "\"fs_read\"", "ro"));
+    let engine = engine(&dir.path().join("cache"));
+    let policy = sandgate::Policy::load(&engine, config.policies[0].clone())
+        .await
+        .unwrap_or_else(|e| panic!("policy must load: {e}"));
+    let audit = sandgate::audit::AuditLog::disabled();
+    let options = sandgate::EvalOptions::default();
+
+    let before = policy.evaluate(b"{}", &options, &audit).await;
+    assert!(before.decision.allow, "{:?}", before.decision);
+
+    let away = dir.path().join("data-away");
+    std::fs::rename(&data, &away).expect("move the preopen away");
+    let gone = policy.evaluate(b"{}", &options, &audit).await;
+    assert!(!gone.decision.allow, "{:?}", gone.decision);
+    let error = gone.decision.error.as_ref().expect("an error");
+    assert_eq!(error.code, ErrorCode::Internal, "{error:?}");
+    assert!(
+        error
+            .message
+            .contains("cannot open the preopened directories")
+            && error.message.contains(&data.display().to_string()),
+        "{error:?}"
+    );
+
+    std::fs::rename(&away, &data).expect("put the preopen back");
+    let after = policy.evaluate(b"{}", &options, &audit).await;
+    assert!(after.decision.allow, "{:?}", after.decision);
+}
+
 #[tokio::test]
 async fn read_only_preopen_refuses_creates_writes_renames_and_unlinks() {
     let dir = tempdir();

@@ -142,8 +142,12 @@ pub async fn initialise(
         audit.clone(),
         Scope::default(),
         Probe::NONE,
-    )
-    .map_err(|e| failed(format!("cannot prepare an instance: {e:#}")))?;
+    );
+    store
+        .data_mut()
+        .wasi
+        .open()
+        .map_err(|e| failed(format!("cannot prepare an instance: {e:#}")))?;
 
     let sandgate_init = module.get_export(INIT_EXPORT).is_some();
     let filter = matches!(spec.abi, crate::config::Abi::ProxyWasm(_));

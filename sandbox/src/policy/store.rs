@@ -29,10 +29,10 @@ pub(super) fn new_store(
     audit: AuditLog,
     trace: Scope,
     probe: Probe,
-) -> anyhow::Result<Store<Invocation>> {
+) -> Store<Invocation> {
     let output = wasi::GuestOutput::new();
-    // Instantiation starts with the WASI context (it opens the preopens)
-    // and ends when `run` has the instance.
+    // Instantiation starts with the store and ends when `run` has the
+    // instance. The WASI context is built on the guest's first WASI call.
     probe.enter(probes::phase::INSTANTIATE);
     let filter = match &spec.abi {
         Abi::ProxyWasm(settings) => proxywasm::FilterState::new(
@@ -45,7 +45,7 @@ pub(super) fn new_store(
     };
     let invocation = Invocation {
         filter,
-        wasi: WasiState::new(grants, output)?,
+        wasi: WasiState::new(grants, output),
         egress: EgressState::new(bridge),
         limiter: MemoryLimiter::new(spec.memory_limit_bytes),
         audit,
@@ -74,5 +74,5 @@ pub(super) fn new_store(
             ))
         }
     });
-    Ok(store)
+    store
 }

@@ -142,8 +142,9 @@ impl Expected {
         if !egress.allow.is_empty() {
             guest = guest.union(&NETWORK);
         }
-        // Instantiation also opens the preopened directories (and, with
-        // everything the guest may do, builds its WASI context).
+        // Instantiation and teardown may do anything the guest may (the
+        // WASI context is built on the guest's first WASI call, in whichever
+        // phase that falls), plus the runtime's own work.
         Expected {
             runtime: guest.clone().union(&RUNTIME),
             guest,

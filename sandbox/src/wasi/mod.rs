@@ -59,7 +59,13 @@ pub struct WasiDenied {
 /// The WASI state of one store: the context, what the guest may touch, and
 /// what it wrote and was refused.
 pub struct WasiState {
-    pub ctx: WasiP1Ctx,
+    /// Built on the guest's first WASI call ([`WasiState::ctx`]): a guest
+    /// started from its snapshot usually makes none, and building it means
+    /// opening every preopened directory and seeding the context's RNGs.
+    ctx: Option<WasiP1Ctx>,
+    /// Why the context could not be built as granted (a preopened directory
+    /// that cannot be opened any more): the invocation fails with this.
+    unavailable: Option<String>,
     pub grants: Arc<Grants>,
     /// Access of open directory descriptors (preopens and what was opened from them).
     pub fd_access: HashMap<u32, Access>,
@@ -73,15 +79,53 @@ pub struct WasiState {
 
 impl WasiState {
     /// The state of a fresh store under `grants`, its stdio going to `output`.
-    pub fn new(grants: Arc<Grants>, output: GuestOutput) -> anyhow::Result<WasiState> {
-        Ok(WasiState {
-            ctx: context(&grants, &output)?,
+    /// Nothing is opened until the guest's first WASI call (or [`WasiState::open`]).
+    pub fn new(grants: Arc<Grants>, output: GuestOutput) -> WasiState {
+        WasiState {
+            ctx: None,
+            unavailable: None,
             fd_access: initial_fd_access(&grants),
             grants,
             output,
             denials: Vec::new(),
             opened: Vec::new(),
+        }
+    }
+
+    /// Builds the context now, failing if a preopened directory cannot be
+    /// opened (init uses it: a load must say why, before the guest runs).
+    pub fn open(&mut self) -> anyhow::Result<()> {
+        if self.ctx.is_none() {
+            self.ctx = Some(context(&self.grants, &self.output)?);
+        }
+        Ok(())
+    }
+
+    /// The context wasmtime-wasi's functions run on, built on first use.
+    /// When a preopened directory cannot be opened, the guest gets a context
+    /// without preopens (its file calls fail with `EBADF`) and the
+    /// invocation fails with the reason ([`WasiState::unavailable`]): never
+    /// an answer computed without the files the grants promise.
+    pub fn ctx(&mut self) -> &mut WasiP1Ctx {
+        let WasiState {
+            ctx,
+            unavailable,
+            grants,
+            output,
+            ..
+        } = self;
+        ctx.get_or_insert_with(|| match context(grants, output) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                *unavailable = Some(format!("cannot open the preopened directories: {e:#}"));
+                stdio_context(output)
+            }
         })
+    }
+
+    /// Why the granted context could not be built, if it could not.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.unavailable.as_deref()
     }
 
     /// The host path `fd` names: a preopened directory, or what `path_open`
@@ -131,13 +175,7 @@ impl<T> Copy for Host<T> {}
 /// Builds the WASI context of one evaluation: no args, only the listed
 /// environment, the preopens with their access, stdio captured, no network.
 pub fn context(grants: &Grants, output: &GuestOutput) -> anyhow::Result<WasiP1Ctx> {
-    let mut builder = WasiCtxBuilder::new();
-    // File operations run on the evaluating thread: no blocking-pool hop per
-    // call, and each syscall stays attributable to the invocation.
-    builder
-        .allow_blocking_current_thread(true)
-        .stdout(output.sink(1))
-        .stderr(output.sink(2));
+    let mut builder = stdio_builder(output);
     for (name, value) in &grants.env {
         builder.env(name, value);
     }
@@ -146,9 +184,30 @@ pub fn context(grants: &Grants, output: &GuestOutput) -> anyhow::Result<WasiP1Ct
             Access::ReadOnly => FsPerms::ReadOnly,
             Access::ReadWrite => FsPerms::ReadWrite,
         };
-        builder.preopened_dir(&p.host, &p.guest, perms)?;
+        builder
+            .preopened_dir(&p.host, &p.guest, perms)
+            .map_err(|e| {
+                anyhow::anyhow!("{} (preopened as {}): {e:#}", p.host.display(), p.guest)
+            })?;
     }
     Ok(builder.build_p1())
+}
+
+/// A context with only the captured stdio: what a guest gets when its
+/// granted context cannot be built.
+fn stdio_context(output: &GuestOutput) -> WasiP1Ctx {
+    stdio_builder(output).build_p1()
+}
+
+fn stdio_builder(output: &GuestOutput) -> WasiCtxBuilder {
+    let mut builder = WasiCtxBuilder::new();
+    // File operations run on the evaluating thread: no blocking-pool hop per
+    // call, and each syscall stays attributable to the invocation.
+    builder
+        .allow_blocking_current_thread(true)
+        .stdout(output.sink(1))
+        .stderr(output.sink(2));
+    builder
 }
 
 /// Access of the descriptors the guest starts with: preopens are fds 3, 4, …
@@ -171,7 +230,7 @@ pub fn add_to_linker<T: Send + 'static>(
     host: Host<T>,
 ) -> Result<(), String> {
     let state = host.state;
-    wasmtime_wasi::p1::add_to_linker_async(linker, move |t: &mut T| &mut state(t).ctx)
+    wasmtime_wasi::p1::add_to_linker_async(linker, move |t: &mut T| state(t).ctx())
         .map_err(|e| format!("cannot link WASI: {e:#}"))?;
     linker.allow_shadowing(true);
     for import in module.imports().filter(|i| i.module() == MODULE) {
@@ -404,7 +463,7 @@ fn define_guarded_path_open<T: Send + 'static>(
                 // budget bounding how much guest data one hostcall may copy.
                 let fuel = wasmtime::AsContextMut::as_context_mut(&mut caller).hostcall_fuel();
                 let (data, store) = guest_memory.data_and_store_mut(&mut caller);
-                let ctx = &mut (host.state)(store).ctx;
+                let ctx = (host.state)(store).ctx();
                 WasiSnapshotPreview1::set_hostcall_fuel(&mut *ctx, fuel);
                 let errno = wasi_snapshot_preview1::path_open(
                     ctx,
@@ -556,7 +615,7 @@ mod tests {
             refused: |e: &mut Embedder, denial: &Denial| e.reported.push(denial.call),
         };
         add_to_linker(&mut linker, &module, &grants, host).expect("link");
-        let wasi = WasiState::new(Arc::new(grants), GuestOutput::new()).expect("state");
+        let wasi = WasiState::new(Arc::new(grants), GuestOutput::new());
         let mut store = wasmtime::Store::new(
             &engine,
             Embedder {
