@@ -2,8 +2,9 @@
 //! against regorus run natively in this process: for each policy, hundreds of
 //! generated inputs must get the same value from `POST /v1/data/{path}` as
 //! from the native engine (OPA's Data API shape, `{}` when undefined), and
-//! the decision the entrypoint's value maps to (DESIGN §2b). Also: a syntax
-//! error refuses the load naming file and line, `print()` reaches the log,
+//! the decision the entrypoint's value maps to (DESIGN §2b). Also: a listed
+//! directory loads as OPA's loader places it, a syntax error or a stray
+//! listed file refuses the load naming the file, `print()` reaches the log,
 //! and the example runs behind nginx forward-auth.
 
 use std::path::Path;
@@ -413,6 +414,55 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
         200
     );
     daemon.logged("deciding for 42").await;
+}
+
+/// A listed directory loads as OPA's loader places it: `.rego` modules,
+/// data under its subdirectories' path, other files skipped; a listed file
+/// that is neither refuses the load, named as the config wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_loads_as_opas_loader_places_it_and_a_listed_stray_file_is_named() {
+    let dir = tempdir();
+    let bundle = dir.path().join("bundle");
+    write(
+        &bundle,
+        "p.rego",
+        "package p\n\nimport rego.v1\n\nallow if input.user in data.roles.admins\n\nops := data.roles.ops.members\n",
+    );
+    write(&bundle, "roles/admins.json", r#"{"admins": ["alice"]}"#);
+    write(&bundle, "roles/ops/team.yaml", "members:\n  - bob\n");
+    write(&bundle, "README.md", "not policy");
+    write(dir.path(), "NOTES.txt", "not policy either");
+    let config = daemon_config(
+        dir.path(),
+        "",
+        "[[policy]]\nname = \"p\"\nengine = \"rego\"\nfiles = [\"bundle\"]\nentrypoint = \"data.p.allow\"\n\
+         [[policy]]\nname = \"stray\"\nengine = \"rego\"\nfiles = [\"bundle/p.rego\", \"NOTES.txt\"]\nentrypoint = \"data.p.allow\"\n",
+    );
+    let client = client();
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["policies"]["p"]["state"], "ready", "{body}");
+    let stray = body["policies"]["stray"]["error"].to_string();
+    assert!(
+        stray.contains("NOTES.txt: not a .rego module nor a .json/.yaml data file"),
+        "{stray}"
+    );
+
+    let (status, alice) = daemon
+        .evaluate(&client, "p", json!({"user": "alice"}).to_string())
+        .await;
+    assert_eq!((status, &alice["allow"]), (200, &json!(true)), "{alice}");
+    let (_, bob) = daemon
+        .evaluate(&client, "p", json!({"user": "bob"}).to_string())
+        .await;
+    assert_eq!(bob["allow"], false, "{bob}");
+    let ops = client
+        .post(daemon.url("/v1/data/p/ops"))
+        .body(json!({"input": {}}).to_string())
+        .send()
+        .await
+        .expect("data request");
+    assert_eq!(json_body(ops).await, json!({"result": ["bob"]}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
