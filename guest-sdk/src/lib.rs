@@ -42,6 +42,7 @@
 
 mod decision;
 mod export;
+pub mod files;
 pub mod http;
 mod input;
 pub mod log;

@@ -228,6 +228,13 @@ impl Probes {
         self.shared.is_some()
     }
 
+    /// The BPF LSM layer and its start-up drill, as settled at start (the
+    /// `enforcement` part of `GET /v1/probes` and `/readyz`), without
+    /// building the rest of the report.
+    pub fn enforcement(&self) -> &EnforcementReport {
+        &self.enforcement
+    }
+
     /// What `GET /v1/probes` shows.
     pub fn report(&self) -> ProbeReport {
         let mode = match self.mode {
@@ -263,7 +270,6 @@ impl Probes {
             kernel_btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
             programs,
             counters: self.shared.as_ref().map(|s| s.counters()),
-            enforcement: (*self.enforcement).clone(),
         }
     }
 }
@@ -299,10 +305,6 @@ pub struct ProbeReport {
     pub programs: Vec<ProgramReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counters: Option<Counters>,
-    /// Reported by the server beside the seccomp filter's status, as
-    /// `enforcement` (DESIGN §9).
-    #[serde(skip)]
-    pub enforcement: EnforcementReport,
 }
 
 #[derive(Debug, Serialize)]

@@ -97,28 +97,9 @@ fn denied_lines(audit: &std::path::Path, decision_id: &str) -> Vec<Value> {
         .collect()
 }
 
-/// A local HTTP service answering `{"allow":true}` on `/decide`.
-async fn decide_service() -> std::net::SocketAddr {
-    let app = axum::Router::new().route(
-        "/decide",
-        axum::routing::post(|| async {
-            ([("content-type", "application/json")], r#"{"allow":true}"#)
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let service = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    service
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drill_passes_and_decisions_using_their_grants_still_work() {
-    let service = decide_service().await;
-    let url = format!("http://{service}/decide");
+    let url = decide_service().await;
     let request = serde_json::json!({"method": "POST", "url": url}).to_string();
     let dir = tempdir();
     let policies = format!(

@@ -52,13 +52,7 @@ async fn peer() -> Peer {
             "/forms",
             get(|headers: HeaderMap| async move { forms(&headers) }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve(app).await;
     Peer {
         addr,
         accept_encoding,

@@ -408,20 +408,7 @@ async fn mode_off_attaches_nothing_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bridged_calls_socket_syscalls_are_charged_to_its_invocation_and_http_send() {
     let (collector, received) = grpc_receiver().await;
-    let app = axum::Router::new().route(
-        "/decide",
-        axum::routing::post(|| async {
-            ([("content-type", "application/json")], r#"{"allow":true}"#)
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let service = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    let url = format!("http://{service}/decide");
+    let url = decide_service().await;
     let request = serde_json::json!({"method": "POST", "url": url}).to_string();
     let dir = tempdir();
     let config = daemon_config(

@@ -2,71 +2,24 @@
 //! against regorus run natively in this process: for each policy, hundreds of
 //! generated inputs must get the same value from `POST /v1/data/{path}` as
 //! from the native engine (OPA's Data API shape, `{}` when undefined), and
-//! the decision the entrypoint's value maps to (DESIGN §2b). Also: a syntax
-//! error refuses the load naming file and line, `print()` reaches the log,
+//! the decision the entrypoint's value maps to (DESIGN §2b). Also: a listed
+//! directory loads as OPA's loader places it, a syntax error or a stray
+//! listed file refuses the load naming the file, `print()` reaches the log,
 //! and the example runs behind nginx forward-auth.
 
-use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::path::Path;
 
 use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::*;
 
-/// The guest module is large (regorus): compiling it takes tens of seconds
-/// in a debug build on a busy machine. The tests share one module cache,
-/// filled once by `sandgate check` on the example, so each daemon compiles
-/// only its policies' snapshots.
-fn shared_cache() -> PathBuf {
-    static CACHE: OnceLock<PathBuf> = OnceLock::new();
-    CACHE
-        .get_or_init(|| {
-            let cache = repo_root().join("target/rego-test-cache");
-            let config = repo_root().join("examples/rego-httpapi/policy.toml");
-            let out = sandgate(
-                &["check", "--config", &config.display().to_string()],
-                &cache,
-            );
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            cache
-        })
-        .clone()
-}
-
-/// Starts the daemon on the shared cache and waits until `/readyz` says
-/// every policy settled (loaded or failed), allowing for snapshot compiles.
-async fn start(config: &Path, client: &reqwest::Client) -> (Daemon, u16, Value) {
-    let cache = tokio::task::block_in_place(shared_cache);
-    let daemon = Daemon::start(config, &cache);
-    let (status, body) = eventually(
-        Duration::from_secs(600),
-        daemon.waiting_for("every policy settled (loaded or failed)"),
-        async || {
-            let response = client
-                .get(daemon.url("/readyz"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let body = json_body(response).await;
-            let settled = body["policies"]
-                .as_object()
-                .is_some_and(|p| p.values().all(|p| p["state"] != "loading"));
-            match settled {
-                true => Ok((status, body)),
-                false => Err(body.to_string()),
-            }
-        },
-    )
-    .await;
-    (daemon, status, body)
-}
+/// The module cache the tests share, filled once from the example, so each
+/// daemon compiles only its policies' snapshots.
+static CACHE: SharedCache = SharedCache::new(
+    "target/rego-test-cache",
+    "examples/rego-httpapi/policy.toml",
+);
 
 /// Inputs generated per policy.
 const CASES: usize = 300;
@@ -137,27 +90,6 @@ allow if {
 
 decision := {"allow": allow, "reasons": reasons}
 "#;
-
-/// A tiny deterministic generator (xorshift64*), so a failure names the
-/// seed and the case that reproduce it.
-struct Seeded(u64);
-
-impl Seeded {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() % items.len() as u64) as usize]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-}
 
 fn rbac_input(g: &mut Seeded) -> Value {
     let mut input = json!({
@@ -350,7 +282,7 @@ async fn rego_policies_answer_as_native_regorus_for_generated_inputs() {
     let dir = tempdir();
     let config = daemon_config(dir.path(), "", &policies(dir.path()));
     let client = client();
-    let (daemon, status, body) = start(&config, &client).await;
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
     assert_eq!(status, 200, "{body}");
 
     for case in &CASES_UNDER_TEST {
@@ -431,7 +363,7 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
         "[[policy]]\nname = \"p\"\nengine = \"rego\"\nfiles = [\"p.rego\"]\nentrypoint = \"data.p.y\"\n",
     );
     let client = client();
-    let (daemon, status, body) = start(&config, &client).await;
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
     assert_eq!(status, 200, "{body}");
     let data = |path: &str, body: Value| {
         let request = client.post(daemon.url(path)).body(body.to_string());
@@ -484,6 +416,55 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
     daemon.logged("deciding for 42").await;
 }
 
+/// A listed directory loads as OPA's loader places it: `.rego` modules,
+/// data under its subdirectories' path, other files skipped; a listed file
+/// that is neither refuses the load, named as the config wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_loads_as_opas_loader_places_it_and_a_listed_stray_file_is_named() {
+    let dir = tempdir();
+    let bundle = dir.path().join("bundle");
+    write(
+        &bundle,
+        "p.rego",
+        "package p\n\nimport rego.v1\n\nallow if input.user in data.roles.admins\n\nops := data.roles.ops.members\n",
+    );
+    write(&bundle, "roles/admins.json", r#"{"admins": ["alice"]}"#);
+    write(&bundle, "roles/ops/team.yaml", "members:\n  - bob\n");
+    write(&bundle, "README.md", "not policy");
+    write(dir.path(), "NOTES.txt", "not policy either");
+    let config = daemon_config(
+        dir.path(),
+        "",
+        "[[policy]]\nname = \"p\"\nengine = \"rego\"\nfiles = [\"bundle\"]\nentrypoint = \"data.p.allow\"\n\
+         [[policy]]\nname = \"stray\"\nengine = \"rego\"\nfiles = [\"bundle/p.rego\", \"NOTES.txt\"]\nentrypoint = \"data.p.allow\"\n",
+    );
+    let client = client();
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["policies"]["p"]["state"], "ready", "{body}");
+    let stray = body["policies"]["stray"]["error"].to_string();
+    assert!(
+        stray.contains("NOTES.txt: not a .rego module nor a .json/.yaml data file"),
+        "{stray}"
+    );
+
+    let (status, alice) = daemon
+        .evaluate(&client, "p", json!({"user": "alice"}).to_string())
+        .await;
+    assert_eq!((status, &alice["allow"]), (200, &json!(true)), "{alice}");
+    let (_, bob) = daemon
+        .evaluate(&client, "p", json!({"user": "bob"}).to_string())
+        .await;
+    assert_eq!(bob["allow"], false, "{bob}");
+    let ops = client
+        .post(daemon.url("/v1/data/p/ops"))
+        .body(json!({"input": {}}).to_string())
+        .send()
+        .await
+        .expect("data request");
+    assert_eq!(json_body(ops).await, json!({"result": ["bob"]}));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_syntax_error_refuses_the_load_and_readyz_names_file_and_line() {
     let dir = tempdir();
@@ -498,7 +479,7 @@ async fn a_syntax_error_refuses_the_load_and_readyz_names_file_and_line() {
         "[[policy]]\nname = \"bad\"\nengine = \"rego\"\nfiles = [\"bad.rego\"]\nentrypoint = \"data.bad.allow\"\n",
     );
     let client = client();
-    let (daemon, status, body) = start(&config, &client).await;
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
     assert_eq!(status, 503, "{body}");
     let said = body.to_string();
     assert!(said.contains("module_invalid"), "{said}");
@@ -529,32 +510,38 @@ async fn the_rego_example_decides_behind_nginx_forward_auth() {
         ),
     );
     let client = client();
-    let (mut daemon, status, body) = start(&config, &client).await;
+    let (mut daemon, status, body) = CACHE.start(&config, &client).await;
     assert_eq!(status, 200, "{body}");
     let backend = Backend::start();
     let nginx_dir = dir.path().join("nginx");
     std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
     let nginx = start_nginx(&nginx_dir, daemon.http, "httpapi", backend.addr);
-    let through = |method: Method, path: &str, headers: &[(&str, &str)]| {
-        let mut request = client.request(method, format!("http://{}{path}", nginx.addr));
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        async move { request.send().await.expect("through nginx") }
-    };
 
-    let owner = through(Method::GET, "/api/orders/7", &[("x-user", "alice")]).await;
+    let owner = nginx
+        .through(
+            &client,
+            Method::GET,
+            "/api/orders/7",
+            &[("x-user", "alice")],
+        )
+        .await;
     assert_eq!(owner.status(), 200, "{}", nginx.error_log());
-    let other = through(Method::GET, "/api/orders/7", &[("x-user", "bob")]).await;
+    let other = nginx
+        .through(&client, Method::GET, "/api/orders/7", &[("x-user", "bob")])
+        .await;
     assert_eq!(other.status(), 403);
-    let anonymous = through(Method::GET, "/api/orders/7", &[]).await;
+    let anonymous = nginx
+        .through(&client, Method::GET, "/api/orders/7", &[])
+        .await;
     assert_eq!(anonymous.status(), 401);
-    let clerk = through(
-        Method::POST,
-        "/api/orders",
-        &[("x-user", "carol"), ("x-roles", "clerk")],
-    )
-    .await;
+    let clerk = nginx
+        .through(
+            &client,
+            Method::POST,
+            "/api/orders",
+            &[("x-user", "carol"), ("x-roles", "clerk")],
+        )
+        .await;
     assert_eq!(clerk.status(), 200);
 
     let seen = backend.received();

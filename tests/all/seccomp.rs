@@ -55,13 +55,7 @@ async fn introspection() -> (String, Arc<Mutex<u32>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let addr = serve(app).await;
     (format!("http://{addr}/introspect"), calls)
 }
 

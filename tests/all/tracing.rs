@@ -119,13 +119,7 @@ async fn a_bridged_call_carries_the_decisions_trace_to_the_service_it_calls() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let auth = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let auth = serve(app).await;
 
     let dir = tempdir();
     let url = format!("http://{auth}/introspect");
@@ -571,17 +565,12 @@ fn silent_collector() -> (
     (silent, held)
 }
 
-/// Waits for the daemon to log that its span queue was full.
+/// Waits for the daemon to log that its span queue was full (reported at
+/// most so often, hence the longer wait than `Daemon::logged`'s).
 async fn until_drops_are_logged(daemon: &Daemon) {
-    eventually(
-        Duration::from_secs(15),
-        daemon.waiting_for("drops reported"),
-        async || match daemon.logs().contains("OTLP span queue full") {
-            true => Ok(()),
-            false => Err("no `OTLP span queue full` line".to_owned()),
-        },
-    )
-    .await;
+    daemon
+        .logged_within("OTLP span queue full", Duration::from_secs(15))
+        .await;
 }
 
 /// `count` decisions from `concurrency` clients at once, each an allow.

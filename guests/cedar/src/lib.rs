@@ -15,14 +15,13 @@
 //! [`POLICIES`] and [`ERRORS`].
 
 use std::fmt::Write as _;
-use std::fs;
-use std::path::Path;
 use std::str::FromStr;
 
 use cedar_policy::{
     Authorizer, Context, Decision as CedarDecision, Entities, EntityUid, PolicyId, PolicySet,
     Request, Schema, ValidationMode, Validator,
 };
+use sandgate_guest::files::File;
 use sandgate_guest::{Decision, Input};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -100,10 +99,7 @@ fn load() -> Result<Loaded, String> {
         .ok()
         .map(|h| h.to_ascii_lowercase());
     let mut sources = Sources::default();
-    for line in files.lines().filter(|l| !l.is_empty()) {
-        let (inside, shown) = line.split_once('\t').unwrap_or((line, line));
-        add_entry(&mut sources, Path::new(inside), shown, true)?;
-    }
+    sandgate_guest::files::walk_listing(&files, |file| add_file(&mut sources, file))?;
     let schema = match sources.schemas.as_slice() {
         [] => None,
         [(source, json)] => Some(parse_schema(source, *json)?),
@@ -143,48 +139,15 @@ fn load() -> Result<Loaded, String> {
     })
 }
 
-/// Adds one configured entry: a file, or a directory whose `.cedar`, `.cedarschema` and
-/// `.json` files are read in name order.
-fn add_entry(
-    sources: &mut Sources,
-    inside: &Path,
-    shown: &str,
-    listed: bool,
-) -> Result<(), String> {
-    let meta = fs::metadata(inside).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !meta.is_dir() {
-        return add_file(sources, inside, shown, listed);
-    }
-    let mut names: Vec<_> = fs::read_dir(inside)
-        .map_err(|e| format!("cannot list {shown}: {e}"))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot list {shown}: {e}"))?;
-    names.sort();
-    for name in names {
-        let name = name.to_string_lossy().into_owned();
-        add_entry(
-            sources,
-            &inside.join(&name),
-            &format!("{shown}/{name}"),
-            false,
-        )?;
-    }
-    Ok(())
-}
-
-fn add_file(sources: &mut Sources, inside: &Path, shown: &str, listed: bool) -> Result<(), String> {
-    let name = inside
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+/// Adds one file of the policy's `files` (a listed directory's are walked in name order) by its
+/// kind: `.cedar` policies, `.json` entities, a `.cedarschema` (or `.cedarschema.json`) schema.
+fn add_file(sources: &mut Sources, file: &File) -> Result<(), String> {
+    let name = file.name();
     let read = || {
-        fs::read_to_string(inside)
-            .map(|text| Source {
-                shown: shown.to_owned(),
-                text,
-            })
-            .map_err(|e| format!("cannot read {shown}: {e}"))
+        file.read().map(|text| Source {
+            shown: file.shown.to_owned(),
+            text,
+        })
     };
     if name.ends_with(".cedarschema.json") {
         sources.schemas.push((read()?, true));
@@ -194,9 +157,10 @@ fn add_file(sources: &mut Sources, inside: &Path, shown: &str, listed: bool) -> 
         sources.policies.push(read()?);
     } else if name.ends_with(".json") {
         sources.entities.push(read()?);
-    } else if listed {
+    } else if file.listed {
         return Err(format!(
-            "{shown}: not a .cedar policy file, a .json entities file nor a .cedarschema"
+            "{}: not a .cedar policy file, a .json entities file nor a .cedarschema",
+            file.shown
         ));
     }
     // Other files in a listed directory (a README, tests' fixtures) are not policy.

@@ -12,11 +12,10 @@
 //! asks for another document (`POST /v1/data/{path}` passes `context.query`), the decision
 //! carries the query's value in the obligation [`RESULT`] (absent when undefined).
 
-use std::fs;
-use std::path::Path;
 use std::sync::Mutex;
 
 use regorus::{Engine, Value};
+use sandgate_guest::files::File;
 use sandgate_guest::{Decision, Input};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -81,10 +80,7 @@ fn load() -> Result<Loaded, String> {
         std::env::var(ENTRYPOINT_VAR).map_err(|_| format!("{ENTRYPOINT_VAR} is not set"))?;
     let mut engine = Engine::new();
     engine.set_gather_prints(true);
-    for line in files.lines().filter(|l| !l.is_empty()) {
-        let (inside, shown) = line.split_once('\t').unwrap_or((line, line));
-        add_entry(&mut engine, Path::new(inside), shown, true)?;
-    }
+    sandgate_guest::files::walk_listing(&files, |file| add_file(&mut engine, file))?;
     let packages = engine.get_packages().map_err(|e| e.to_string())?;
     if packages.is_empty() {
         return Err("the policy's files hold no .rego module".to_owned());
@@ -105,66 +101,23 @@ fn load() -> Result<Loaded, String> {
     })
 }
 
-/// Adds one configured entry: a file (data merged at the root), or a directory whose `.rego`
-/// files are modules and whose `.json`/`.yaml` files are data placed under their directory's
-/// path, as OPA's loader does.
-fn add_entry(engine: &mut Engine, inside: &Path, shown: &str, top: bool) -> Result<(), String> {
-    let meta = fs::metadata(inside).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if meta.is_dir() {
-        return add_directory(engine, inside, shown, &[]);
-    }
-    add_file(engine, inside, shown, &[], top)
-}
-
-fn add_directory(
-    engine: &mut Engine,
-    dir: &Path,
-    shown: &str,
-    prefix: &[String],
-) -> Result<(), String> {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| format!("cannot list {shown}: {e}"))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cannot list {shown}: {e}"))?;
-    entries.sort();
-    for name in entries {
-        let name = name.to_string_lossy().into_owned();
-        let inside = dir.join(&name);
-        let shown = format!("{shown}/{name}");
-        if fs::metadata(&inside)
-            .map_err(|e| format!("cannot read {shown}: {e}"))?
-            .is_dir()
-        {
-            let mut prefix = prefix.to_vec();
-            prefix.push(name);
-            add_directory(engine, &inside, &shown, &prefix)?;
-        } else {
-            add_file(engine, &inside, &shown, prefix, false)?;
-        }
-    }
-    Ok(())
-}
-
-fn add_file(
-    engine: &mut Engine,
-    inside: &Path,
-    shown: &str,
-    prefix: &[String],
-    listed: bool,
-) -> Result<(), String> {
-    let extension = inside.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let read = || fs::read_to_string(inside).map_err(|e| format!("cannot read {shown}: {e}"));
-    let data = match extension {
+/// Adds one file of the policy's `files`: a `.rego` module, or `.json`/`.yaml` data merged at
+/// the root when listed itself, or placed under its directories' path when found in a listed
+/// directory, as OPA's loader does.
+fn add_file(engine: &mut Engine, file: &File) -> Result<(), String> {
+    let shown = file.shown;
+    let data = match file.extension() {
         "rego" => {
             engine
-                .add_policy(shown.to_owned(), read()?)
+                .add_policy(shown.to_owned(), file.read()?)
                 .map_err(|e| one_line(&e.to_string()))?;
             return Ok(());
         }
-        "json" => Value::from_json_str(&read()?).map_err(|e| format!("{shown}: {e}"))?,
-        "yaml" | "yml" => Value::from_yaml_str(&read()?).map_err(|e| format!("{shown}: {e}"))?,
-        _ if listed => {
+        "json" => Value::from_json_str(&file.read()?).map_err(|e| format!("{shown}: {e}"))?,
+        "yaml" | "yml" => {
+            Value::from_yaml_str(&file.read()?).map_err(|e| format!("{shown}: {e}"))?
+        }
+        _ if file.listed => {
             return Err(format!(
                 "{shown}: not a .rego module nor a .json/.yaml data file"
             ));
@@ -172,11 +125,11 @@ fn add_file(
         // Other files in a listed directory (a README, tests' fixtures) are not policy.
         _ => return Ok(()),
     };
-    if !matches!(data, Value::Object(_)) && prefix.is_empty() {
+    if !matches!(data, Value::Object(_)) && file.dirs.is_empty() {
         return Err(format!("{shown}: data at the root must be a JSON object"));
     }
     let mut nested = data;
-    for key in prefix.iter().rev() {
+    for key in file.dirs.iter().rev() {
         let mut object = Value::new_object();
         object
             .as_object_mut()

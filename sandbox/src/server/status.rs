@@ -162,11 +162,11 @@ pub(crate) struct Enforcement {
 
 impl State {
     pub(crate) fn enforcement(&self) -> Enforcement {
-        let lsm = self.probes.report().enforcement;
+        let lsm = self.probes.enforcement();
         Enforcement {
-            lsm: lsm.lsm,
+            lsm: lsm.lsm.clone(),
             seccomp: self.seccomp.status(),
-            selftest: lsm.selftest,
+            selftest: lsm.selftest.clone(),
         }
     }
 }

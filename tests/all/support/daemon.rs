@@ -127,18 +127,21 @@ impl Daemon {
     /// reaches the test through a pipe and a reader thread, after the answer
     /// that caused it); returns that line.
     pub async fn logged(&self, text: &str) -> String {
-        eventually(
-            Duration::from_secs(10),
-            format!("the daemon logs {text:?}"),
-            async || {
-                let lines = self.stderr.lock().expect("lines");
-                lines
-                    .iter()
-                    .find(|line| line.contains(text))
-                    .cloned()
-                    .ok_or_else(|| lines.join("\n"))
-            },
-        )
+        self.logged_within(text, Duration::from_secs(10)).await
+    }
+
+    /// [`Daemon::logged`] for a line that may take longer than a request's
+    /// aftermath (a report the daemon makes at most so often): waits at
+    /// most `within`.
+    pub async fn logged_within(&self, text: &str, within: Duration) -> String {
+        eventually(within, format!("the daemon logs {text:?}"), async || {
+            let lines = self.stderr.lock().expect("lines");
+            lines
+                .iter()
+                .find(|line| line.contains(text))
+                .cloned()
+                .ok_or_else(|| lines.join("\n"))
+        })
         .await
     }
 
@@ -196,21 +199,27 @@ impl Daemon {
 
     /// Polls `/readyz` until no policy is still loading (some may have failed).
     pub async fn settled(&self, client: &reqwest::Client) -> (u16, Value) {
-        let body = self
-            .poll_readyz(client, |_, body| {
-                body["policies"]
+        self.until_settled(client, STARTUP).await
+    }
+
+    /// Polls `/readyz` until every policy settled (loaded or failed), for at
+    /// most `within`; returns that answer's status and body.
+    pub async fn until_settled(&self, client: &reqwest::Client, within: Duration) -> (u16, Value) {
+        eventually(
+            within,
+            self.waiting_for("every policy settled (loaded or failed)"),
+            async || {
+                let (status, body) = self.readyz_answer(client).await?;
+                let settled = body["policies"]
                     .as_object()
-                    .is_some_and(|p| p.values().all(|p| p["state"] != "loading"))
-            })
-            .await;
-        let status = client
-            .get(self.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz")
-            .status()
-            .as_u16();
-        (status, body)
+                    .is_some_and(|p| p.values().all(|p| p["state"] != "loading"));
+                match settled {
+                    true => Ok((status, body)),
+                    false => Err(format!("/readyz {status} {body}")),
+                }
+            },
+        )
+        .await
     }
 
     async fn poll_readyz(
@@ -230,13 +239,7 @@ impl Daemon {
         done: impl Fn(u16, &Value) -> bool,
     ) -> Value {
         eventually(STARTUP, self.waiting_for(what), async || {
-            let response = client
-                .get(self.url("/readyz"))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let body = json_body(response).await;
+            let (status, body) = self.readyz_answer(client).await?;
             if done(status, &body) {
                 Ok(body)
             } else {
@@ -248,12 +251,19 @@ impl Daemon {
 
     /// One answer of `/readyz`: its status and body.
     pub async fn readyz(&self, client: &reqwest::Client) -> (u16, Value) {
+        self.readyz_answer(client)
+            .await
+            .unwrap_or_else(|e| panic!("GET /readyz: {e}"))
+    }
+
+    /// One answer of `/readyz`, or why the request failed.
+    async fn readyz_answer(&self, client: &reqwest::Client) -> Result<(u16, Value), String> {
         let response = client
             .get(self.url("/readyz"))
             .send()
             .await
-            .expect("GET /readyz");
-        (response.status().as_u16(), json_body(response).await)
+            .map_err(|e| e.to_string())?;
+        Ok((response.status().as_u16(), json_body(response).await))
     }
 
     /// Sends a signal (`TERM`, `HUP`, …) to the daemon.

@@ -2,7 +2,8 @@
 //! once, temporary configs and modules, the library loaded in process, and
 //! `eventually()`, the one way a test waits for something. The real processes
 //! and peers live in the submodules (daemon, nginx, Caddy, OTLP receivers,
-//! ext_authz client, CLI runs, WAT guests).
+//! ext_authz client, CLI runs, WAT guests, the services bridged calls reach,
+//! the language guests' shared module caches).
 
 #![allow(dead_code)]
 
@@ -11,8 +12,10 @@ pub mod cli;
 pub mod daemon;
 pub mod ext_authz;
 pub mod guests;
+pub mod languages;
 pub mod nginx;
 pub mod otlp;
+pub mod services;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -27,7 +30,9 @@ pub use ext_authz::{ExtAuthzClient, check_request, envoy_check_request, response
 pub use guests::{
     ALLOW_RESULT, DENY_RESULT, abi_guest, allow_if, code_guest, response_guest, spinning_guest,
 };
+pub use languages::{Seeded, SharedCache};
 pub use nginx::{Backend, free_port, start_nginx};
+pub use services::{decide_service, serve};
 
 /// How often `eventually` looks again.
 const POLL: Duration = Duration::from_millis(20);

@@ -130,6 +130,21 @@ impl Nginx {
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
+
+    /// Sends `method path` with `headers` through nginx; its answer.
+    pub async fn through(
+        &self,
+        client: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = client.request(method, format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("through nginx")
+    }
 }
 
 /// A loopback port nobody listens on right now.
