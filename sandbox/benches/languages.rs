@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
         if let (Some(native), Some(sandboxed), Some(noop)) = (native, sandboxed, noop) {
             let bound = 2.0 * native + noop;
             println!(
-                "goal: {group}/sandboxed{name} {:.1} µs ≤ 2 × {group}/native{name} {:.1} µs + noop/evaluate {:.1} µs = {:.1} µs: {}",
+                "goal (medians): {group}/sandboxed{name} {:.1} µs ≤ 2 × {group}/native{name} {:.1} µs + noop/evaluate {:.1} µs = {:.1} µs: {}",
                 sandboxed / 1e3,
                 native / 1e3,
                 noop / 1e3,
