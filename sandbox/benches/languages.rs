@@ -79,6 +79,11 @@ fn bench(c: &mut Criterion) {
         let guest = Verdict::of(&decide(&runtime, &sandboxed, input, &options, &audit));
         assert_eq!(native.allow, allow, "regorus: {native:?}");
         assert_eq!(guest, native, "the Rego guest and regorus disagree");
+        assert_eq!(
+            rego.decide_unprepared(input),
+            native,
+            "a fresh clone decides alike"
+        );
     }
     let mut group = c.benchmark_group("rego");
     group.bench_function("native", |b| b.iter(|| rego.decide(&rego_allow).allow));
