@@ -4,15 +4,18 @@
 //! back and validated), the same without the snapshot (`_initialize` and the
 //! table read from the preopen and parsed in every evaluation), instantiation
 //! alone, the evaluation traced (spans exported over OTLP/gRPC to a receiver
-//! in the same process), and a no-op guest (the host's fixed cost). Results and the command are in `docs/benchmarks.md`.
+//! in the same process), and a no-op guest (the host's fixed cost); ends by
+//! printing `rbac/evaluate` over `noop/evaluate` (issue 26's goal). Results
+//! and the command are in `docs/benchmarks.md`.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
-use criterion::measurement::WallTime;
-use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -20,12 +23,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
+use common::{assert_allowed, bench_evaluation, repo_root};
 
 fn build_rbac() {
     let status = Command::new(repo_root().join("scripts/build-guests"))
@@ -35,18 +33,12 @@ fn build_rbac() {
 }
 
 fn bench(c: &mut Criterion) {
+    let started = SystemTime::now();
     build_rbac();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
-    let config = sandgate::config::load(&repo_root().join("examples/rbac/policy.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let runtime = common::runtime();
+    let config = common::config("examples/rbac/policy.toml");
     let engine = sandgate::Engine::new(&config.engine).unwrap_or_else(|e| panic!("{e}"));
-    let policy = runtime
-        .block_on(sandgate::Policy::load(&engine, config.policies[0].clone()))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let policy = common::load(&runtime, &engine, config.policies[0].clone());
     let input = std::fs::read(repo_root().join("examples/rbac/input.json"))
         .unwrap_or_else(|e| panic!("{e}"));
     let audit = sandgate::audit::AuditLog::disabled();
@@ -148,64 +140,21 @@ fn bench(c: &mut Criterion) {
         "the receiver got no spans"
     );
 
-    // The host's fixed cost: a guest that does nothing but answer allow.
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let noop = dir.path().join("noop.wat");
-    std::fs::write(&noop, NOOP_GUEST).unwrap_or_else(|e| panic!("{e}"));
-    let noop = runtime
-        .block_on(sandgate::Policy::load(
-            &engine,
-            sandgate::PolicySpec::for_module(&noop),
-        ))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut group = c.benchmark_group("noop");
-    bench_evaluation(
-        &mut group, &runtime, "evaluate", &noop, b"{}", &options, &audit,
-    );
-    group.finish();
-}
+    common::bench_noop(c, &runtime, &engine, &options, &audit);
 
-/// Evaluates `input` once; the benchmark stops unless the decision is an
-/// allow without error (a benchmark of a failing evaluation measures nothing).
-fn assert_allowed(
-    runtime: &tokio::runtime::Runtime,
-    policy: &sandgate::Policy,
-    input: &[u8],
-    options: &sandgate::EvalOptions,
-    audit: &sandgate::audit::AuditLog,
-) {
-    let check = runtime.block_on(policy.evaluate(input, options, audit));
-    assert!(
-        check.decision.allow && check.decision.error.is_none(),
-        "{:?}",
-        check.decision
-    );
+    // Issue 26's goal, from this run's medians.
+    if let (Some(rbac), Some(noop)) = (
+        common::median_ns("rbac", "evaluate", started),
+        common::median_ns("noop", "evaluate", started),
+    ) {
+        println!(
+            "goal (medians): rbac/evaluate {:.1} µs / noop/evaluate {:.1} µs = {:.2}× (goal ≤ 1.5×)",
+            rbac / 1e3,
+            noop / 1e3,
+            rbac / noop
+        );
+    }
 }
-
-/// One evaluation of `input` end to end, as benchmark `name` of `group`.
-fn bench_evaluation(
-    group: &mut BenchmarkGroup<'_, WallTime>,
-    runtime: &tokio::runtime::Runtime,
-    name: &str,
-    policy: &sandgate::Policy,
-    input: &[u8],
-    options: &sandgate::EvalOptions,
-    audit: &sandgate::audit::AuditLog,
-) {
-    group.bench_function(name, |b| {
-        b.to_async(runtime).iter(|| async {
-            let e = policy.evaluate(input, options, audit).await;
-            std::hint::black_box(e.decision.allow)
-        })
-    });
-}
-
-const NOOP_GUEST: &str = r#"(module
-  (memory (export "memory") 1)
-  (data (i32.const 1024) "{\"allow\":true}")
-  (func (export "sandgate_abi_version") (result i32) i32.const 1)
-  (func (export "sandgate_alloc") (param i32) (result i32) i32.const 4096)
-  (func (export "sandgate_evaluate") (param i32 i32) (result i64) i64.const 4398046511118))"#;
 
 /// An OTLP trace receiver that decodes each export and counts its spans.
 struct Counter(Arc<AtomicU64>);
