@@ -14,8 +14,9 @@
 //!   hundreds of inputs). Its first evaluation, before timing, prepares the
 //!   engine (rules gathered, imports resolved, loops hoisted) once.
 //! - `rego/native_unprepared`: the engine as parsed, cloned for each
-//!   decision, so that each pays that preparation again: what the Rego guest
-//!   does, whose snapshot is taken after parsing and before any evaluation.
+//!   decision, so that each pays that preparation again: what the preparation
+//!   at init saves (the Rego guest prepares its engine in `sandgate_init`, so
+//!   its snapshot holds the prepared engine).
 //! - `rego/sandboxed`: the same files through `engine = "rego"`
 //!   (`examples/rego-httpapi/policy.toml`), loaded as the daemon loads them
 //!   and evaluated end to end like `rbac/evaluate` in `evaluate.rs`.

@@ -95,6 +95,14 @@ fn load() -> Result<Loaded, String> {
             packages.join(", ")
         ));
     }
+    // Prepare the engine now, as an embedder's long-lived engine is: rule
+    // analysis and scheduling, imports, loop hoisting. They depend on the
+    // files only, so the snapshot keeps their result and no decision repeats
+    // them; a policy regorus cannot schedule is refused at load. The query
+    // evaluates no rule, so nothing is printed.
+    engine
+        .eval_query("true".to_owned(), false)
+        .map_err(|e| one_line(&e.to_string()))?;
     Ok(Loaded {
         engine: Mutex::new(engine),
         entrypoint,
