@@ -61,10 +61,12 @@ fn main() -> anyhow::Result<()> {
 
 /// Builds the language guests with a nested cargo for `wasm32-wasip1`.
 fn build_guests(workspace: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    // The workspace manifest holds the `guest` profile the guests build with.
     for watched in [
         "guests",
         "guest-sdk/src",
         "guest-sdk/Cargo.toml",
+        "Cargo.toml",
         "Cargo.lock",
     ] {
         println!(

@@ -126,10 +126,10 @@ const NOOP_GUEST: &str = r#"(module
   (func (export "sandgate_alloc") (param i32) (result i32) i32.const 4096)
   (func (export "sandgate_evaluate") (param i32 i32) (result i64) i64.const 4398046511118))"#;
 
-/// The median time in nanoseconds criterion estimated for `group/name`, when
-/// this process measured it (written after `since`); `None` when the filter
-/// left it out or criterion saved nothing.
-pub fn median_ns(group: &str, name: &str, since: SystemTime) -> Option<f64> {
+/// The median time in nanoseconds criterion estimated for `group/name` in
+/// this process's run (its estimate written after `since`), or why there is
+/// none (the filter left it out, or criterion saved it elsewhere).
+pub fn median_ns(group: &str, name: &str, since: SystemTime) -> Result<f64, String> {
     // Where criterion keeps its results: $CRITERION_HOME, else
     // $CARGO_TARGET_DIR/criterion, else the workspace's target/criterion.
     let home = std::env::var_os("CRITERION_HOME")
@@ -139,10 +139,23 @@ pub fn median_ns(group: &str, name: &str, since: SystemTime) -> Option<f64> {
         })
         .unwrap_or_else(|| repo_root().join("target/criterion"));
     let file = home.join(group).join(name).join("new/estimates.json");
-    let modified = std::fs::metadata(&file).and_then(|m| m.modified()).ok()?;
+    let missing = || {
+        format!(
+            "no estimate of {group}/{name} from this run in {}",
+            file.display()
+        )
+    };
+    let modified = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .map_err(|_| missing())?;
     if modified < since {
-        return None;
+        return Err(missing());
     }
-    let estimates: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).ok()?).ok()?;
-    estimates["median"]["point_estimate"].as_f64()
+    let estimates: serde_json::Value = std::fs::read(&file)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .ok_or_else(|| format!("cannot read {}", file.display()))?;
+    estimates["median"]["point_estimate"]
+        .as_f64()
+        .ok_or_else(|| format!("no median in {}", file.display()))
 }
