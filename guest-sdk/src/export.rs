@@ -72,7 +72,7 @@ impl Default for State {
 }
 
 /// `sandgate_init`: runs `load` once and keeps its result in `state`. Returns 0 when the state
-/// is ready; otherwise logs the error (the host quotes it when it refuses the load) and
+/// is ready, after beginning an installed [`DecisionArena`](crate::DecisionArena); otherwise logs the error (the host quotes it when it refuses the load) and
 /// returns 1.
 pub fn init<S, E>(state: &State, load: fn() -> Result<S, E>) -> i32
 where
@@ -80,7 +80,10 @@ where
     E: fmt::Display,
 {
     match ready(state, load) {
-        Ok(_) => 0,
+        Ok(_) => {
+            crate::arena::begin();
+            0
+        }
         Err(message) => {
             crate::log::write(crate::log::Level::Error, &message);
             1

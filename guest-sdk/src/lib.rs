@@ -40,6 +40,7 @@
 //! imports are replaced by harmless stand-ins there (log lines go to stderr, HTTP calls are
 //! refused unless a test installs [`http::mock`]).
 
+pub mod arena;
 mod decision;
 mod export;
 pub mod files;
@@ -48,6 +49,7 @@ mod input;
 pub mod log;
 mod sys;
 
+pub use arena::DecisionArena;
 pub use decision::Decision;
 pub use export::{IntoDecision, evaluate_document};
 pub use input::{Context, ForwardAuth, Input, Request, Source};

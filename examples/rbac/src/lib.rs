@@ -33,6 +33,11 @@ const ROLE_TABLE: &str = "/data/roles.json";
 /// Matches any resource type (as a key) or any action (as a list entry).
 const WILDCARD: &str = "*";
 
+/// Every evaluation allocates by a pointer bump in one region (the SDK's `DecisionArena`): a
+/// decision dirties one contiguous run of pages and frees nothing but its most recent block.
+#[global_allocator]
+static ALLOCATOR: sandgate_guest::DecisionArena = sandgate_guest::DecisionArena::new();
+
 sandgate_guest::policy!(evaluate, init = load);
 
 /// Reads and parses the role table, once, at load. Its bytes are kept for the life of the

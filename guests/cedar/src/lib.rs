@@ -52,6 +52,11 @@ pub struct Loaded {
     ids: Vec<String>,
 }
 
+/// Every evaluation allocates by a pointer bump in one region (the SDK's `DecisionArena`): a
+/// decision dirties one contiguous run of pages and frees nothing but its most recent block.
+#[global_allocator]
+static ALLOCATOR: sandgate_guest::DecisionArena = sandgate_guest::DecisionArena::new();
+
 sandgate_guest::__policy_exports!();
 
 /// ABI v1 export: reads and validates the policy's files once, when the policy loads.

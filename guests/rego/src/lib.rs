@@ -36,6 +36,12 @@ pub struct Loaded {
     entrypoint: String,
 }
 
+/// Every evaluation allocates by a pointer bump in one region (the SDK's `DecisionArena`): a
+/// decision dirties one contiguous run of pages and frees nothing but its most recent block.
+/// Rego evaluation makes many short-lived values, so the region is larger than the default.
+#[global_allocator]
+static ALLOCATOR: sandgate_guest::DecisionArena<{ 1 << 20 }> = sandgate_guest::DecisionArena::new();
+
 sandgate_guest::__policy_exports!();
 
 /// ABI v1 export: parses the policy's files once, when the policy loads.
