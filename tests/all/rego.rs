@@ -416,6 +416,48 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
     daemon.logged("deciding for 42").await;
 }
 
+/// The Rego guest allocates a decision's values from its arena (1 MiB); an
+/// input whose values need more still decides, from the system allocator,
+/// and the next decision starts from an empty arena again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_larger_than_the_guests_arena_still_decides_and_the_next_starts_afresh() {
+    let dir = tempdir();
+    write(
+        dir.path(),
+        "big.rego",
+        "package big\n\nimport rego.v1\n\nallow if sum(input.xs) == input.expected\n",
+    );
+    let config = daemon_config(
+        dir.path(),
+        "",
+        "[[policy]]\nname = \"big\"\nengine = \"rego\"\nfiles = [\"big.rego\"]\nentrypoint = \"data.big.allow\"\nmemory_limit_mb = 64\n",
+    );
+    let client = client();
+    let (daemon, status, body) = CACHE.start(&config, &client).await;
+    assert_eq!(status, 200, "{body}");
+    let decide = |input: Value| {
+        let request = client
+            .post(daemon.url("/v1/policies/big/evaluate"))
+            .body(input.to_string());
+        async move {
+            let response = request.send().await.expect("evaluate");
+            assert_eq!(response.status(), 200);
+            json_body(response).await
+        }
+    };
+    // 40 000 numbers: some 250 KB of JSON, several MB of Rego values.
+    let xs: Vec<u64> = (0..40_000).collect();
+    let expected: u64 = xs.iter().sum();
+    for _ in 0..3 {
+        let big = decide(json!({"xs": xs, "expected": expected})).await;
+        assert_eq!(big["allow"], true, "{big}");
+        let wrong = decide(json!({"xs": xs, "expected": expected + 1})).await;
+        assert_eq!(wrong["allow"], false, "{wrong}");
+        let small = decide(json!({"xs": [1, 2], "expected": 3})).await;
+        assert_eq!(small["allow"], true, "{small}");
+    }
+}
+
 /// A listed directory loads as OPA's loader places it: `.rego` modules,
 /// data under its subdirectories' path, other files skipped; a listed file
 /// that is neither refuses the load, named as the config wrote it.
