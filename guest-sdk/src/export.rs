@@ -72,8 +72,8 @@ impl Default for State {
 }
 
 /// `sandgate_init`: runs `load` once and keeps its result in `state`. Returns 0 when the state
-/// is ready, after beginning an installed [`DecisionArena`](crate::DecisionArena); otherwise logs the error (the host quotes it when it refuses the load) and
-/// returns 1.
+/// is ready, after beginning an installed [`DecisionArena`](crate::DecisionArena); otherwise
+/// logs the error (the host quotes it when it refuses the load) and returns 1.
 pub fn init<S, E>(state: &State, load: fn() -> Result<S, E>) -> i32
 where
     S: Any + Send + Sync,
