@@ -272,6 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn numbers_a_guest_writes_are_passed_on_as_written() {
+        // Found by the abi_decode fuzz target: without exact float parsing,
+        // 5e32 came back as 5.0000000000000004e32.
+        let d = Decision::from_guest(br#"{"allow":false,"score":5e32,"ratio":0.1}"#)
+            .expect("valid decision");
+        let rendered = serde_json::to_vec(&d).expect("serialises");
+        assert_eq!(Decision::from_guest(&rendered), Ok(d.clone()));
+        assert_eq!(d.extra["score"].as_f64(), Some(5e32));
+        assert_eq!(d.extra["ratio"].as_f64(), Some(0.1));
+    }
+
+    #[test]
     fn malformed_decisions_are_refused_with_the_field_named() {
         for (doc, needle) in [
             (&b"not json"[..], "not valid JSON"),
