@@ -396,15 +396,9 @@ async fn data_api_answers_documents_undefined_and_errors_as_opa_does() {
     assert_eq!(status, 400, "{bad}");
 
     // The entrypoint's undefined value denies with reason `undefined`.
-    let decision = json_body(
-        client
-            .post(daemon.url("/v1/policies/p/evaluate"))
-            .body(json!({"n": 1}).to_string())
-            .send()
-            .await
-            .expect("evaluate"),
-    )
-    .await;
+    let (_, decision) = daemon
+        .evaluate(&client, "p", json!({"n": 1}).to_string())
+        .await;
     assert_eq!(decision["allow"], false, "{decision}");
     assert_eq!(decision["reason"], "undefined", "{decision}");
 
@@ -435,15 +429,10 @@ async fn a_decision_larger_than_the_guests_arena_still_decides_and_the_next_star
     let client = client();
     let (daemon, status, body) = CACHE.start(&config, &client).await;
     assert_eq!(status, 200, "{body}");
-    let decide = |input: Value| {
-        let request = client
-            .post(daemon.url("/v1/policies/big/evaluate"))
-            .body(input.to_string());
-        async move {
-            let response = request.send().await.expect("evaluate");
-            assert_eq!(response.status(), 200);
-            json_body(response).await
-        }
+    let decide = async |input: Value| {
+        let (status, decision) = daemon.evaluate(&client, "big", input.to_string()).await;
+        assert_eq!(status, 200, "{decision}");
+        decision
     };
     // 40 000 numbers: some 250 KB of JSON, several MB of Rego values.
     let xs: Vec<u64> = (0..40_000).collect();
